@@ -1,0 +1,1 @@
+//! stagecore-libvirt (work in progress).

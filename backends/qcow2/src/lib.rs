@@ -1,0 +1,1 @@
+//! stagecore-qcow2 (work in progress).

@@ -1,0 +1,1 @@
+//! stagecore-qemu (work in progress).

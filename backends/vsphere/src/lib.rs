@@ -1,0 +1,1 @@
+//! stagecore-vsphere (work in progress).

@@ -1,0 +1,2 @@
+//! stagekit: umbrella crate.
+pub use stagecore;

@@ -1,0 +1,1 @@
+//! stagecore conformance kit.

@@ -1,0 +1,175 @@
+//! The one error type of stagecore.
+//!
+//! Every backend keeps its own private error details and maps them into [`Error`] in one place.
+//! Variants say *what* went wrong and *where*; none of them ever carries a secret (passwords,
+//! session tokens): backends must redact before building an error, and [`Secret`] makes that easy.
+
+use std::fmt;
+
+/// A boxed error source, as kept by [`Error::Backend`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The result type used throughout stagecore.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in stagecore.
+///
+/// The enum is `#[non_exhaustive]`: match the variants you care about and keep a fallback arm.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A named object (environment, machine, disk, snapshot, baseline, receipt, ...) does not exist.
+    #[error("{kind} not found: {name}")]
+    NotFound {
+        /// What kind of object was looked up, e.g. `"environment"`, `"machine"`.
+        kind: &'static str,
+        /// The name (or path) that was looked up.
+        name: String,
+    },
+    /// An object with this name already exists.
+    #[error("{kind} already exists: {name}")]
+    AlreadyExists {
+        /// What kind of object, e.g. `"environment"`.
+        kind: &'static str,
+        /// The clashing name.
+        name: String,
+    },
+    /// A spec or argument is malformed; `path` names the field, e.g. `machines[1].disks[0].source`.
+    #[error("invalid spec at `{path}`: {reason}")]
+    InvalidSpec {
+        /// Field path inside the spec or argument (`machines[1].name`, `clone.name_prefix`).
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The backend cannot do this operation (see [`crate::Capabilities`]).
+    #[error("operation `{operation}` is not supported by the {backend} backend")]
+    NotSupported {
+        /// The operation that was asked for, e.g. `"memory_snapshot"`.
+        operation: &'static str,
+        /// The backend's name.
+        backend: &'static str,
+    },
+    /// Another holder has the lock on this environment (e.g. a promotion is running).
+    #[error("{resource} is locked by {holder}")]
+    Locked {
+        /// What is locked, e.g. `environment prod`.
+        resource: String,
+        /// Who holds the lock (process, host, promotion id).
+        holder: String,
+    },
+    /// A precondition does not hold (production drifted from the baseline, wrong state, ...).
+    #[error("precondition failed: {0}")]
+    Precondition(String),
+    /// Credentials were rejected or a session expired and could not be renewed.
+    #[error("unauthenticated at {endpoint}: {reason}")]
+    Unauthenticated {
+        /// Where authentication failed (URL without credentials, URI).
+        endpoint: String,
+        /// Why, as the server said it (never the credentials themselves).
+        reason: String,
+    },
+    /// The hypervisor, daemon or server cannot be reached (possibly temporarily).
+    #[error("cannot reach {endpoint}: {reason}")]
+    Unreachable {
+        /// The endpoint (socket path, URI, URL without credentials).
+        endpoint: String,
+        /// Why it could not be reached.
+        reason: String,
+    },
+    /// The operation did not finish in time.
+    #[error("{operation} timed out after {seconds:.1} s")]
+    Timeout {
+        /// The operation that timed out.
+        operation: String,
+        /// How long was waited.
+        seconds: f64,
+    },
+    /// A backend-specific failure, with its source.
+    #[error("{backend} backend: {source}")]
+    Backend {
+        /// The backend's name.
+        backend: &'static str,
+        /// The underlying error (already free of secrets).
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl Error {
+    /// Builds [`Error::NotFound`].
+    pub fn not_found(kind: &'static str, name: impl Into<String>) -> Self {
+        Error::NotFound { kind, name: name.into() }
+    }
+
+    /// Builds [`Error::AlreadyExists`].
+    pub fn already_exists(kind: &'static str, name: impl Into<String>) -> Self {
+        Error::AlreadyExists { kind, name: name.into() }
+    }
+
+    /// Builds [`Error::InvalidSpec`].
+    pub fn invalid(path: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidSpec { path: path.into(), reason: reason.into() }
+    }
+
+    /// Builds [`Error::NotSupported`].
+    pub fn not_supported(operation: &'static str, backend: &'static str) -> Self {
+        Error::NotSupported { operation, backend }
+    }
+
+    /// Builds [`Error::Backend`] from any error source.
+    pub fn backend(backend: &'static str, source: impl Into<BoxError>) -> Self {
+        Error::Backend { backend, source: source.into() }
+    }
+
+    /// Builds [`Error::Backend`] from a message.
+    pub fn backend_msg(backend: &'static str, message: impl fmt::Display) -> Self {
+        Error::Backend { backend, source: message.to_string().into() }
+    }
+
+    /// Whether retrying the same call later may succeed (unreachable hosts, timeouts, locks).
+    pub fn is_temporary(&self) -> bool {
+        matches!(self, Error::Unreachable { .. } | Error::Timeout { .. } | Error::Locked { .. })
+    }
+}
+
+/// A secret string (password, session token) whose `Debug` and `Display` never show the value.
+///
+/// ```
+/// use stagecore::Secret;
+/// let s = Secret::new("hunter2");
+/// assert_eq!(format!("{s:?}"), "Secret(***)");
+/// assert_eq!(s.expose(), "hunter2");
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret value itself; call only where it is sent to its destination.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Backend { backend: "io", source: Box::new(e) }
+    }
+}

@@ -1,0 +1,3 @@
+//! stagecore: production-like staging copies of VM environments.
+mod error;
+pub use error::{BoxError, Error, Result, Secret};
