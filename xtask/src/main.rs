@@ -1,1 +1,60 @@
-fn main() {}
+//! Developer tasks for the stagecore workspace, run as `cargo xtask <command>`
+//! (the alias lives in `.cargo/config.toml`).
+//!
+//! - `setup` — install QEMU and libvirt if missing (root on Debian) and start the daemons.
+//! - `test` — setup, then fmt, clippy, nextest, doctests and docs: what CI runs.
+//! - `demo [ARGS]` — setup, then the `quickstart` example with `ARGS`.
+//! - `bench [ARGS]` — `cargo bench -p stagekit ARGS`.
+//!
+//! Exits non-zero with a message naming the failed step.
+
+mod apt;
+mod run;
+mod setup;
+mod tasks;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [args]
+
+commands:
+  setup          install QEMU + libvirt if missing (root on Debian) and start virtlogd/libvirtd
+  test           setup, then fmt --check, clippy -D warnings, nextest, doctests, doc -D warnings
+  demo [ARGS]    setup, then `cargo run --release -p stagekit --example quickstart -- ARGS`
+  bench [ARGS]   `cargo bench -p stagekit ARGS`
+  help           show this text
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (command, rest) = match args.split_first() {
+        Some((command, rest)) => (command.as_str(), rest),
+        None => ("help", &[][..]),
+    };
+    let result = match command {
+        "setup" if rest.is_empty() => setup::setup(),
+        "test" if rest.is_empty() => tasks::test(),
+        "setup" | "test" => {
+            eprintln!("xtask: `{command}` takes no arguments\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+        "demo" => tasks::demo(rest),
+        "bench" => tasks::bench(rest),
+        "help" | "-h" | "--help" => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        other => {
+            eprintln!("xtask: unknown command `{other}`\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("xtask: error: {failure}");
+            ExitCode::FAILURE
+        }
+    }
+}

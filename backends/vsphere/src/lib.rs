@@ -1,1 +1,24 @@
-//! stagecore-vsphere (work in progress).
+//! stagecore-vsphere: the HTTP half of the vSphere backend.
+//!
+//! [`VsphereClient`] talks to vCenter through the Automation REST API (`/api/...`: sessions,
+//! inventory, power, full clone) and the VI/JSON API (`/sdk/vim25/{release}/...`, vSphere 8.0U1+:
+//! snapshots, linked clones, reconfiguration, changed block tracking), which REST lacks.
+//! Every failure is a [`stagecore::Error`]; vSphere faults keep their type and message in a
+//! [`VsphereFault`] (reachable through `Error::Backend`'s source). Secrets never appear in `Debug`,
+//! errors or tracing.
+
+mod client;
+
+pub use client::config::{RetryPolicy, TaskPolicy, VsphereConfig};
+pub use client::error::VsphereFault;
+pub use client::rest::{
+    BootInfo, CpuInfo, DiskInfo, FolderSummary, Identity, MemoryInfo, NetworkSummary, NicInfo, VmInfo, VmSummary,
+};
+pub use client::task::TaskOutcome;
+pub use client::vim::{
+    ChangedArea, CloneOptions, LinkedCloneSpec, MoRef, Reconfig, SnapshotNode, VimConfig, VimDisk, VimNic,
+};
+pub use client::VsphereClient;
+
+/// The backend name used in errors.
+pub const BACKEND: &str = "vsphere";

@@ -1,0 +1,168 @@
+//! Backing chains: opening every layer from a top image down to its base, with loop detection,
+//! qemu's rules for relative backing names, and descriptions of each layer.
+//!
+//! Contract: [`Chain::open`] returns the layers top first; a missing backing file is `NotFound`
+//! naming the resolved path, a loop is `InvalidSpec` naming the file that closes it, and the top
+//! must be a qcow2 image.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use stagecore::{Error, Result};
+
+use crate::error::{corrupt, ctx, unsupported};
+use crate::header::{Header, is_qcow2};
+use crate::layer::{Layer, Qcow2Layer, open_file};
+use crate::types::ImageFormat;
+
+/// Longest chain accepted (qemu refuses deeper ones too).
+const MAX_DEPTH: usize = 1000;
+
+/// All layers of a chain, top first.
+pub(crate) struct Chain {
+    pub(crate) layers: Vec<Layer>,
+}
+
+/// Resolves a stored backing name the way qemu does: relative names are relative to the
+/// directory of the image that names them.
+pub(crate) fn resolve_backing(image: &Path, name: &Path) -> PathBuf {
+    if name.is_absolute() { name.to_path_buf() } else { image.parent().unwrap_or(Path::new(".")).join(name) }
+}
+
+/// Parses a backing-format string from a header.
+pub(crate) fn parse_backing_format(path: &Path, s: Option<&str>) -> Result<Option<ImageFormat>> {
+    match s {
+        None => Ok(None),
+        Some("qcow2") => Ok(Some(ImageFormat::Qcow2)),
+        Some("raw") => Ok(Some(ImageFormat::Raw)),
+        Some(other) => Err(corrupt(path, format!("unsupported backing format `{other}`"))),
+    }
+}
+
+/// (device, inode) of an open file: identity for loop detection and `base` lookups.
+pub(crate) fn identity(file: &File, path: &Path) -> Result<(u64, u64)> {
+    let m = file.metadata().map_err(ctx("stat", path))?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Opens the qcow2 header of `path` only (no tables) and describes it.
+pub(crate) fn describe(path: &Path) -> Result<crate::ImageInfo> {
+    let file = open_file(path, false)?;
+    let len = file.metadata().map_err(ctx("stat", path))?.len();
+    let h = Header::read(&file, path, len)?;
+    info_of(path, &h)
+}
+
+fn info_of(path: &Path, h: &Header) -> Result<crate::ImageInfo> {
+    Ok(crate::ImageInfo {
+        path: path.to_path_buf(),
+        format: ImageFormat::Qcow2,
+        virtual_size: h.size,
+        cluster_size: Some(h.cluster_size()),
+        backing_file: h.backing_file.as_deref().map(|b| resolve_backing(path, b)),
+        backing_format: parse_backing_format(path, h.backing_format.as_deref())?,
+    })
+}
+
+impl Chain {
+    /// Opens `top` (qcow2) and every backing file below it.
+    pub(crate) fn open(top: &Path, write_top: bool) -> Result<Chain> {
+        let mut layers = vec![Layer::open(top, Some(ImageFormat::Qcow2), write_top)?];
+        let mut seen = HashSet::new();
+        loop {
+            let last = layers.last().expect("non-empty");
+            let Layer::Qcow2(q) = last else { break };
+            if !seen.insert(identity(&q.file, &q.path)?) {
+                return Err(corrupt(&q.path, "backing chain contains a loop"));
+            }
+            let Some(name) = q.header.backing_file.as_deref() else { break };
+            let next = resolve_backing(&q.path, name);
+            let fmt = parse_backing_format(&q.path, q.header.backing_format.as_deref())?;
+            if layers.len() >= MAX_DEPTH {
+                return Err(corrupt(top, format!("backing chain deeper than {MAX_DEPTH}")));
+            }
+            let layer = Layer::open(&next, fmt, false).map_err(|e| match e {
+                Error::NotFound { .. } => Error::not_found("backing file", format!("{}", next.display())),
+                other => other,
+            })?;
+            if let Layer::Raw(r) = &layer
+                && !seen.insert(identity(&r.file, &r.path)?)
+            {
+                return Err(corrupt(&q.path, "backing chain contains a loop"));
+            }
+            layers.push(layer);
+        }
+        Ok(Chain { layers })
+    }
+
+    /// The top layer as qcow2.
+    pub(crate) fn top(&mut self) -> &mut Qcow2Layer {
+        match &mut self.layers[0] {
+            Layer::Qcow2(q) => q,
+            Layer::Raw(_) => unreachable!("Chain::open only accepts a qcow2 top"),
+        }
+    }
+
+    /// Index of the layer that is the same file as `base`; `InvalidSpec` if none is.
+    pub(crate) fn index_of(&self, base: &Path) -> Result<usize> {
+        let file = open_file(base, false)?;
+        let id = identity(&file, base)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let f = match l {
+                Layer::Qcow2(q) => &q.file,
+                Layer::Raw(r) => &r.file,
+            };
+            if identity(f, l.path())? == id {
+                return Ok(i);
+            }
+        }
+        Err(Error::invalid(
+            "base",
+            format!("{} is not in the backing chain of {}", base.display(), self.layers[0].path().display()),
+        ))
+    }
+
+    /// Describes every layer, top first.
+    pub(crate) fn infos(&self) -> Result<Vec<crate::ImageInfo>> {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                Layer::Qcow2(q) => info_of(&q.path, &q.header),
+                Layer::Raw(r) => Ok(crate::ImageInfo {
+                    path: r.path.clone(),
+                    format: ImageFormat::Raw,
+                    virtual_size: r.len,
+                    cluster_size: None,
+                    backing_file: None,
+                    backing_format: None,
+                }),
+            })
+            .collect()
+    }
+}
+
+/// Size of a would-be backing file declared as `format`, checking that a qcow2 one is qcow2.
+pub(crate) fn backing_size(path: &Path, format: ImageFormat) -> Result<u64> {
+    let file = open_file(path, false).map_err(|e| match e {
+        Error::NotFound { .. } => Error::not_found("backing file", path.display().to_string()),
+        other => other,
+    })?;
+    let len = file.metadata().map_err(ctx("stat", path))?.len();
+    match format {
+        ImageFormat::Raw => Ok(len),
+        ImageFormat::Qcow2 if !is_qcow2(&file) => {
+            Err(corrupt(path, "declared as qcow2 backing file but is not a qcow2 image"))
+        }
+        ImageFormat::Qcow2 => Ok(Header::read(&file, path, len)?.size),
+    }
+}
+
+/// Fails with `NotSupported` if the layer's data cannot be read by this crate.
+pub(crate) fn check_readable(q: &Qcow2Layer) -> Result<()> {
+    if q.header.crypt_method != 0 {
+        return Err(unsupported("reading encrypted qcow2"));
+    }
+    Ok(())
+}

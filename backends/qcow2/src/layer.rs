@@ -1,0 +1,240 @@
+//! One layer of a chain, opened: a qcow2 file (header + L1 table, L2 tables on demand) or a raw
+//! file; guest-cluster lookups and this layer's own allocation map.
+//!
+//! Contract: [`Qcow2Layer::allocated`] reads the L1 table and only the L2 tables it references,
+//! so its cost grows with the allocated part of the layer, not with the virtual size. Every
+//! metadata offset is checked against the file before it is used.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use stagecore::Result;
+
+use crate::error::{corrupt, ctx, unsupported};
+use crate::header::{COMPRESSED, Header, INCOMPAT_DATA_FILE, INCOMPAT_EXTENDED_L2, OFFSET_MASK, is_qcow2};
+use crate::types::{Extent, ImageFormat, push_extent};
+
+/// Where the content of one guest cluster of a qcow2 layer lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mapping {
+    /// Not allocated here: read the backing file.
+    Unallocated,
+    /// Reads as zeros; `host` is a preallocated cluster (or 0).
+    Zero { host: u64 },
+    /// Plain data at this host offset; `copied` = refcount is exactly one.
+    Data { host: u64, copied: bool },
+    /// Deflate-compressed data: `len` bytes at `host`.
+    Compressed { host: u64, len: u64 },
+}
+
+/// An opened qcow2 file.
+pub(crate) struct Qcow2Layer {
+    pub(crate) path: PathBuf,
+    pub(crate) file: File,
+    pub(crate) file_len: u64,
+    pub(crate) header: Header,
+    pub(crate) l1: Vec<u64>,
+    l2_cache: HashMap<u64, Arc<Vec<u64>>>,
+}
+
+/// An opened raw file.
+pub(crate) struct RawLayer {
+    pub(crate) path: PathBuf,
+    pub(crate) file: File,
+    pub(crate) len: u64,
+}
+
+/// One opened layer.
+pub(crate) enum Layer {
+    Qcow2(Qcow2Layer),
+    Raw(RawLayer),
+}
+
+/// Opens `path` read-only or read-write, mapping errors with the path.
+pub(crate) fn open_file(path: &Path, write: bool) -> Result<File> {
+    OpenOptions::new().read(true).write(write).open(path).map_err(ctx("open", path))
+}
+
+fn file_len(file: &File, path: &Path) -> Result<u64> {
+    Ok(file.metadata().map_err(ctx("stat", path))?.len())
+}
+
+impl Layer {
+    /// Opens `path` as `format`; `None` probes the qcow2 magic.
+    pub(crate) fn open(path: &Path, format: Option<ImageFormat>, write: bool) -> Result<Layer> {
+        let file = open_file(path, write)?;
+        let format = format.unwrap_or(if is_qcow2(&file) { ImageFormat::Qcow2 } else { ImageFormat::Raw });
+        match format {
+            ImageFormat::Qcow2 => Ok(Layer::Qcow2(Qcow2Layer::from_file(path, file)?)),
+            ImageFormat::Raw => {
+                let len = file_len(&file, path)?;
+                Ok(Layer::Raw(RawLayer { path: path.to_path_buf(), file, len }))
+            }
+        }
+    }
+
+    /// Guest-visible size of this layer.
+    pub(crate) fn virtual_size(&self) -> u64 {
+        match self {
+            Layer::Qcow2(q) => q.header.size,
+            Layer::Raw(r) => r.len,
+        }
+    }
+
+    /// The file of this layer.
+    pub(crate) fn path(&self) -> &Path {
+        match self {
+            Layer::Qcow2(q) => &q.path,
+            Layer::Raw(r) => &r.path,
+        }
+    }
+
+    /// Guest ranges this layer defines itself (qcow2: L2 allocation; raw: data extents).
+    pub(crate) fn allocated(&mut self) -> Result<Vec<Extent>> {
+        match self {
+            Layer::Qcow2(q) => q.allocated(),
+            Layer::Raw(r) => r.data_extents(),
+        }
+    }
+}
+
+impl RawLayer {
+    /// Data extents by SEEK_DATA/SEEK_HOLE (the whole file if the filesystem cannot tell).
+    pub(crate) fn data_extents(&self) -> Result<Vec<Extent>> {
+        let fd = self.file.as_raw_fd();
+        let mut out = Vec::new();
+        let mut pos: i64 = 0;
+        let len = self.len as i64;
+        while pos < len {
+            // SAFETY: lseek on a valid, owned descriptor has no memory effects.
+            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    break;
+                }
+                return Err(crate::error::io("seek data in", &self.path, e));
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            let hole = if hole < 0 { len } else { hole.min(len) };
+            push_extent(&mut out, data as u64, (hole - data) as u64);
+            pos = hole;
+        }
+        Ok(out)
+    }
+}
+
+impl Qcow2Layer {
+    /// Reads the header and the L1 table of an opened qcow2 file.
+    pub(crate) fn from_file(path: &Path, file: File) -> Result<Qcow2Layer> {
+        let file_len = file_len(&file, path)?;
+        let header = Header::read(&file, path, file_len)?;
+        if header.incompatible & INCOMPAT_DATA_FILE != 0 {
+            return Err(unsupported("qcow2 with an external data file"));
+        }
+        if header.incompatible & INCOMPAT_EXTENDED_L2 != 0 {
+            return Err(unsupported("qcow2 with extended L2 entries (subclusters)"));
+        }
+        let mut raw = vec![0u8; header.l1_size as usize * 8];
+        file.read_exact_at(&mut raw, header.l1_table_offset).map_err(ctx("read L1 of", path))?;
+        let l1 = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8"))).collect();
+        Ok(Qcow2Layer { path: path.to_path_buf(), file, file_len, header, l1, l2_cache: HashMap::new() })
+    }
+
+    /// Reads the L2 table at `off` (cached).
+    pub(crate) fn l2_table(&mut self, off: u64) -> Result<Arc<Vec<u64>>> {
+        if let Some(t) = self.l2_cache.get(&off) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(self.read_l2_uncached(off)?);
+        if self.l2_cache.len() >= 256 {
+            self.l2_cache.clear();
+        }
+        self.l2_cache.insert(off, t.clone());
+        Ok(t)
+    }
+
+    fn read_l2_uncached(&self, off: u64) -> Result<Vec<u64>> {
+        let cs = self.header.cluster_size();
+        if off % cs != 0 || off + cs > self.file_len {
+            return Err(corrupt(&self.path, format!("L2 table offset {off:#x} unaligned or beyond end of file")));
+        }
+        let mut raw = vec![0u8; cs as usize];
+        self.file.read_exact_at(&mut raw, off).map_err(ctx("read L2 table of", &self.path))?;
+        Ok(raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().expect("8"))).collect())
+    }
+
+    /// Replaces one cached L2 entry after it was written to disk.
+    pub(crate) fn update_cached_l2(&mut self, l2_off: u64, idx: usize, entry: u64) {
+        if let Some(t) = self.l2_cache.get_mut(&l2_off) {
+            Arc::make_mut(t)[idx] = entry;
+        }
+    }
+
+    /// Decodes one L2 entry.
+    pub(crate) fn decode(&self, e: u64) -> Mapping {
+        if e & COMPRESSED != 0 {
+            let x = 62 - (self.header.cluster_bits - 8);
+            let host = e & ((1u64 << x) - 1);
+            let sectors = (e & !(COMPRESSED | (1 << 63))) >> x;
+            return Mapping::Compressed { host, len: (sectors + 1) * 512 - (host & 511) };
+        }
+        let host = e & OFFSET_MASK;
+        if self.header.version >= 3 && e & 1 != 0 {
+            Mapping::Zero { host }
+        } else if host != 0 {
+            Mapping::Data { host, copied: e & (1 << 63) != 0 }
+        } else {
+            Mapping::Unallocated
+        }
+    }
+
+    /// Mapping of guest cluster number `gc`.
+    pub(crate) fn mapping(&mut self, gc: u64) -> Result<Mapping> {
+        let l2_bits = self.header.cluster_bits - 3;
+        let l1e = self.l1.get((gc >> l2_bits) as usize).copied().unwrap_or(0);
+        let l2_off = l1e & OFFSET_MASK;
+        if l2_off == 0 {
+            return Ok(Mapping::Unallocated);
+        }
+        let t = self.l2_table(l2_off)?;
+        let m = self.decode(t[(gc & ((1 << l2_bits) - 1)) as usize]);
+        if let Mapping::Data { host, .. } = m
+            && host % self.header.cluster_size() != 0
+        {
+            return Err(corrupt(&self.path, format!("data cluster {host:#x} not aligned")));
+        }
+        Ok(m)
+    }
+
+    /// Guest ranges allocated in this layer (data, zero and compressed clusters), merged.
+    pub(crate) fn allocated(&mut self) -> Result<Vec<Extent>> {
+        let cs = self.header.cluster_size();
+        let per_l2 = self.header.l2_entries();
+        let size = self.header.size;
+        let mut out = Vec::new();
+        for i in 0..self.l1.len() {
+            let l2_off = self.l1[i] & OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            let table = self.read_l2_uncached(l2_off)?;
+            for (j, &e) in table.iter().enumerate() {
+                if self.decode(e) == Mapping::Unallocated {
+                    continue;
+                }
+                let guest = (i as u64 * per_l2 + j as u64) * cs;
+                if guest >= size {
+                    break;
+                }
+                push_extent(&mut out, guest, cs.min(size - guest));
+            }
+        }
+        Ok(out)
+    }
+}

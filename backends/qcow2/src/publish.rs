@@ -1,0 +1,77 @@
+//! Writing a new file under a temporary name and publishing it atomically without overwriting.
+//!
+//! Contract: [`Staged::create`] makes a hidden temp file next to the destination; dropping a
+//! `Staged` that was not published removes the temp file, so no partial output survives an
+//! error. [`Staged::publish`] makes data durable, hard-links it to the destination (failing with
+//! `AlreadyExists` if something is there), removes the temp name and syncs the directory.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use stagecore::{Error, Result};
+
+use crate::error::ctx;
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A file being written under a temporary name.
+pub(crate) struct Staged {
+    pub(crate) file: File,
+    tmp: PathBuf,
+    dest: PathBuf,
+    published: bool,
+}
+
+fn dir_of(p: &Path) -> &Path {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+impl Staged {
+    /// Creates the temp file for `dest`; fails early with `AlreadyExists` if `dest` exists.
+    pub(crate) fn create(dest: &Path) -> Result<Staged> {
+        if dest.symlink_metadata().is_ok() {
+            return Err(Error::already_exists("disk image", dest.display().to_string()));
+        }
+        let name = dest
+            .file_name()
+            .ok_or_else(|| Error::invalid("path", format!("{} does not name a file", dest.display())))?;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".{}.{n}.tmp", std::process::id()));
+        let tmp = dir_of(dest).join(tmp_name);
+        let file =
+            OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::not_found("directory", dir_of(dest).display().to_string()),
+                _ => crate::error::io("create", &tmp, e),
+            })?;
+        Ok(Staged { file, tmp, dest: dest.to_path_buf(), published: false })
+    }
+
+    /// The temporary path (for error messages).
+    pub(crate) fn tmp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// fdatasync, link to the destination, unlink the temp name, fsync the directory.
+    pub(crate) fn publish(mut self) -> Result<()> {
+        self.file.sync_data().map_err(ctx("sync", &self.tmp))?;
+        std::fs::hard_link(&self.tmp, &self.dest).map_err(ctx("link", &self.dest))?;
+        self.published = true;
+        std::fs::remove_file(&self.tmp).map_err(ctx("remove", &self.tmp))?;
+        let dir = File::open(dir_of(&self.dest)).map_err(ctx("open directory of", &self.dest))?;
+        dir.sync_all().map_err(ctx("sync directory of", &self.dest))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! The one place where this crate's failures become [`stagecore::Error`].
+//!
+//! Every constructor names what failed and where (socket path, binary path, command name).
+//! QMP error replies keep their class and description as a [`QmpCommandError`] source inside
+//! [`Error::Backend`], so callers can downcast (see [`crate::qmp::command_error`]).
+
+use std::path::Path;
+use std::time::Duration;
+
+use stagecore::Error;
+
+use crate::qmp::QmpCommandError;
+
+/// The backend name used in every error.
+pub(crate) const BACKEND: &str = "qemu";
+
+/// The QMP socket (or another endpoint) cannot be reached or was lost.
+pub(crate) fn unreachable(endpoint: &Path, reason: impl Into<String>) -> Error {
+    Error::Unreachable { endpoint: endpoint.display().to_string(), reason: reason.into() }
+}
+
+/// An operation did not finish within `limit`.
+pub(crate) fn timeout(operation: impl Into<String>, limit: Duration) -> Error {
+    Error::Timeout { operation: operation.into(), seconds: limit.as_secs_f64() }
+}
+
+/// QEMU answered a command with `{"error": {"class", "desc"}}`.
+pub(crate) fn command(err: QmpCommandError) -> Error {
+    Error::backend(BACKEND, err)
+}
+
+/// A protocol violation or unexpected reply shape.
+pub(crate) fn protocol(socket: &Path, what: impl std::fmt::Display) -> Error {
+    Error::backend_msg(BACKEND, format!("QMP protocol error on {}: {what}", socket.display()))
+}
+
+/// Any other backend failure, as a message.
+pub(crate) fn msg(what: impl std::fmt::Display) -> Error {
+    Error::backend_msg(BACKEND, what)
+}
+
+/// An I/O failure on a named path.
+pub(crate) fn io(action: &str, path: &Path, e: &std::io::Error) -> Error {
+    Error::backend_msg(BACKEND, format!("{action} {}: {e}", path.display()))
+}
+
+/// The QEMU binary could not be started.
+pub(crate) fn binary(binary: &Path, e: &std::io::Error) -> Error {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => Error::not_found("qemu binary", binary.display().to_string()),
+        _ => Error::backend_msg(BACKEND, format!("cannot execute qemu binary {}: {e}", binary.display())),
+    }
+}

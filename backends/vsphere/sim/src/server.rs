@@ -1,0 +1,258 @@
+//! HTTP plumbing: listeners (HTTPS and HTTP), the single dispatcher, sessions, the seed inventory.
+//!
+//! Contract: every request goes through [`dispatch`], which applies injected 503 bursts and hands
+//! `/api/...` to `rest.rs` and `/sdk/vim25/...` to `vim.rs`; anything else is 404.
+
+use crate::state::{Disk, Inventory, Network, Nic, PowerState, VmConfig};
+use crate::{Session, Shared, lock};
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::Response;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A parsed request.
+pub(crate) struct Req {
+    pub(crate) method: Method,
+    pub(crate) path: String,
+    pub(crate) query: Vec<(String, String)>,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Option<Value>,
+    pub(crate) raw_body_invalid: bool,
+}
+
+impl Req {
+    pub(crate) fn query(&self, key: &str) -> Vec<&str> {
+        self.query.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str()).collect()
+    }
+    pub(crate) fn full_path(&self) -> String {
+        if self.query.is_empty() {
+            self.path.clone()
+        } else {
+            let q: Vec<String> = self.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("{}?{}", self.path, q.join("&"))
+        }
+    }
+}
+
+/// A reply before serialisation.
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) body: Option<Value>,
+    pub(crate) headers: Vec<(&'static str, String)>,
+}
+
+impl Reply {
+    pub(crate) fn json(status: u16, body: Value) -> Reply {
+        Reply { status, body: Some(body), headers: Vec::new() }
+    }
+    pub(crate) fn empty(status: u16) -> Reply {
+        Reply { status, body: None, headers: Vec::new() }
+    }
+}
+
+async fn dispatch(
+    axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let query = uri
+        .query()
+        .map(|q| {
+            q.split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    (decode(k), decode(v))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let (body, raw_body_invalid) = if body.is_empty() {
+        (None, false)
+    } else {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(v) => (Some(v), false),
+            Err(_) => (None, true),
+        }
+    };
+    let req = Req { method, path: uri.path().to_string(), query, headers, body, raw_body_invalid };
+    let burst = {
+        let mut f = lock(&shared.faults);
+        let hit = f.burst_503 > 0;
+        f.burst_503 = f.burst_503.saturating_sub(1);
+        hit
+    };
+    if burst {
+        lock(&shared.stats).injected_503 += 1;
+    }
+    let reply = if req.path.starts_with("/api/") {
+        crate::rest::handle(&shared, &req, burst)
+    } else if req.path.starts_with("/sdk/vim25/") {
+        crate::vim::handle(&shared, &req, burst)
+    } else {
+        Reply::empty(404)
+    };
+    to_response(reply)
+}
+
+fn decode(s: &str) -> String {
+    let s = s.replace('+', " ");
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn to_response(reply: Reply) -> Response {
+    let mut builder =
+        Response::builder().status(StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+    for (k, v) in &reply.headers {
+        builder = builder.header(*k, v);
+    }
+    let body = match reply.body {
+        Some(v) => {
+            builder = builder.header("content-type", "application/json");
+            Body::from(v.to_string())
+        }
+        None => Body::empty(),
+    };
+    builder.body(body).unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+fn router(shared: Arc<Shared>) -> axum::Router {
+    axum::Router::new().fallback(dispatch).with_state(shared)
+}
+
+pub(crate) async fn serve_https(
+    shared: Arc<Shared>,
+    tls: &crate::tls::GeneratedTls,
+) -> Result<(String, axum_server::Handle<std::net::SocketAddr>), String> {
+    let config = axum_server::tls_rustls::RustlsConfig::from_pem(
+        tls.server_cert_pem.clone().into_bytes(),
+        tls.server_key_pem.clone().into_bytes(),
+    )
+    .await
+    .map_err(|e| format!("TLS config: {e}"))?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let handle = axum_server::Handle::new();
+    let server = axum_server::from_tcp_rustls(listener, config).map_err(|e| e.to_string())?.handle(handle.clone());
+    tokio::spawn(server.serve(router(shared).into_make_service()));
+    Ok((format!("https://127.0.0.1:{}", addr.port()), handle))
+}
+
+pub(crate) async fn serve_http(
+    shared: Arc<Shared>,
+) -> Result<(String, axum_server::Handle<std::net::SocketAddr>), String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let handle = axum_server::Handle::new();
+    let server = axum_server::from_tcp(listener).map_err(|e| e.to_string())?.handle(handle.clone());
+    tokio::spawn(server.serve(router(shared).into_make_service()));
+    Ok((format!("http://127.0.0.1:{}", addr.port()), handle))
+}
+
+/// Creates a session token of the given kind.
+pub(crate) fn new_session(shared: &Shared, vim: bool) -> String {
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    lock(&shared.sessions).insert(token.clone(), Session { vim, expires: Instant::now() + shared.session_ttl });
+    token
+}
+
+/// Whether the request carries a live session token of the given kind.
+pub(crate) fn authenticated(shared: &Shared, req: &Req, vim: bool) -> bool {
+    let Some(token) = req.headers.get("vmware-api-session-id").and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let sessions = lock(&shared.sessions);
+    sessions.get(token).is_some_and(|s| s.vim == vim && s.expires > Instant::now())
+}
+
+/// Removes the request's session.
+pub(crate) fn end_session(shared: &Shared, req: &Req) {
+    if let Some(token) = req.headers.get("vmware-api-session-id").and_then(|v| v.to_str().ok()) {
+        lock(&shared.sessions).remove(token);
+    }
+}
+
+fn disk(key: i32, label: &str, gib: u64, file: &str) -> Disk {
+    Disk {
+        key,
+        label: label.to_string(),
+        capacity: gib << 30,
+        file: file.to_string(),
+        parent_file: None,
+        lineage: Vec::new(),
+        cbt_epoch: uuid::Uuid::new_v4().to_string(),
+        next_seq: 1,
+    }
+}
+
+/// The default inventory: folders `prod` (group-v10) and `stage` (group-v11); networks
+/// `VM Network` (network-1) and `isolated-pg` (network-2, isolated); VMs `web` (vm-101, CBT on)
+/// and `db` (vm-102, CBT off, two disks).
+pub(crate) fn seed(inv: &mut Inventory) {
+    inv.folders = vec![("group-v10".into(), "prod".into()), ("group-v11".into(), "stage".into())];
+    inv.networks = vec![
+        Network { id: "network-1".into(), name: "VM Network".into(), isolated: false },
+        Network { id: "network-2".into(), name: "isolated-pg".into(), isolated: true },
+    ];
+    let web = VmConfig {
+        cpus: 2,
+        memory_mib: 2048,
+        disks: vec![disk(2000, "Hard disk 1", 16, "[datastore1] web/web.vmdk")],
+        nics: vec![Nic {
+            key: 4000,
+            label: "Network adapter 1".into(),
+            mac: "00:50:56:00:01:01".into(),
+            network: "network-1".into(),
+        }],
+        cbt: true,
+    };
+    let db = VmConfig {
+        cpus: 4,
+        memory_mib: 8192,
+        disks: vec![
+            disk(2000, "Hard disk 1", 32, "[datastore1] db/db.vmdk"),
+            disk(2001, "Hard disk 2", 64, "[datastore1] db/db_1.vmdk"),
+        ],
+        nics: vec![Nic {
+            key: 4000,
+            label: "Network adapter 1".into(),
+            mac: "00:50:56:00:01:02".into(),
+            network: "network-1".into(),
+        }],
+        cbt: false,
+    };
+    for (id, name, config) in [("vm-101", "web", web), ("vm-102", "db", db)] {
+        inv.vms.insert(
+            id.into(),
+            crate::state::Vm {
+                id: id.into(),
+                name: name.into(),
+                folder: "group-v10".into(),
+                config,
+                power: PowerState::On,
+                bios_uuid: uuid::Uuid::new_v4().to_string(),
+                instance_uuid: uuid::Uuid::new_v4().to_string(),
+                root_snapshots: Vec::new(),
+                current_snapshot: None,
+            },
+        );
+    }
+}

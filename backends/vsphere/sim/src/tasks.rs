@@ -1,0 +1,127 @@
+//! vim25 tasks: queued → running → success | error, with an injectable delay and failures.
+//!
+//! Contract: [`start`] records a queued task and returns its id at once; the effect runs on the
+//! inventory when the task finishes (not before), unless the task was cancelled or an injected
+//! failure is pending, in which case the task ends in error and the inventory is untouched.
+
+use crate::state::{Fault, Inventory};
+use crate::{Shared, lock};
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+/// Task state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TaskState {
+    Queued,
+    Running,
+    Success,
+    Error,
+}
+
+/// One task.
+#[derive(Clone, Debug)]
+pub(crate) struct Task {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    pub(crate) entity: String,
+    pub(crate) state: TaskState,
+    pub(crate) result: Option<Value>,
+    pub(crate) error: Option<Fault>,
+    pub(crate) cancel_requested: bool,
+}
+
+/// What a task does to the inventory when it completes; returns the task's `result`.
+pub(crate) type Effect = Box<dyn FnOnce(&mut Inventory) -> Result<Option<Value>, Fault> + Send>;
+
+/// Starts a task; returns its id.
+pub(crate) fn start(shared: &Arc<Shared>, name: &str, entity: &str, effect: Effect) -> String {
+    let id = lock(&shared.inv).next("task");
+    let task = Task {
+        id: id.clone(),
+        name: name.to_string(),
+        entity: entity.to_string(),
+        state: TaskState::Queued,
+        result: None,
+        error: None,
+        cancel_requested: false,
+    };
+    lock(&shared.tasks).insert(id.clone(), task);
+    let (delay, injected) = {
+        let mut f = lock(&shared.faults);
+        let injected = (!f.fail_next_tasks.is_empty()).then(|| f.fail_next_tasks.remove(0));
+        (f.task_delay, injected)
+    };
+    let shared = shared.clone();
+    let task_id = id.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay / 2).await;
+        set_state(&shared, &task_id, TaskState::Running);
+        tokio::time::sleep(delay / 2).await;
+        finish(&shared, &task_id, injected, effect);
+    });
+    id
+}
+
+fn set_state(shared: &Shared, id: &str, state: TaskState) {
+    if let Some(t) = lock(&shared.tasks).get_mut(id) {
+        if t.state == TaskState::Queued {
+            t.state = state;
+        }
+    }
+}
+
+fn finish(shared: &Shared, id: &str, injected: Option<Fault>, effect: Effect) {
+    let cancelled = lock(&shared.tasks).get(id).is_some_and(|t| t.cancel_requested);
+    let outcome = if cancelled {
+        Err(Fault::new("RequestCanceled", "the task was cancelled by a user"))
+    } else if let Some(fault) = injected {
+        Err(fault)
+    } else {
+        effect(&mut lock(&shared.inv))
+    };
+    if let Some(t) = lock(&shared.tasks).get_mut(id) {
+        match outcome {
+            Ok(result) => {
+                t.state = TaskState::Success;
+                t.result = result;
+            }
+            Err(fault) => {
+                t.state = TaskState::Error;
+                t.error = Some(fault);
+            }
+        }
+    }
+}
+
+/// The `TaskInfo` JSON of a task (VI/JSON renders `LocalizedMethodFault` as the fault itself).
+pub(crate) fn info_json(t: &Task) -> Value {
+    let state = match t.state {
+        TaskState::Queued => "queued",
+        TaskState::Running => "running",
+        TaskState::Success => "success",
+        TaskState::Error => "error",
+    };
+    let mut info = json!({
+        "_typeName": "TaskInfo",
+        "key": t.id,
+        "task": moref("Task", &t.id),
+        "name": t.name,
+        "descriptionId": format!("VirtualMachine.{}", t.name),
+        "entity": moref("VirtualMachine", &t.entity),
+        "state": state,
+        "cancelled": t.cancel_requested && t.state == TaskState::Error,
+        "cancelable": matches!(t.state, TaskState::Queued | TaskState::Running),
+    });
+    if let Some(r) = &t.result {
+        info["result"] = r.clone();
+    }
+    if let Some(e) = &t.error {
+        info["error"] = e.to_json();
+    }
+    info
+}
+
+/// A `ManagedObjectReference` in VI/JSON form.
+pub(crate) fn moref(kind: &str, value: &str) -> Value {
+    json!({"_typeName": "ManagedObjectReference", "type": kind, "value": value})
+}

@@ -1,0 +1,47 @@
+//! Drift: how a stage differs from production, in layers.
+//!
+//! The [`Drift`] trait is the contract; [`DriftEngine`] implements it for every backend from what
+//! the [`crate::Environment`] trait reports: the specs (config layer) and the changed extents of
+//! each disk since the baseline (disk layer, computed from copy-on-write allocation — never by
+//! reading whole disks). The guest layer is NOT_CHECKED until a backend offers a guest channel.
+//! See `docs/drift.md` for the model, the score formula and the JSON schema.
+
+mod config;
+mod disk;
+mod display;
+mod engine;
+mod report;
+pub mod score;
+
+use std::fmt::Debug;
+
+use async_trait::async_trait;
+
+pub use engine::DriftEngine;
+pub use report::{
+    ConfigRecord, DiskRecord, DiskSide, DriftReport, GuestRecord, Layer, MachineDrift, RecordKind, SCHEMA, Side, Status,
+};
+
+use crate::{Environment, EnvironmentSpec, Result};
+
+/// Computes drift between a production and one of its stages.
+///
+/// # Contract
+/// - Read-only on both environments (invariant 1).
+/// - A fresh clone reports IN_SYNC and 100 % (invariant 2): generated identities (UUIDs, MACs,
+///   instance names, overlay paths) are normalised away.
+/// - Layers that cannot be checked say NOT_CHECKED with a reason, never "no drift".
+#[async_trait]
+pub trait Drift: Send + Sync + Debug {
+    /// The drift report of `stage` against `production`.
+    async fn drift(&self, production: &dyn Environment, stage: &dyn Environment) -> Result<DriftReport>;
+}
+
+/// Config paths where two specs differ after normalisation (identities and disk sources removed).
+/// Used by promotion to verify that production now matches the stage.
+pub fn config_differences(a: &EnvironmentSpec, b: &EnvironmentSpec) -> Vec<String> {
+    config::differences(&config::normalise(a, false), &config::normalise(b, false))
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect()
+}

@@ -1,0 +1,194 @@
+//! The drift report: layers of typed records, statuses, a score. Its JSON form is documented in
+//! `docs/drift.md` (schema `stagecore.drift/v1`).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::Extent;
+
+/// The schema tag written into every JSON report.
+pub const SCHEMA: &str = "stagecore.drift/v1";
+
+/// Whether a machine, a layer or the environment matches production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Status {
+    /// No unintended difference.
+    InSync,
+    /// At least one unintended difference.
+    Drifted,
+    /// Could not be checked (the reason is in the layer).
+    NotChecked,
+}
+
+/// Which side moved since the baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// Production changed since the baseline.
+    Production,
+    /// The stage changed since the baseline.
+    Stage,
+    /// Both changed (a conflict where they differ).
+    Both,
+}
+
+/// How the stage's value relates to production's (CloudFormation's vocabulary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RecordKind {
+    /// Present on the stage, absent in production.
+    Add,
+    /// Present in production, absent on the stage.
+    Remove,
+    /// Present on both with different values.
+    NotEqual,
+}
+
+/// One configuration difference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigRecord {
+    /// JSON-pointer-style path with logical names: `/machines/app/memory_mib`.
+    pub path: String,
+    /// The machine the path lies under, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    /// ADD / REMOVE / NOT_EQUAL (stage relative to production).
+    pub kind: RecordKind,
+    /// Production's current value (`null` when absent).
+    pub expected: Value,
+    /// The stage's current value (`null` when absent).
+    pub actual: Value,
+    /// The value at the baseline (`null` when absent).
+    pub baseline: Value,
+    /// Which side moved.
+    pub side: Side,
+    /// Explained by the stage's recorded ChangeSets.
+    pub intended: bool,
+}
+
+/// Changed data on one side of one disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSide {
+    /// Changed bytes since the baseline.
+    pub bytes: u64,
+    /// Changed extents since the baseline.
+    pub extents: Vec<Extent>,
+}
+
+/// Data differences of one disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    /// Logical machine name.
+    pub machine: String,
+    /// Logical disk name.
+    pub disk: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// IN_SYNC, DRIFTED, or NOT_CHECKED (with `reason`).
+    pub status: Status,
+    /// Why the disk could not be checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Production's changes since the baseline.
+    pub production: DiskSide,
+    /// The stage's changes since the baseline.
+    pub stage: DiskSide,
+    /// Stage bytes explained by the recorded ChangeSets.
+    pub intended_bytes: u64,
+    /// Bytes changed on both sides (conflicting writes).
+    pub overlap_bytes: u64,
+    /// Bytes that differ and are not intended: production's changes ∪ the stage's unintended ones.
+    pub drifted_bytes: u64,
+    /// Which side moved (absent when nothing did).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub side: Option<Side>,
+    /// All of the stage's changes are intended and production did not move.
+    pub intended: bool,
+}
+
+/// A layer of the report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Layer<R> {
+    /// The layer's status.
+    pub status: Status,
+    /// Why the layer, or part of it, was not checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The records.
+    pub records: Vec<R>,
+}
+
+/// A guest-level difference (files, packages), when a guest channel exists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestRecord {
+    /// Logical machine name.
+    pub machine: String,
+    /// What differs (`file:/etc/app.conf`, `package:nginx`).
+    pub item: String,
+    /// ADD / REMOVE / NOT_EQUAL.
+    pub kind: RecordKind,
+    /// Which side moved.
+    pub side: Side,
+    /// Explained by the ChangeSets.
+    pub intended: bool,
+}
+
+/// Status of one machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineDrift {
+    /// Logical machine name.
+    pub machine: String,
+    /// Its status.
+    pub status: Status,
+    /// Unintended config records under the machine.
+    pub config_drift: usize,
+    /// Unintended changed bytes on its disks.
+    pub disk_drift_bytes: u64,
+}
+
+/// How a stage differs from production.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftReport {
+    /// Always [`SCHEMA`].
+    pub schema: String,
+    /// Production environment.
+    pub production: String,
+    /// Stage environment.
+    pub stage: String,
+    /// The baseline the stage was cloned from.
+    pub baseline: String,
+    /// When the report was made.
+    #[serde(with = "time::serde::rfc3339")]
+    pub generated_at: OffsetDateTime,
+    /// The environment's status.
+    pub status: Status,
+    /// Match score, 0–100 % (see `docs/drift.md`).
+    pub score: f64,
+    /// Per machine.
+    pub machines: Vec<MachineDrift>,
+    /// Configuration layer.
+    pub config: Layer<ConfigRecord>,
+    /// Disk layer.
+    pub disk: Layer<DiskRecord>,
+    /// Guest layer.
+    pub guest: Layer<GuestRecord>,
+}
+
+impl DriftReport {
+    /// Unintended config records.
+    pub fn config_drift(&self) -> impl Iterator<Item = &ConfigRecord> {
+        self.config.records.iter().filter(|r| !r.intended)
+    }
+
+    /// Whether nothing unintended differs (statuses IN_SYNC or NOT_CHECKED).
+    pub fn is_clean(&self) -> bool {
+        self.status != Status::Drifted
+    }
+
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a drift report always serialises")
+    }
+}

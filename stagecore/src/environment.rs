@@ -1,0 +1,116 @@
+//! The [`Environment`] trait: one production or stage, as a backend runs it, plus the optional
+//! abilities reached from it ([`Snapshot`], [`DiskIo`], [`GuestChannel`]).
+
+use std::fmt::Debug;
+
+use async_trait::async_trait;
+
+use crate::{
+    Baseline, Change, ChangeSet, DiskChanges, EnvironmentInfo, EnvironmentSpec, MachineStatus, Result, SnapshotInfo,
+};
+
+/// One environment (production or stage) as a backend runs it.
+///
+/// # Contract
+/// - Machines, disks and NICs are addressed by *logical* names (the spec's), never by the
+///   hypervisor-level instance names.
+/// - Operations on a stage never write production's disks or definitions (invariant 1).
+/// - Operations that fail leave the environment as it was, or say in the error what is left.
+/// - Operations the backend cannot do return [`crate::Error::NotSupported`] (see
+///   [`crate::Capabilities`]).
+#[async_trait]
+pub trait Environment: Snapshot + Send + Sync + Debug {
+    /// The environment's name.
+    fn name(&self) -> &str;
+
+    /// Role (production/stage with its baseline and recorded ChangeSets) and machine identities.
+    async fn info(&self) -> Result<EnvironmentInfo>;
+
+    /// The spec as the hypervisor sees it now.
+    async fn spec(&self) -> Result<EnvironmentSpec>;
+
+    /// Power state of every machine.
+    async fn status(&self) -> Result<Vec<MachineStatus>>;
+
+    /// Starts every machine that is not running.
+    async fn start(&self) -> Result<()>;
+
+    /// Stops every machine that is running (hard stop; guests are not asked).
+    async fn stop(&self) -> Result<()>;
+
+    /// Freezes the current state as a [`Baseline`]: a read-only layer per disk plus the spec.
+    /// On a running environment this adds a copy-on-write layer under the running disks, which the
+    /// guests do not notice.
+    async fn take_baseline(&self) -> Result<Baseline>;
+
+    /// For every disk: the extents changed since `baseline` (of this environment, or the one this
+    /// stage was cloned from). Requires [`crate::Capabilities::disk_drift`]; disks the backend
+    /// cannot check are reported as `NotChecked` with the reason, never as unchanged.
+    async fn disk_changes(&self, baseline: &Baseline) -> Result<Vec<DiskChanges>>;
+
+    /// Applies one change. Config changes require [`crate::Capabilities::config_changes`], guest
+    /// changes require [`crate::Capabilities::guest_channel`].
+    async fn apply(&self, change: &Change) -> Result<()>;
+
+    /// Records a ChangeSet as applied to this stage (kept with the stage; see
+    /// [`crate::StageInfo::change_sets`]).
+    async fn record_change_set(&self, change_set: &ChangeSet) -> Result<()>;
+
+    /// Raw disk access, if the backend offers it ([`crate::Capabilities::disk_io`]).
+    fn disk_io(&self) -> Option<&dyn DiskIo>;
+
+    /// The guest channel, if the backend offers one ([`crate::Capabilities::guest_channel`]).
+    fn guest(&self) -> Option<&dyn GuestChannel>;
+}
+
+/// Whole-environment snapshots.
+///
+/// # Contract
+/// A snapshot captures every disk of every machine plus the spec; with
+/// [`crate::Capabilities::atomic_snapshot`] all disks are captured at one instant. Reverting gives
+/// back the same disks and spec (invariant 3); later snapshots stay listed and valid.
+#[async_trait]
+pub trait Snapshot: Send + Sync + Debug {
+    /// Takes a snapshot called `name` (unique in the environment).
+    async fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo>;
+    /// Lists snapshots, oldest first.
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>>;
+    /// Reverts disks and spec to the snapshot; machines that were running run again afterwards.
+    async fn revert_snapshot(&self, name: &str) -> Result<()>;
+    /// Deletes the snapshot, keeping every other snapshot and the current state valid.
+    async fn delete_snapshot(&self, name: &str) -> Result<()>;
+}
+
+/// Raw access to what a guest reads from its disks. Used by tests to write changes and to
+/// fingerprint production, and by `WriteDisk` changes.
+#[async_trait]
+pub trait DiskIo: Send + Sync + Debug {
+    /// Reads `length` bytes at `offset` of `machine`/`disk`, as the guest sees them.
+    async fn read(&self, machine: &str, disk: &str, offset: u64, length: u64) -> Result<Vec<u8>>;
+    /// Writes `data` at `offset` of `machine`/`disk`, as the guest would.
+    async fn write(&self, machine: &str, disk: &str, offset: u64, data: &[u8]) -> Result<()>;
+    /// SHA-256 of the whole guest-visible content of `machine`/`disk`.
+    async fn digest(&self, machine: &str, disk: &str) -> Result<[u8; 32]>;
+}
+
+/// The output of a guest command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestOutput {
+    /// Exit code.
+    pub exit_code: i32,
+    /// Standard output.
+    pub stdout: Vec<u8>,
+    /// Standard error.
+    pub stderr: Vec<u8>,
+}
+
+/// Commands and files inside a guest (e.g. through qemu-guest-agent or VMware Tools).
+#[async_trait]
+pub trait GuestChannel: Send + Sync + Debug {
+    /// Runs a command in `machine`.
+    async fn exec(&self, machine: &str, command: &[String]) -> Result<GuestOutput>;
+    /// Writes a file in `machine`.
+    async fn write_file(&self, machine: &str, path: &str, content: &[u8]) -> Result<()>;
+    /// Reads a file in `machine`.
+    async fn read_file(&self, machine: &str, path: &str) -> Result<Vec<u8>>;
+}

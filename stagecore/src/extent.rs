@@ -1,0 +1,123 @@
+//! Disk extents: which byte ranges of a disk changed since a baseline.
+
+use serde::{Deserialize, Serialize};
+
+/// A byte range of a disk as the guest sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Extent {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+}
+
+impl Extent {
+    /// One past the last byte.
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
+}
+
+/// Sorts extents and merges those that touch or overlap.
+pub fn normalize(mut extents: Vec<Extent>) -> Vec<Extent> {
+    extents.retain(|e| e.length > 0);
+    extents.sort();
+    let mut out: Vec<Extent> = Vec::with_capacity(extents.len());
+    for e in extents {
+        match out.last_mut() {
+            Some(last) if e.offset <= last.end() => last.length = last.end().max(e.end()) - last.offset,
+            _ => out.push(e),
+        }
+    }
+    out
+}
+
+/// Total bytes covered by normalized extents.
+pub fn total(extents: &[Extent]) -> u64 {
+    extents.iter().map(|e| e.length).sum()
+}
+
+/// The union of two normalized extent lists.
+pub fn union(a: &[Extent], b: &[Extent]) -> Vec<Extent> {
+    normalize(a.iter().chain(b).copied().collect())
+}
+
+/// The intersection of two normalized extent lists.
+pub fn intersect(a: &[Extent], b: &[Extent]) -> Vec<Extent> {
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() && j < b.len() {
+        let start = a[i].offset.max(b[j].offset);
+        let end = a[i].end().min(b[j].end());
+        if start < end {
+            out.push(Extent { offset: start, length: end - start });
+        }
+        if a[i].end() < b[j].end() { i += 1 } else { j += 1 }
+    }
+    out
+}
+
+/// The parts of normalized `a` not covered by normalized `b`.
+pub fn subtract(a: &[Extent], b: &[Extent]) -> Vec<Extent> {
+    let mut out = Vec::new();
+    for e in a {
+        let mut start = e.offset;
+        for c in b.iter().filter(|c| c.end() > e.offset && c.offset < e.end()) {
+            if c.offset > start {
+                out.push(Extent { offset: start, length: c.offset - start });
+            }
+            start = start.max(c.end());
+        }
+        if start < e.end() {
+            out.push(Extent { offset: start, length: e.end() - start });
+        }
+    }
+    out
+}
+
+/// What changed on one disk since a baseline, as reported by a backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskChanges {
+    /// Logical machine name.
+    pub machine: String,
+    /// Logical disk name.
+    pub disk: String,
+    /// Virtual size of the disk in bytes.
+    pub virtual_size: u64,
+    /// The changed extents, or why they could not be determined.
+    pub changes: ChangeMap,
+}
+
+/// Changed extents of a disk, or the reason they are unknown (never a silent zero).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ChangeMap {
+    /// The extents are known (normalized).
+    Checked {
+        /// Changed byte ranges, sorted and merged.
+        extents: Vec<Extent>,
+    },
+    /// The backend could not tell (no CBT, remote files, disk added after the baseline, ...).
+    NotChecked {
+        /// Why.
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    fn e(offset: u64, length: u64) -> Extent {
+        Extent { offset, length }
+    }
+
+    #[test]
+    fn set_operations() {
+        let a = normalize(vec![e(10, 10), e(0, 5), e(5, 5), e(40, 10)]);
+        assert_eq!(a, vec![e(0, 20), e(40, 10)]);
+        let b = vec![e(15, 30)];
+        assert_eq!(intersect(&a, &b), vec![e(15, 5), e(40, 5)]);
+        assert_eq!(subtract(&a, &b), vec![e(0, 15), e(45, 5)]);
+        assert_eq!(union(&a, &b), vec![e(0, 50)]);
+        assert_eq!(total(&a), 30);
+    }
+}

@@ -1,0 +1,272 @@
+//! [`MemoryEnvironment`]: the [`Environment`], [`Snapshot`] and [`DiskIo`] of one in-memory
+//! environment.
+
+use std::sync::{Arc, MutexGuard};
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use super::state::{DiskState, EnvState, SnapshotState, State};
+use super::{NAME, Shared};
+use crate::{
+    Baseline, Change, ChangeMap, ChangeSet, Consistency, DiskChanges, DiskIo, Environment, EnvironmentInfo,
+    EnvironmentSpec, Error, GuestChannel, MachineStatus, PowerState, Result, Role, Snapshot, SnapshotInfo,
+};
+
+/// A handle on one in-memory environment. Cheap to clone; all handles share the backend's state.
+#[derive(Debug, Clone)]
+pub struct MemoryEnvironment {
+    name: String,
+    shared: Arc<Shared>,
+}
+
+impl MemoryEnvironment {
+    pub(crate) fn new(name: &str, shared: Arc<Shared>) -> Self {
+        MemoryEnvironment { name: name.into(), shared }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().expect("state lock")
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut EnvState, &mut super::disk::LayerStore) -> Result<T>) -> Result<T> {
+        let mut guard = self.lock();
+        let State { layers, envs } = &mut *guard;
+        let env = envs.get_mut(&self.name).ok_or_else(|| Error::not_found("environment", &self.name))?;
+        f(env, layers)
+    }
+}
+
+#[async_trait]
+impl Environment for MemoryEnvironment {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn info(&self) -> Result<EnvironmentInfo> {
+        self.with(|env, _| Ok(env.info()))
+    }
+
+    async fn spec(&self) -> Result<EnvironmentSpec> {
+        self.with(|env, _| Ok(env.spec.clone()))
+    }
+
+    async fn status(&self) -> Result<Vec<MachineStatus>> {
+        self.with(|env, _| {
+            Ok(env.power.iter().map(|(m, p)| MachineStatus { machine: m.clone(), power: *p, detail: None }).collect())
+        })
+    }
+
+    async fn start(&self) -> Result<()> {
+        self.shared.faults.check("start")?;
+        self.with(|env, _| Ok(env.set_power_all(PowerState::Running)))
+    }
+
+    async fn stop(&self) -> Result<()> {
+        self.shared.faults.check("stop")?;
+        self.with(|env, _| Ok(env.set_power_all(PowerState::Stopped)))
+    }
+
+    async fn take_baseline(&self) -> Result<Baseline> {
+        self.shared.faults.check("take_baseline")?;
+        self.with(|env, layers| {
+            if env.role != Role::Production {
+                return Err(Error::Precondition(format!("{} is a stage; baselines are taken of production", env.name)));
+            }
+            Ok(env.take_baseline(layers))
+        })
+    }
+
+    async fn disk_changes(&self, baseline: &Baseline) -> Result<Vec<DiskChanges>> {
+        self.shared.faults.check("disk_changes")?;
+        self.with(|env, layers| {
+            let origin = env.origins.get(&baseline.id);
+            let mut out = Vec::new();
+            for ((machine, disk), d) in &env.disks {
+                let base = origin.and_then(|o| o.get(&(machine.clone(), disk.clone())));
+                let changes = match base.and_then(|b| layers.changed_since(d.top, *b, d.size)) {
+                    Some(extents) => ChangeMap::Checked { extents },
+                    None if base.is_none() => ChangeMap::NotChecked {
+                        reason: format!("{machine}/{disk} is not part of baseline {}", baseline.id),
+                    },
+                    None => ChangeMap::NotChecked {
+                        reason: format!("baseline {} layer left the chain of {machine}/{disk}", baseline.id),
+                    },
+                };
+                out.push(DiskChanges { machine: machine.clone(), disk: disk.clone(), virtual_size: d.size, changes });
+            }
+            Ok(out)
+        })
+    }
+
+    async fn apply(&self, change: &Change) -> Result<()> {
+        self.shared.faults.check("apply")?;
+        let env_name = self.name.clone();
+        self.with(|env, layers| {
+            let mut spec = env.spec.clone();
+            change.apply_to_spec(&mut spec, 0)?;
+            let key = |d: &str| (change.machine().to_string(), d.to_string());
+            match change {
+                Change::AddDisk { disk, .. } => {
+                    let size = disk.size_bytes.unwrap_or(0);
+                    let m = spec.machine_mut(change.machine()).expect("checked by apply_to_spec");
+                    let d = m.disks.last_mut().expect("just added");
+                    d.source = format!("memory:{env_name}/{}/{}", change.machine(), disk.name);
+                    env.disks.insert(key(&disk.name), DiskState { top: layers.overlay(None), size });
+                }
+                Change::RemoveDisk { disk, .. } => {
+                    env.disks.remove(&key(disk));
+                }
+                Change::AddNic { nic, .. } => {
+                    let m = spec.machine_mut(change.machine()).expect("checked by apply_to_spec");
+                    let n = m.nics.iter_mut().find(|n| n.name == nic.name).expect("just added");
+                    n.mac.get_or_insert_with(crate::random_mac);
+                }
+                Change::WriteDisk { disk, offset, data, .. } => {
+                    let d = env.disk(change.machine(), disk)?;
+                    check_range(&env_name, change.machine(), disk, d.size, *offset, data.len() as u64)?;
+                    layers.write(d.top, *offset, data);
+                }
+                Change::ReplaceDiskImage { disk, image, .. } => {
+                    let top: usize = image
+                        .strip_prefix("layer:")
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| Error::invalid("image", format!("{image:?} is not a memory layer (layer:N)")))?;
+                    let copy = layers.flatten(top);
+                    let d = env.disk(change.machine(), disk)?;
+                    env.disks.insert(key(disk), DiskState { top: layers.overlay(Some(copy)), size: d.size });
+                }
+                Change::GuestCommand { .. } | Change::GuestFile { .. } => {
+                    return Err(Error::not_supported("guest changes", NAME));
+                }
+                Change::SetMemory { .. } | Change::SetVcpus { .. } | Change::RemoveNic { .. } => {}
+            }
+            env.spec = spec;
+            Ok(())
+        })
+    }
+
+    async fn record_change_set(&self, change_set: &ChangeSet) -> Result<()> {
+        self.with(|env, _| match &mut env.role {
+            Role::Stage(s) => {
+                s.change_sets.push(change_set.clone());
+                Ok(())
+            }
+            Role::Production => Err(Error::Precondition(format!("{} is not a stage", env.name))),
+        })
+    }
+
+    fn disk_io(&self) -> Option<&dyn DiskIo> {
+        Some(self)
+    }
+
+    fn guest(&self) -> Option<&dyn GuestChannel> {
+        None
+    }
+}
+
+fn check_range(env: &str, machine: &str, disk: &str, size: u64, offset: u64, len: u64) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(Error::invalid(
+            format!("{env}/{machine}/{disk}"),
+            format!("range {offset}+{len} lies beyond the disk's {size} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Snapshot for MemoryEnvironment {
+    async fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo> {
+        crate::name::validate("snapshot", name)?;
+        self.shared.faults.check("create_snapshot")?;
+        self.with(|env, layers| {
+            if env.snapshots.iter().any(|s| s.info.name == name) {
+                return Err(Error::already_exists("snapshot", format!("{}/{name}", env.name)));
+            }
+            let frozen = env.freeze_all(layers);
+            let info = SnapshotInfo {
+                name: name.into(),
+                environment: env.name.clone(),
+                created_at: OffsetDateTime::now_utc(),
+                spec: env.spec.clone(),
+                consistency: Consistency::CrashConsistent,
+                memory: false,
+            };
+            env.snapshots.push(SnapshotState { info: info.clone(), layers: frozen });
+            Ok(info)
+        })
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        self.with(|env, _| Ok(env.snapshots.iter().map(|s| s.info.clone()).collect()))
+    }
+
+    async fn revert_snapshot(&self, name: &str) -> Result<()> {
+        crate::name::validate("snapshot", name)?;
+        self.shared.faults.check("revert_snapshot")?;
+        self.with(|env, layers| {
+            let snap = env
+                .snapshots
+                .iter()
+                .find(|s| s.info.name == name)
+                .ok_or_else(|| Error::not_found("snapshot", format!("{}/{name}", env.name)))?;
+            let disks = snap
+                .layers
+                .iter()
+                .map(|(k, d)| (k.clone(), DiskState { top: layers.overlay(Some(d.top)), size: d.size }))
+                .collect();
+            env.spec = snap.info.spec.clone();
+            env.disks = disks;
+            let running: Vec<String> = env.power.keys().cloned().collect();
+            env.power.retain(|m, _| env.spec.machine(m).is_some());
+            for m in &env.spec.machines {
+                if !running.contains(&m.name) {
+                    env.power.insert(m.name.clone(), PowerState::Stopped);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    async fn delete_snapshot(&self, name: &str) -> Result<()> {
+        crate::name::validate("snapshot", name)?;
+        self.shared.faults.check("delete_snapshot")?;
+        self.with(|env, _| {
+            let before = env.snapshots.len();
+            env.snapshots.retain(|s| s.info.name != name);
+            if env.snapshots.len() == before {
+                return Err(Error::not_found("snapshot", format!("{}/{name}", env.name)));
+            }
+            Ok(())
+        })
+    }
+}
+
+#[async_trait]
+impl DiskIo for MemoryEnvironment {
+    async fn read(&self, machine: &str, disk: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
+        self.with(|env, layers| {
+            let d = env.disk(machine, disk)?;
+            check_range(&env.name, machine, disk, d.size, offset, length)?;
+            Ok(layers.read(d.top, offset, length))
+        })
+    }
+
+    async fn write(&self, machine: &str, disk: &str, offset: u64, data: &[u8]) -> Result<()> {
+        self.shared.faults.check("write")?;
+        self.with(|env, layers| {
+            let d = env.disk(machine, disk)?;
+            check_range(&env.name, machine, disk, d.size, offset, data.len() as u64)?;
+            layers.write(d.top, offset, data);
+            Ok(())
+        })
+    }
+
+    async fn digest(&self, machine: &str, disk: &str) -> Result<[u8; 32]> {
+        self.with(|env, layers| {
+            let d = env.disk(machine, disk)?;
+            Ok(layers.digest(d.top, d.size))
+        })
+    }
+}
