@@ -32,6 +32,21 @@ pub fn normalize(mut extents: Vec<Extent>) -> Vec<Extent> {
     out
 }
 
+/// Widens normalized extents outward to multiples of `granularity` (clamped to `size`).
+pub fn align(extents: &[Extent], granularity: u64, size: u64) -> Vec<Extent> {
+    let g = granularity.max(1);
+    normalize(
+        extents
+            .iter()
+            .map(|e| {
+                let start = e.offset / g * g;
+                let end = e.end().div_ceil(g).saturating_mul(g).min(size.max(e.end()));
+                Extent { offset: start, length: end - start }
+            })
+            .collect(),
+    )
+}
+
 /// Total bytes covered by normalized extents.
 pub fn total(extents: &[Extent]) -> u64 {
     extents.iter().map(|e| e.length).sum()
@@ -83,6 +98,9 @@ pub struct DiskChanges {
     pub disk: String,
     /// Virtual size of the disk in bytes.
     pub virtual_size: u64,
+    /// The unit in which the backend tracks changes (qcow2 cluster size, CBT block size); a write
+    /// of one byte shows as a changed extent of this size. 1 when exact.
+    pub granularity: u64,
     /// The changed extents, or why they could not be determined.
     pub changes: ChangeMap,
 }

@@ -11,10 +11,10 @@ use common::{Vm, file, path_str, run, signal, start};
 use serde_json::{Value, json};
 use stagecore::Error;
 use stagecore_qemu::cmdline::fmt_node;
-use stagecore_qemu::process::{Launcher, ProcessState, QemuPaths, inspect};
+use stagecore_qemu::process::{Launcher, ProcessState, QemuPaths, QemuProcess, inspect};
 use stagecore_qemu::qmp::{
     BlockDirtyBitmapAdd, BlockdevSnapshotSync, ErrorClass, NewImageMode, QmpClient, RunState, TransactionAction,
-    command_error, wait_for_event,
+    command_error,
 };
 
 const EVENT_WAIT: Duration = Duration::from_secs(10);
@@ -26,7 +26,7 @@ async fn active_nodes(qmp: &QmpClient) -> Vec<(String, String)> {
         .await
         .unwrap()
         .into_iter()
-        .filter_map(|b| Some((b.qdev?, b.inserted?.node_name?)))
+        .filter_map(|b| Some((b.device_id()?.to_string(), b.inserted?.node_name?)))
         .collect();
     nodes.sort();
     nodes
@@ -37,8 +37,8 @@ async fn active_nodes(qmp: &QmpClient) -> Vec<(String, String)> {
 async fn qemu_io(vm: &Vm, qdev_id: &str, command: &str) {
     let qmp = &vm.launched.qmp;
     let blocks = qmp.query_block().await.unwrap();
-    let wanted = format!("/machine/peripheral/{qdev_id}/virtio-backend");
-    let qdev = blocks.iter().filter_map(|b| b.qdev.clone()).find(|q| *q == wanted).expect("device in query-block");
+    let block = blocks.iter().find(|b| b.device_id() == Some(qdev_id)).expect("device in query-block");
+    let qdev = block.qdev.as_deref().unwrap();
     let out = qmp.human_monitor_command(&format!(r#"qemu-io -d {qdev} "{command}""#)).await.unwrap();
     assert!(!out.contains("rror"), "qemu-io {command}: {out}");
     let log = std::fs::read_to_string(&vm.config.log).unwrap();
@@ -56,11 +56,11 @@ async fn negotiates_and_reports_status_stop_cont_with_events() {
 
     let mut events = qmp.subscribe();
     qmp.stop().await.unwrap();
-    let stop = wait_for_event(&mut events, "STOP", EVENT_WAIT).await.unwrap();
+    let stop = qmp.wait_for_event(&mut events, "STOP", EVENT_WAIT).await.unwrap();
     assert!(stop.timestamp.is_some());
     assert_eq!(qmp.query_status().await.unwrap().status, RunState::Paused);
     qmp.cont().await.unwrap();
-    wait_for_event(&mut events, "RESUME", EVENT_WAIT).await.unwrap();
+    qmp.wait_for_event(&mut events, "RESUME", EVENT_WAIT).await.unwrap();
     assert!(qmp.query_status().await.unwrap().running);
 
     vm.launched.process.shutdown(qmp, Duration::from_secs(10)).await.unwrap();
@@ -87,8 +87,18 @@ async fn transaction_snapshots_both_disks_atomically_and_qemu_io_writes_to_the_o
     // disk0: an overlay created beforehand (mode existing); disk1: created by QEMU (absolute-paths).
     run("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", path_str(&base0), path_str(&over0)]);
     let snaps = [
-        BlockdevSnapshotSync::qcow2_on_node(&fmt_node("disk0"), path_str(&over0), "disk0-snap1", NewImageMode::Existing),
-        BlockdevSnapshotSync::qcow2_on_node(&fmt_node("disk1"), path_str(&over1), "disk1-snap1", NewImageMode::AbsolutePaths),
+        BlockdevSnapshotSync::qcow2_on_node(
+            &fmt_node("disk0"),
+            path_str(&over0),
+            "disk0-snap1",
+            NewImageMode::Existing,
+        ),
+        BlockdevSnapshotSync::qcow2_on_node(
+            &fmt_node("disk1"),
+            path_str(&over1),
+            "disk1-snap1",
+            NewImageMode::AbsolutePaths,
+        ),
     ];
     qmp.stop().await.unwrap();
     let t = Instant::now();
@@ -140,7 +150,12 @@ async fn error_replies_keep_class_and_desc_and_failed_transactions_change_nothin
         "good",
         NewImageMode::AbsolutePaths,
     );
-    let bad = BlockdevSnapshotSync::qcow2_on_node("nope-fmt", path_str(&file(&vm, "bad.qcow2")), "bad", NewImageMode::AbsolutePaths);
+    let bad = BlockdevSnapshotSync::qcow2_on_node(
+        "nope-fmt",
+        path_str(&file(&vm, "bad.qcow2")),
+        "bad",
+        NewImageMode::AbsolutePaths,
+    );
     let err = qmp.snapshot_disks(&[good, bad]).await.unwrap_err();
     let qerr = command_error(&err).unwrap();
     assert!(matches!(qerr.class, ErrorClass::GenericError | ErrorClass::DeviceNotFound), "{qerr}");
@@ -180,7 +195,8 @@ async fn concurrent_calls_each_get_their_own_reply() {
 async fn persistent_dirty_bitmap_is_stored_in_the_image() {
     let vm = start(1).await;
     let qmp = &vm.launched.qmp;
-    let bitmap = BlockDirtyBitmapAdd { node: fmt_node("disk0"), name: "since-base".into(), granularity: None, persistent: true };
+    let bitmap =
+        BlockDirtyBitmapAdd { node: fmt_node("disk0"), name: "since-base".into(), granularity: None, persistent: true };
     qmp.block_dirty_bitmap_add(&bitmap).await.unwrap();
     qemu_io(&vm, "disk0", "write -P 0xcd 1M 128k").await;
     let nodes = qmp.query_named_block_nodes(true).await.unwrap();
@@ -194,8 +210,10 @@ async fn persistent_dirty_bitmap_is_stored_in_the_image() {
     vm.launched.process.shutdown(qmp, Duration::from_secs(10)).await.unwrap();
     let info = run("qemu-img", &["info", "--output=json", path_str(&vm.config.disks[0].path)]);
     let info: Value = serde_json::from_str(&info).unwrap();
-    let names: Vec<_> = info["format-specific"]["data"]["bitmaps"].as_array().unwrap().iter().map(|b| b["name"].clone()).collect();
-    assert_eq!(names, [json!("since-base"), json!("second")]);
+    let bitmaps = info["format-specific"]["data"]["bitmaps"].as_array().unwrap();
+    let mut names: Vec<_> = bitmaps.iter().map(|b| b["name"].as_str().unwrap().to_string()).collect();
+    names.sort();
+    assert_eq!(names, ["second", "since-base"]);
 }
 
 /// Freezes QEMU (SIGSTOP) so a call stays pending, then SIGKILLs it.
@@ -227,8 +245,8 @@ async fn sigkill_mid_call_fails_pending_and_later_calls_instead_of_hanging() {
     assert!(matches!(qmp.query_status().await, Err(Error::Unreachable { endpoint, .. }) if endpoint == socket));
     assert!(t.elapsed() < Duration::from_secs(5), "later calls fail at once");
     assert!(matches!(events.recv().await, Err(tokio::sync::broadcast::error::RecvError::Closed)));
-    let err = wait_for_event(&mut qmp.subscribe(), "STOP", EVENT_WAIT).await.unwrap_err();
-    assert!(matches!(err, Error::Unreachable { .. }), "{err:?}");
+    let err = qmp.wait_for_event(&mut qmp.subscribe(), "STOP", EVENT_WAIT).await.unwrap_err();
+    assert!(matches!(&err, Error::Unreachable { endpoint, .. } if *endpoint == socket), "{err:?}");
 }
 
 #[tokio::test]
@@ -263,10 +281,7 @@ async fn stale_and_foreign_state_is_detected_never_trusted() {
     vm.launched.process.wait_exit(Duration::from_secs(10)).await.unwrap();
     assert!(paths.pidfile.exists(), "SIGKILL leaves the pid file behind");
     assert_eq!(inspect(&paths).await.unwrap(), ProcessState::StalePidfile { pid });
-    assert!(matches!(
-        stagecore_qemu::process::QemuProcess::attach(&paths).await,
-        Err(Error::Precondition(_))
-    ));
+    assert!(matches!(QemuProcess::attach(&paths).await, Err(Error::Precondition(_))));
 
     std::fs::write(&paths.pidfile, format!("{}\n", std::process::id())).unwrap();
     let me = std::process::id();
@@ -279,7 +294,8 @@ async fn stale_and_foreign_state_is_detected_never_trusted() {
     // A new launch over the stale socket file works.
     std::fs::write(&paths.pidfile, format!("{pid}\n")).unwrap();
     let launched = Launcher::default().launch(&vm.config).await.unwrap();
-    let relaunched = Vm { launched, config: vm.config.clone(), spawn_to_ready: Duration::ZERO, dir: tempfile::tempdir().unwrap() };
+    let relaunched =
+        Vm { launched, config: vm.config.clone(), spawn_to_ready: Duration::ZERO, dir: tempfile::tempdir().unwrap() };
     assert!(relaunched.launched.qmp.query_status().await.unwrap().running);
 }
 
@@ -311,4 +327,28 @@ async fn a_missing_disk_is_named_and_a_failing_start_quotes_the_log() {
     let text = err.to_string();
     assert!(text.contains("exited during startup") && text.contains("qcow2"), "{text}");
     assert!(!config.pidfile.exists() && !config.qmp_socket.exists(), "nothing left behind");
+}
+
+#[tokio::test]
+async fn dropping_every_handle_leaves_qemu_running_and_it_can_be_reattached() {
+    struct KillOnDrop(QemuProcess);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            self.0.start_kill();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::config_in(dir.path(), 1);
+    let paths = QemuPaths::of(&config);
+    let launched = Launcher::default().launch(&config).await.unwrap();
+    let pid = launched.process.pid();
+    drop(launched);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(inspect(&paths).await.unwrap(), ProcessState::Running { pid });
+    let process = KillOnDrop(QemuProcess::attach(&paths).await.unwrap());
+    assert_eq!(process.0.pid(), pid);
+    let qmp = process.0.connect(Duration::from_secs(10)).await.unwrap();
+    assert!(qmp.query_status().await.unwrap().running);
+    process.0.kill(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(inspect(&paths).await.unwrap(), ProcessState::NotRunning);
 }

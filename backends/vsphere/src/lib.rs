@@ -9,6 +9,7 @@
 
 mod client;
 
+pub use client::VsphereClient;
 pub use client::config::{RetryPolicy, TaskPolicy, VsphereConfig};
 pub use client::error::VsphereFault;
 pub use client::rest::{
@@ -16,9 +17,8 @@ pub use client::rest::{
 };
 pub use client::task::TaskOutcome;
 pub use client::vim::{
-    ChangedArea, CloneOptions, LinkedCloneSpec, MoRef, Reconfig, SnapshotNode, VimConfig, VimDisk, VimNic,
+    ChangedArea, LinkedCloneSpec, MoRef, Reconfig, SnapshotNode, SnapshotTree, VimConfig, VimDisk, VimNic,
 };
-pub use client::VsphereClient;
 
 /// The backend name used in errors.
 pub const BACKEND: &str = "vsphere";

@@ -38,11 +38,11 @@ pub(crate) fn records(
     change_sets: &[ChangeSet],
 ) -> Vec<DiskRecord> {
     let (allow, guest_machines) = allowances(change_sets);
-    let find = |side: &Result<Vec<DiskChanges>, String>, m: &str, d: &str| -> Result<(u64, ChangeMap), String> {
+    let find = |side: &Result<Vec<DiskChanges>, String>, m: &str, d: &str| -> Result<(u64, u64, ChangeMap), String> {
         let list = side.as_ref().map_err(Clone::clone)?;
         list.iter()
             .find(|c| c.machine == m && c.disk == d)
-            .map(|c| (c.virtual_size, c.changes.clone()))
+            .map(|c| (c.virtual_size, c.granularity, c.changes.clone()))
             .ok_or_else(|| format!("no change report for {m}/{d}"))
     };
     let mut out = Vec::new();
@@ -60,12 +60,13 @@ fn record(
     machine: &str,
     disk: &str,
     size_hint: Option<u64>,
-    production: Result<(u64, ChangeMap), String>,
-    stage: Result<(u64, ChangeMap), String>,
+    production: Result<(u64, u64, ChangeMap), String>,
+    stage: Result<(u64, u64, ChangeMap), String>,
     allow: &BTreeMap<(String, String), Allowance>,
     guest_machines: &[String],
 ) -> DiskRecord {
-    let size = [&production, &stage].iter().find_map(|r| r.as_ref().ok().map(|(s, _)| *s)).or(size_hint);
+    let size = [&production, &stage].iter().find_map(|r| r.as_ref().ok().map(|(s, _, _)| *s)).or(size_hint);
+    let granularity = stage.as_ref().map(|(_, g, _)| *g).unwrap_or(1);
     let mut rec = DiskRecord {
         machine: machine.into(),
         disk: disk.into(),
@@ -80,9 +81,9 @@ fn record(
         side: None,
         intended: false,
     };
-    let checked = |r: Result<(u64, ChangeMap), String>, side: &str| match r {
-        Ok((_, ChangeMap::Checked { extents })) => Ok(extent::normalize(extents)),
-        Ok((_, ChangeMap::NotChecked { reason })) | Err(reason) => Err(format!("{side}: {reason}")),
+    let checked = |r: Result<(u64, u64, ChangeMap), String>, side: &str| match r {
+        Ok((_, _, ChangeMap::Checked { extents })) => Ok(extent::normalize(extents)),
+        Ok((_, _, ChangeMap::NotChecked { reason })) | Err(reason) => Err(format!("{side}: {reason}")),
     };
     let (pe, se) = match (checked(production, "production"), checked(stage, "stage")) {
         (Ok(p), Ok(s)) => (p, s),
@@ -97,7 +98,10 @@ fn record(
     };
     let key = (machine.to_string(), disk.to_string());
     let allowed_all = guest_machines.iter().any(|g| g == machine) || allow.get(&key).is_some_and(|a| a.whole);
-    let allowed = allow.get(&key).map(|a| extent::normalize(a.extents.clone())).unwrap_or_default();
+    let allowed = allow
+        .get(&key)
+        .map(|a| extent::align(&extent::normalize(a.extents.clone()), granularity, rec.virtual_size))
+        .unwrap_or_default();
     let stage_unintended = if allowed_all { Vec::new() } else { extent::subtract(&se, &allowed) };
     rec.intended_bytes = extent::total(&se) - extent::total(&stage_unintended);
     rec.overlap_bytes = extent::total(&extent::intersect(&pe, &se));

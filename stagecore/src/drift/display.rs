@@ -2,13 +2,21 @@
 
 use std::fmt;
 
-use super::report::{DriftReport, Side, Status};
+use super::report::{DriftReport, RecordKind, Side, Status};
 
 fn status(s: Status) -> &'static str {
     match s {
         Status::InSync => "IN_SYNC",
         Status::Drifted => "DRIFTED",
         Status::NotChecked => "NOT_CHECKED",
+    }
+}
+
+fn kind(k: RecordKind) -> &'static str {
+    match k {
+        RecordKind::Add => "ADD",
+        RecordKind::Remove => "REMOVE",
+        RecordKind::NotEqual => "NOT_EQUAL",
     }
 }
 
@@ -57,7 +65,7 @@ impl fmt::Display for DriftReport {
             writeln!(
                 f,
                 "    {:<9} {:<40} production={} stage={} [{}{}]",
-                format!("{:?}", r.kind).to_uppercase(),
+                kind(r.kind),
                 r.path,
                 r.expected,
                 r.actual,

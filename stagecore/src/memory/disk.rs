@@ -118,14 +118,22 @@ impl LayerStore {
         Some(extent::normalize(extents))
     }
 
-    /// SHA-256 of the guest-visible content.
+    /// SHA-256 of the guest-visible content: the size, then each non-zero block with its index
+    /// (zero and unallocated blocks read alike, so both are skipped). Cost grows with allocated data.
     pub(crate) fn digest(&self, top: LayerId, size: u64) -> [u8; 32] {
+        let mut indices = std::collections::BTreeSet::new();
+        for l in self.chain(top) {
+            indices.extend(self.layers[l].blocks.keys().copied());
+        }
         let mut h = Sha256::new();
-        let mut pos = 0;
-        while pos < size {
-            let n = BLOCK.min(size - pos);
-            h.update(self.read(top, pos, n));
-            pos += n;
+        h.update(size.to_le_bytes());
+        for index in indices {
+            let n = BLOCK.min(size.saturating_sub(index * BLOCK));
+            let data = self.read(top, index * BLOCK, n);
+            if data.iter().any(|b| *b != 0) {
+                h.update(index.to_le_bytes());
+                h.update(&data);
+            }
         }
         h.finalize().into()
     }

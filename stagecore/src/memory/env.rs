@@ -59,12 +59,18 @@ impl Environment for MemoryEnvironment {
 
     async fn start(&self) -> Result<()> {
         self.shared.faults.check("start")?;
-        self.with(|env, _| Ok(env.set_power_all(PowerState::Running)))
+        self.with(|env, _| {
+            env.set_power_all(PowerState::Running);
+            Ok(())
+        })
     }
 
     async fn stop(&self) -> Result<()> {
         self.shared.faults.check("stop")?;
-        self.with(|env, _| Ok(env.set_power_all(PowerState::Stopped)))
+        self.with(|env, _| {
+            env.set_power_all(PowerState::Stopped);
+            Ok(())
+        })
     }
 
     async fn take_baseline(&self) -> Result<Baseline> {
@@ -93,7 +99,13 @@ impl Environment for MemoryEnvironment {
                         reason: format!("baseline {} layer left the chain of {machine}/{disk}", baseline.id),
                     },
                 };
-                out.push(DiskChanges { machine: machine.clone(), disk: disk.clone(), virtual_size: d.size, changes });
+                out.push(DiskChanges {
+                    machine: machine.clone(),
+                    disk: disk.clone(),
+                    virtual_size: d.size,
+                    granularity: super::BLOCK,
+                    changes,
+                });
             }
             Ok(out)
         })

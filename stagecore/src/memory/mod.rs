@@ -155,13 +155,13 @@ impl Backend for MemoryBackend {
         self.shared.faults.check("destroy")?;
         let mut state = self.shared.state.lock().expect("state lock");
         state.env(name)?;
-        if let Some(child) = state.envs.values().find(|e| e.stage_source() == Some(name)) {
-            if child.clone_kind() == Some(CloneKind::Linked) {
-                return Err(Error::Precondition(format!(
-                    "stage {} is a linked clone of {name}; destroy it first",
-                    child.name
-                )));
-            }
+        let linked_child =
+            state.envs.values().find(|e| e.stage_source() == Some(name) && e.clone_kind() == Some(CloneKind::Linked));
+        if let Some(child) = linked_child {
+            return Err(Error::Precondition(format!(
+                "stage {} is a linked clone of {name}; destroy it first",
+                child.name
+            )));
         }
         state.envs.remove(name);
         Ok(())

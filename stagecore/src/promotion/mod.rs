@@ -6,13 +6,18 @@
 //! a crashed promotion is resumed or rolled back when the engine is next opened. See
 //! `docs/promotion.md`.
 
+mod archive;
 mod engine;
+mod fsutil;
 mod journal;
 mod lock;
+mod recovery;
+mod run;
+mod steps;
 mod types;
 
-// pub use engine::{CrashPoint, PromotionEngine};
-// pub use journal::{JournalEntry, JournalStep};
+pub use engine::{CrashPoint, PromotionEngine};
+pub use journal::{JournalEntry, JournalStep, Plan};
 pub use types::{
     Approval, Gate, GateContext, GateVerdict, Outcome, PreconditionPolicy, Promotion, PromotionRequest, Receipt,
     StepRecord, Strategy,

@@ -8,8 +8,8 @@
 //!   time is killed. A missing binary gives `NotFound` naming the binary, a missing disk image
 //!   `NotFound` naming the image. Nothing is left running or half-written on failure.
 //! - The VM survives the embedding program: a reaper thread only collects its exit status.
-//! - [`QemuProcess::kill`] / [`QemuProcess::shutdown`] are bounded and only ever signal a pid that
-//!   is still our QEMU (checked in /proc), never a reused pid.
+//! - [`QemuProcess::kill`] / [`QemuProcess::shutdown`] are bounded and only ever signal the process
+//!   identified as ours (pid plus its /proc start time), never a reused pid.
 
 mod state;
 
@@ -26,8 +26,8 @@ use tracing::Instrument;
 use crate::cmdline::MachineConfig;
 use crate::error;
 use crate::qmp::QmpClient;
-use state::{Liveness, liveness, remove_state_files};
 pub use state::{ProcessState, inspect};
+use state::{remove_state_files, start_time};
 
 /// The files QEMU keeps for one machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,7 +147,7 @@ impl Launcher {
             let status = child.wait();
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
         });
-        let process = QemuProcess { pid, paths: paths.clone(), exit: Some(exit) };
+        let process = QemuProcess { pid, start: start_time(pid), paths: paths.clone(), exit: Some(exit) };
         if let Err(e) = reaper {
             kill_pid(pid, libc::SIGKILL);
             return Err(error::msg(format!("cannot start reaper thread for qemu pid {pid}: {e}")));
@@ -207,6 +207,8 @@ fn kill_pid(pid: u32, signal: libc::c_int) {
 #[derive(Debug)]
 pub struct QemuProcess {
     pid: u32,
+    /// The process start time when it was identified as ours (pid + start time = one process).
+    start: Option<u64>,
     paths: QemuPaths,
     exit: Option<ExitSlot>,
 }
@@ -216,7 +218,9 @@ impl QemuProcess {
     /// when it is not [`ProcessState::Running`].
     pub async fn attach(paths: &QemuPaths) -> Result<QemuProcess> {
         match inspect(paths).await? {
-            ProcessState::Running { pid } => Ok(QemuProcess { pid, paths: paths.clone(), exit: None }),
+            ProcessState::Running { pid } => {
+                Ok(QemuProcess { pid, start: start_time(pid), paths: paths.clone(), exit: None })
+            }
             other => Err(Error::Precondition(format!("no running qemu for {}: {other:?}", paths.qmp_socket.display()))),
         }
     }
@@ -231,9 +235,9 @@ impl QemuProcess {
         &self.paths
     }
 
-    /// Whether the process is alive and still our QEMU.
+    /// Whether the process is still alive (not a zombie, not exited, pid not reused).
     pub fn is_alive(&self) -> bool {
-        liveness(self.pid, &self.paths.qmp_socket) == Liveness::Ours
+        self.start.is_some() && start_time(self.pid) == self.start
     }
 
     /// The exit status, when this process was spawned here and has exited.

@@ -53,18 +53,30 @@ pub(crate) enum Liveness {
     Ours,
 }
 
-/// Checks `pid` against /proc: gone (or zombie), alive but not ours, or our QEMU for `socket`.
+/// The start time (clock ticks since boot) of a live, non-zombie `pid`: with the pid, it
+/// identifies one process for its whole life, so a reused pid is never taken for it.
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after `(comm)`: state is field 3, starttime field 22.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?;
+    if matches!(state, "Z" | "X" | "x") {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+/// Checks `pid` against /proc: gone (or zombie, or exiting), alive but not ours, or our QEMU for
+/// `socket`.
 pub(crate) fn liveness(pid: u32, socket: &Path) -> Liveness {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return Liveness::Gone;
-    };
-    let state = stat.rfind(')').and_then(|i| stat[i + 1..].trim_start().chars().next());
-    if matches!(state, Some('Z' | 'X' | 'x') | None) {
+    if start_time(pid).is_none() {
         return Liveness::Gone;
     }
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if cmdline.is_empty() {
+        // An exiting process (its memory is gone) or a kernel thread: neither is a QEMU to trust.
         return Liveness::Gone;
-    };
+    }
     let needle = escape_opt(socket.as_os_str());
     let needle = std::os::unix::ffi::OsStrExt::as_bytes(needle.as_os_str());
     let ours =
@@ -87,6 +99,8 @@ async fn socket_accepts(socket: &Path) -> std::result::Result<(), String> {
     let connect = tokio::net::UnixStream::connect(socket);
     match tokio::time::timeout(Duration::from_secs(2), connect).await {
         Ok(Ok(_)) => Ok(()),
+        // Listening, with its backlog of one full: alive.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
         Ok(Err(e)) => Err(format!("QMP socket {}: {e}", socket.display())),
         Err(_) => Err(format!("QMP socket {}: connect timed out", socket.display())),
     }

@@ -157,9 +157,23 @@ pub(super) struct Opened {
     pub(super) version: QemuVersion,
 }
 
+/// Connects, retrying while the listen backlog is full (QEMU listens with a backlog of 1 and
+/// accepts one client at a time, so probes and reconnects can briefly fill it).
+async fn connect(socket: &Path) -> Result<UnixStream> {
+    loop {
+        match UnixStream::connect(socket).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(error::unreachable(socket, e.to_string())),
+        }
+    }
+}
+
 /// Connects and reads the greeting (the caller bounds it with a timeout).
 pub(super) async fn open(socket: &Path) -> Result<Opened> {
-    let stream = UnixStream::connect(socket).await.map_err(|e| error::unreachable(socket, e.to_string()))?;
+    let stream = connect(socket).await?;
     let (read, writer) = stream.into_split();
     let mut reader = BufReader::new(read).lines();
     let line = reader
@@ -182,7 +196,7 @@ pub(super) async fn read_loop(mut lines: Lines<BufReader<OwnedReadHalf>>, shared
             Ok(Some(line)) if line.trim().is_empty() => continue,
             Ok(Some(line)) => shared.dispatch(&line),
             Ok(None) => break "QMP connection closed by QEMU (QEMU exited or was killed)".to_string(),
-            Err(e) => break format!("QMP read failed: {e}"),
+            Err(e) => break format!("QMP connection closed: read failed ({e}); QEMU exited or was killed?"),
         }
     };
     shared.close(reason);
@@ -196,7 +210,7 @@ pub(super) async fn write_loop(
 ) {
     while let Some(line) = outbox.recv().await {
         if let Err(e) = writer.write_all(&line).await {
-            shared.close(format!("QMP write failed: {e}"));
+            shared.close(format!("QMP connection closed: write failed ({e})"));
             return;
         }
     }

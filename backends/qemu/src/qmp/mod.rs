@@ -84,6 +84,7 @@ impl QmpClient {
     pub async fn connect_with(socket: &Path, timeout: Duration, call_timeout: Duration) -> Result<QmpClient> {
         let span = tracing::debug_span!("qmp.connect", socket = %socket.display());
         async {
+            let deadline = tokio::time::Instant::now() + timeout;
             let handshake = conn::open(socket);
             let opened = tokio::time::timeout(timeout, handshake)
                 .await
@@ -103,7 +104,8 @@ impl QmpClient {
                     tasks: [reader, writer],
                 }),
             };
-            client.execute_with_timeout("qmp_capabilities", Value::Null, timeout).await?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            client.execute_with_timeout("qmp_capabilities", Value::Null, left.max(Duration::from_millis(1))).await?;
             tracing::debug!(version = %client.inner.version, "QMP negotiated");
             Ok(client)
         }
@@ -144,6 +146,28 @@ impl QmpClient {
         self.call(id, command, args, limit).instrument(span).await
     }
 
+    /// Waits (bounded by `limit`) for the next event called `name` on `events` (from
+    /// [`QmpClient::subscribe`]), skipping others. Fails with `Timeout`, or `Unreachable` when the
+    /// connection is lost.
+    pub async fn wait_for_event(
+        &self,
+        events: &mut broadcast::Receiver<QmpEvent>,
+        name: &str,
+        limit: Duration,
+    ) -> Result<QmpEvent> {
+        let wait = async {
+            loop {
+                match events.recv().await {
+                    Ok(ev) if ev.event == name => return Ok(ev),
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return Err(self.inner.shared.unreachable()),
+                }
+            }
+        };
+        let operation = || format!("QMP event {name} on {}", self.inner.socket.display());
+        tokio::time::timeout(limit, wait).await.map_err(|_| error::timeout(operation(), limit))?
+    }
+
     async fn call(&self, id: u64, command: &str, args: Value, limit: Duration) -> Result<Value> {
         let shared = &self.inner.shared;
         let (tx, rx) = oneshot::channel();
@@ -174,28 +198,6 @@ impl QmpClient {
     }
 }
 
-/// Waits (bounded) for the next event called `name` on `events`, skipping others.
-///
-/// Fails with `Timeout`, or `Unreachable` when the client is gone.
-pub async fn wait_for_event(
-    events: &mut broadcast::Receiver<QmpEvent>,
-    name: &str,
-    limit: Duration,
-) -> Result<QmpEvent> {
-    let wait = async {
-        loop {
-            match events.recv().await {
-                Ok(ev) if ev.event == name => return Ok(ev),
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => {
-                    return Err(error::unreachable(Path::new("QMP"), format!("closed while waiting for {name}")));
-                }
-            }
-        }
-    };
-    tokio::time::timeout(limit, wait).await.map_err(|_| error::timeout(format!("QMP event {name}"), limit))?
-}
-
 /// The [`QmpCommandError`] inside `err`, if `err` is a QMP error reply.
 pub fn command_error(err: &stagecore::Error) -> Option<&QmpCommandError> {
     match err {
@@ -203,3 +205,6 @@ pub fn command_error(err: &stagecore::Error) -> Option<&QmpCommandError> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -158,6 +158,18 @@ pub struct BlockInfo {
     pub inserted: Option<BlockDeviceInfo>,
 }
 
+impl BlockInfo {
+    /// The `-device` id, from a qdev QOM path like `/machine/peripheral/disk0/virtio-backend`
+    /// (or `qdev` itself when it is a plain id).
+    pub fn device_id(&self) -> Option<&str> {
+        let qdev = self.qdev.as_deref()?;
+        match qdev.strip_prefix("/machine/peripheral/") {
+            Some(rest) => rest.split('/').next(),
+            None => Some(qdev),
+        }
+    }
+}
+
 /// A block node (`query-named-block-nodes`, or `query-block`'s `inserted`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -172,10 +184,10 @@ pub struct BlockDeviceInfo {
     /// The driver (`qcow2`, `file`, ...).
     pub drv: String,
     /// The backing file name, if any.
-    #[serde(default)]
+    #[serde(default, rename = "backing_file")]
     pub backing_file: Option<String>,
     /// Depth of the backing chain below this node.
-    #[serde(default)]
+    #[serde(default, rename = "backing_file_depth")]
     pub backing_file_depth: u64,
     /// Image details, including the backing chain.
     #[serde(default)]

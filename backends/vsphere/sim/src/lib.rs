@@ -60,6 +60,8 @@ pub struct Stats {
     pub checked_endpoints: Vec<String>,
     /// Endpoints served that the documents do not describe (all VI/JSON ones).
     pub unchecked_endpoints: Vec<String>,
+    /// Every session token issued (so tests can look for leaks).
+    pub issued_tokens: Vec<String>,
 }
 
 #[derive(Debug, Default)]

@@ -171,6 +171,7 @@ pub(crate) async fn serve_http(
 pub(crate) fn new_session(shared: &Shared, vim: bool) -> String {
     let token = uuid::Uuid::new_v4().simple().to_string();
     lock(&shared.sessions).insert(token.clone(), Session { vim, expires: Instant::now() + shared.session_ttl });
+    lock(&shared.stats).issued_tokens.push(token.clone());
     token
 }
 

@@ -186,7 +186,7 @@ impl Fault {
 impl Inventory {
     pub(crate) fn next(&mut self, prefix: &str) -> String {
         self.next_id += 1;
-        format!("{prefix}-{}", self.next_id + 100)
+        format!("{prefix}-{}", self.next_id + 1000)
     }
 
     pub(crate) fn mac(&mut self) -> String {

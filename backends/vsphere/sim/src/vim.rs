@@ -147,12 +147,15 @@ fn tree_json(inv: &Inventory, id: &str) -> Value {
 
 fn vm_snapshot_info(inv: &Inventory, id: &str) -> Result<Value, Fault> {
     let vm = inv.vm(id)?;
-    let Some(current) = &vm.current_snapshot else {
-        return Ok(Value::Null);
-    };
+    if vm.root_snapshots.is_empty() {
+        return Ok(Value::Null); // the property is unset when the VM has no snapshot
+    }
     let roots: Vec<Value> = vm.root_snapshots.iter().map(|r| tree_json(inv, r)).collect();
-    Ok(json!({"_typeName": "VirtualMachineSnapshotInfo",
-              "currentSnapshot": moref("VirtualMachineSnapshot", current), "rootSnapshotList": roots}))
+    let mut info = json!({"_typeName": "VirtualMachineSnapshotInfo", "rootSnapshotList": roots});
+    if let Some(current) = &vm.current_snapshot {
+        info["currentSnapshot"] = moref("VirtualMachineSnapshot", current);
+    }
+    Ok(info)
 }
 
 fn config_json(inv: &Inventory, name: &str, c: &VmConfig) -> Value {

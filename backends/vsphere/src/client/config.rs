@@ -71,8 +71,8 @@ pub struct VsphereConfig {
 impl VsphereConfig {
     /// A configuration with defaults (60 s deadline, release `8.0.2.0`, system roots only).
     pub fn new(base_url: &str, username: impl Into<String>, password: Secret) -> Result<Self> {
-        let url = url::Url::parse(base_url)
-            .map_err(|e| Error::invalid("vsphere.base_url", format!("not a URL: {e}")))?;
+        let url =
+            url::Url::parse(base_url).map_err(|e| Error::invalid("vsphere.base_url", format!("not a URL: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(Error::invalid("vsphere.base_url", format!("scheme `{}` is not http or https", url.scheme())));
         }

@@ -1,0 +1,278 @@
+//! [`LibvirtBackend`]: the [`Backend`] entry point over one libvirt connection.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use stagecore::{
+    Backend, Baseline, Capabilities, CloneKind, Environment, EnvironmentInfo, EnvironmentSpec, Error, Result, Role,
+    Selector, StageOptions,
+};
+
+use crate::conn::{Conn, lv};
+use crate::env::LibvirtEnvironment;
+use crate::error::NAME;
+use crate::machines::{self, Store};
+use crate::registry;
+use crate::shared::{Shared, make_dir};
+use crate::xml::meta::{self, MachineRecord};
+
+/// The libvirt backend: one connection (`qemu:///system`, `qemu+ssh://host/system`,
+/// `test:///default`) plus a local state directory for image layers and the registry of attached
+/// productions. Cloning it shares the connection.
+#[derive(Debug, Clone)]
+pub struct LibvirtBackend {
+    shared: Arc<Shared>,
+}
+
+impl LibvirtBackend {
+    /// Connects to `uri`, keeping files under `state_dir` (created if needed, made traversable
+    /// (0755) so QEMU, running as another user, can open the images in it). Domains created from a
+    /// spec use `<domain type='qemu'>` (TCG); see [`LibvirtBackend::with_domain_type`].
+    ///
+    /// Errors: `Unreachable` when libvirtd cannot be reached, `Unauthenticated` when it refuses us.
+    pub async fn connect(uri: &str, state_dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = state_dir.as_ref();
+        make_dir(dir)?;
+        let dir = std::fs::canonicalize(dir).map_err(|e| crate::error::io(dir, e))?;
+        let conn = Conn::open(uri).await?;
+        let domain_type = if uri.starts_with("test:") { "test" } else { "qemu" }.to_string();
+        Ok(LibvirtBackend { shared: Arc::new(Shared { conn, dir, domain_type }) })
+    }
+
+    /// Sets `<domain type=…>` for domains created from a spec: `qemu` (TCG, the default), `kvm`.
+    pub fn with_domain_type(self, domain_type: &str) -> Self {
+        let s = &self.shared;
+        let shared = Shared { conn: s.conn.clone(), dir: s.dir.clone(), domain_type: domain_type.into() };
+        LibvirtBackend { shared: Arc::new(shared) }
+    }
+
+    /// The connection URI.
+    pub fn uri(&self) -> &str {
+        self.shared.conn.uri()
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Opens an environment handle with its concrete type.
+    pub async fn open_libvirt(&self, name: &str) -> Result<LibvirtEnvironment> {
+        self.shared.machines(name).await?;
+        Ok(self.handle(name))
+    }
+
+    fn handle(&self, name: &str) -> LibvirtEnvironment {
+        LibvirtEnvironment { name: name.into(), shared: self.shared.clone() }
+    }
+
+    /// Every domain's record, grouped by environment (metadata and registry).
+    async fn all_records(&self) -> Result<BTreeMap<String, Vec<MachineRecord>>> {
+        let mut out: BTreeMap<String, Vec<MachineRecord>> = BTreeMap::new();
+        let recs = self
+            .shared
+            .conn
+            .run(|c, uri| {
+                let mut v = Vec::new();
+                for (_, name, tree) in machines::all(c, uri)? {
+                    if let Some(r) = meta::record(&tree, &name)? {
+                        v.push(r);
+                    }
+                }
+                Ok(v)
+            })
+            .await?;
+        for r in recs {
+            out.entry(r.environment.clone()).or_default().push(r);
+        }
+        for env in registry::names(&self.shared.dir)? {
+            for e in registry::load(&self.shared.dir, &env)?.unwrap_or_default() {
+                out.entry(env.clone()).or_default().push(e.record);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn register(&self, environment: &str, instances: Vec<String>) -> Result<Arc<dyn Environment>> {
+        stagecore::name::validate("selector.environment", environment)?;
+        if self.shared.exists(environment).await? {
+            return Err(Error::already_exists("environment", environment));
+        }
+        let names = instances.clone();
+        let claimed = self
+            .shared
+            .conn
+            .run(move |c, uri| {
+                let mut claimed = Vec::new();
+                for n in &names {
+                    let dom = lv(uri, "domain", n, c.lookup_domain_by_name(n))?;
+                    let tree = machines::tree(uri, &dom, n)?;
+                    if let Some(r) = meta::record(&tree, n)? {
+                        claimed.push(format!("{n} (in {})", r.environment));
+                    }
+                }
+                Ok(claimed)
+            })
+            .await?;
+        if !claimed.is_empty() {
+            return Err(Error::Precondition(format!("domains already belong to environments: {}", claimed.join(", "))));
+        }
+        let mut entries = Vec::new();
+        for (i, inst) in instances.iter().enumerate() {
+            stagecore::name::validate(&format!("selector.names[{i}]"), inst)?;
+            let record = MachineRecord {
+                environment: environment.into(),
+                machine: inst.clone(),
+                role: Role::Production,
+                networks: BTreeMap::new(),
+                cidrs: BTreeMap::new(),
+                env_labels: BTreeMap::new(),
+                owned_networks: Vec::new(),
+                origins: BTreeMap::new(),
+                snapshots: Vec::new(),
+            };
+            entries.push(registry::Entry { instance: inst.clone(), record });
+        }
+        registry::store(&self.shared.dir, environment, &entries)?;
+        Ok(Arc::new(self.handle(environment)))
+    }
+}
+
+#[async_trait]
+impl Backend for LibvirtBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let local = self.shared.local();
+        let mut c = Capabilities::default();
+        c.create = true;
+        c.linked_clone = local;
+        c.full_clone = local;
+        c.fencing = true;
+        c.live_snapshot = local;
+        c.atomic_snapshot = local;
+        c.disk_drift = local;
+        c.disk_io = local;
+        c.config_changes = true;
+        c.persistent = true;
+        c
+    }
+
+    #[tracing::instrument(skip_all, fields(environment = %spec.name))]
+    async fn create(&self, spec: &EnvironmentSpec) -> Result<Arc<dyn Environment>> {
+        crate::create::create(&self.shared, spec).await?;
+        Ok(Arc::new(self.handle(&spec.name)))
+    }
+
+    #[tracing::instrument(skip_all, fields(environment = %selector.environment()))]
+    async fn attach(&self, selector: &Selector) -> Result<Arc<dyn Environment>> {
+        match selector {
+            Selector::Environment { name } => self.open(name).await,
+            Selector::Machines { environment, names } => {
+                if names.is_empty() {
+                    return Err(Error::invalid("selector.names", "name at least one domain"));
+                }
+                self.register(environment, names.clone()).await
+            }
+            Selector::Label { environment, key, value } => {
+                let (k, v) = (key.clone(), value.clone());
+                let found = self
+                    .shared
+                    .conn
+                    .run(move |c, uri| {
+                        let mut found = Vec::new();
+                        for (_, name, tree) in machines::all(c, uri)? {
+                            let unclaimed = meta::record(&tree, &name)?.is_none();
+                            if unclaimed && meta::labels(&tree).get(&k) == Some(&v) {
+                                found.push(name);
+                            }
+                        }
+                        Ok(found)
+                    })
+                    .await?;
+                if found.is_empty() {
+                    return Err(Error::not_found("domains with label", format!("{key}={value}")));
+                }
+                self.register(environment, found).await
+            }
+            Selector::Folder { .. } => Err(Error::not_supported("attach by folder", NAME)),
+        }
+    }
+
+    async fn stage(&self, baseline: &Baseline, options: &StageOptions) -> Result<Arc<dyn Environment>> {
+        crate::stage::stage(&self.shared, baseline, options).await?;
+        Ok(Arc::new(self.handle(&options.name)))
+    }
+
+    async fn open(&self, name: &str) -> Result<Arc<dyn Environment>> {
+        Ok(Arc::new(self.open_libvirt(name).await?))
+    }
+
+    async fn list(&self) -> Result<Vec<EnvironmentInfo>> {
+        let mut out = Vec::new();
+        for name in self.all_records().await?.into_keys() {
+            match self.handle(&name).info().await {
+                Ok(info) => out.push(info),
+                Err(Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    #[tracing::instrument(skip(self))]
+    async fn destroy(&self, name: &str) -> Result<()> {
+        let ms = self.shared.machines(name).await?;
+        for recs in self.all_records().await?.values() {
+            if let Some(Role::Stage(s)) = recs.first().map(|r| &r.role) {
+                if s.source == name && s.clone == CloneKind::Linked {
+                    return Err(Error::Precondition(format!(
+                        "stage {} is a linked clone of {name}; destroy it first",
+                        recs[0].environment
+                    )));
+                }
+            }
+        }
+        if ms.iter().all(|m| m.store == Store::Registry) {
+            return registry::remove(&self.shared.dir, name);
+        }
+        let names: Vec<String> = ms.iter().map(|m| m.instance.clone()).collect();
+        let networks = ms[0].record.owned_networks.clone();
+        self.shared
+            .conn
+            .run(move |c, uri| {
+                for n in &names {
+                    let dom = lv(uri, "domain", n, c.lookup_domain_by_name(n))?;
+                    if dom.is_active().unwrap_or(false) {
+                        lv(uri, "domain", n, dom.destroy())?;
+                    }
+                    let flags =
+                        virt::sys::VIR_DOMAIN_UNDEFINE_NVRAM | virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
+                    if dom.undefine_flags(flags).is_err() {
+                        lv(uri, "domain", n, dom.undefine())?;
+                    }
+                }
+                for n in &networks {
+                    if let Ok(net) = c.lookup_network_by_name(n) {
+                        let _ = net.destroy();
+                        lv(uri, "network", n, net.undefine())?;
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        let dir: PathBuf = self.shared.env_dir(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| crate::error::io(&dir, e))?;
+        }
+        Ok(())
+    }
+
+    async fn swap(&self, _production: &str, _stage: &str) -> Result<()> {
+        Err(Error::not_supported("swap", NAME))
+    }
+}

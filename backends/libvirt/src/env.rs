@@ -1,0 +1,261 @@
+//! [`LibvirtEnvironment`]: one production or stage as a set of libvirt domains.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use stagecore::{
+    Baseline, BaselineLayer, Change, ChangeMap, ChangeSet, DiskChanges, DiskIo, Environment, EnvironmentInfo,
+    EnvironmentSpec, Error, GuestChannel, MachineInstance, MachineStatus, Result, Role,
+};
+use time::OffsetDateTime;
+
+use crate::error::NAME;
+use crate::freeze::{self, freeze};
+use crate::layers;
+use crate::machines::Machine;
+use crate::shared::{Shared, make_dir};
+use crate::xml::meta;
+
+/// A handle on one environment. Cheap to clone; every call reads the current state from libvirt.
+#[derive(Debug, Clone)]
+pub struct LibvirtEnvironment {
+    pub(crate) name: String,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl LibvirtEnvironment {
+    pub(crate) async fn machines(&self) -> Result<Vec<Machine>> {
+        self.shared.machines(&self.name).await
+    }
+
+    /// Runs a per-domain libvirt call on every machine selected by `pick`.
+    async fn each(&self, pick: fn(&Machine) -> bool, op: &'static str) -> Result<()> {
+        let names: Vec<String> = self.machines().await?.into_iter().filter(pick).map(|m| m.instance).collect();
+        self.shared
+            .conn
+            .run(move |c, uri| {
+                for n in &names {
+                    let dom = crate::conn::lv(uri, "domain", n, c.lookup_domain_by_name(n))?;
+                    let r = if op == "start" { dom.create().map(drop) } else { dom.destroy() };
+                    crate::conn::lv(uri, "domain", n, r)?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// The top file of `machine`/`disk` (local URIs only).
+    pub(crate) async fn top(&self, machine: &str, disk: &str) -> Result<(PathBuf, bool)> {
+        freeze::require_local(&self.shared, "disk_io")?;
+        let ms = self.machines().await?;
+        let m = ms
+            .iter()
+            .find(|m| m.name() == machine)
+            .ok_or_else(|| Error::not_found("machine", format!("{}/{machine}", self.name)))?;
+        let (_, d) = m
+            .parsed
+            .disks()
+            .find(|(n, _)| n == disk)
+            .ok_or_else(|| Error::not_found("disk", format!("{}/{machine}/{disk}", self.name)))?;
+        let path = d.path().ok_or_else(|| Error::not_found("disk file", format!("{}/{machine}/{disk}", self.name)))?;
+        Ok((PathBuf::from(path), m.active()))
+    }
+}
+
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::backend_msg(NAME, format!("worker failed: {e}")))?
+}
+
+#[async_trait]
+impl Environment for LibvirtEnvironment {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn info(&self) -> Result<EnvironmentInfo> {
+        let ms = self.machines().await?;
+        Ok(EnvironmentInfo {
+            name: self.name.clone(),
+            backend: NAME.into(),
+            role: ms[0].record.role.clone(),
+            machines: ms
+                .iter()
+                .map(|m| MachineInstance {
+                    name: m.name().into(),
+                    instance_name: m.instance.clone(),
+                    uuid: m.uuid.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    #[tracing::instrument(skip(self), fields(environment = %self.name))]
+    async fn spec(&self) -> Result<EnvironmentSpec> {
+        let ms = self.machines().await?;
+        self.shared.spec_of(&self.name, &ms).await
+    }
+
+    async fn status(&self) -> Result<Vec<MachineStatus>> {
+        Ok(self
+            .machines()
+            .await?
+            .iter()
+            .map(|m| MachineStatus { machine: m.name().into(), power: m.power, detail: None })
+            .collect())
+    }
+
+    #[tracing::instrument(skip(self), fields(environment = %self.name))]
+    async fn start(&self) -> Result<()> {
+        self.each(|m| !m.active(), "start").await
+    }
+
+    #[tracing::instrument(skip(self), fields(environment = %self.name))]
+    async fn stop(&self) -> Result<()> {
+        self.each(|m| m.active(), "stop").await
+    }
+
+    #[tracing::instrument(skip(self), fields(environment = %self.name))]
+    async fn take_baseline(&self) -> Result<Baseline> {
+        freeze::require_local(&self.shared, "take_baseline")?;
+        let ms = self.machines().await?;
+        if ms[0].record.role != Role::Production {
+            return Err(Error::Precondition(format!("{} is a stage; baselines are taken of production", self.name)));
+        }
+        let spec = self.shared.spec_of(&self.name, &ms).await?;
+        let id = format!("bl-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let xml_dir = self.shared.env_dir(&self.name).join("baselines").join(&id);
+        make_dir(&xml_dir)?;
+        for m in &ms {
+            let mut tree = m.tree.clone();
+            meta::strip(&mut tree);
+            let path = xml_dir.join(format!("{}.xml", m.name()));
+            std::fs::write(&path, tree.render()).map_err(|e| crate::error::io(&path, e))?;
+        }
+        let frozen = freeze(&self.shared, &self.name, &ms, &id).await?;
+        let layers = ms
+            .iter()
+            .zip(frozen)
+            .flat_map(|(m, disks)| {
+                disks.into_iter().map(|(disk, layer)| BaselineLayer { machine: m.name().into(), disk, layer })
+            })
+            .collect();
+        Ok(Baseline { id, environment: self.name.clone(), taken_at: OffsetDateTime::now_utc(), spec, layers })
+    }
+
+    #[tracing::instrument(skip(self, baseline), fields(environment = %self.name, baseline = %baseline.id))]
+    async fn disk_changes(&self, baseline: &Baseline) -> Result<Vec<DiskChanges>> {
+        let ms = self.machines().await?;
+        let spec = self.shared.spec_of(&self.name, &ms).await?;
+        let local = self.shared.local();
+        let uri = self.shared.conn.uri().to_string();
+        let mut out = Vec::new();
+        for m in &ms {
+            let own_baseline = matches!(&m.record.role, Role::Stage(s) if s.baseline.id == baseline.id);
+            for (disk, d) in m.parsed.disks() {
+                let virtual_size =
+                    spec.machine(m.name()).and_then(|s| s.disk(&disk)).and_then(|d| d.size_bytes).unwrap_or(0);
+                let base = if own_baseline { m.record.origins.get(&disk).cloned() } else { None }
+                    .or_else(|| baseline.layer(m.name(), &disk).map(|l| l.layer.clone()));
+                let mut granularity = 1;
+                let changes = match (local, base, d.path()) {
+                    (false, _, _) => ChangeMap::NotChecked {
+                        reason: format!(
+                            "disk files of {uri} are not reachable from this process and libvirt offers no \
+                             allocation map here"
+                        ),
+                    },
+                    (true, None, _) => {
+                        ChangeMap::NotChecked { reason: format!("{disk} is not part of baseline {}", baseline.id) }
+                    }
+                    (true, _, None) => ChangeMap::NotChecked { reason: format!("{disk} has no file source") },
+                    (true, Some(base), Some(top)) => {
+                        match blocking(move || layers::changed_since(top.as_ref(), base.as_ref())).await? {
+                            Some((extents, g)) => {
+                                granularity = g;
+                                ChangeMap::Checked { extents }
+                            }
+                            None => ChangeMap::NotChecked {
+                                reason: format!("the layer of baseline {} left the chain of {disk}", baseline.id),
+                            },
+                        }
+                    }
+                };
+                out.push(DiskChanges { machine: m.name().into(), disk, virtual_size, granularity, changes });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn apply(&self, change: &Change) -> Result<()> {
+        crate::apply::apply(self, change).await
+    }
+
+    async fn record_change_set(&self, change_set: &ChangeSet) -> Result<()> {
+        let mut ms = self.machines().await?;
+        for m in &mut ms {
+            match &mut m.record.role {
+                Role::Stage(s) => s.change_sets.push(change_set.clone()),
+                Role::Production => return Err(Error::Precondition(format!("{} is not a stage", self.name))),
+            }
+        }
+        self.shared.save(&self.name, &ms).await
+    }
+
+    fn disk_io(&self) -> Option<&dyn DiskIo> {
+        Some(self)
+    }
+
+    fn guest(&self) -> Option<&dyn GuestChannel> {
+        None
+    }
+}
+
+#[async_trait]
+impl DiskIo for LibvirtEnvironment {
+    async fn read(&self, machine: &str, disk: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
+        let (top, _) = self.top(machine, disk).await?;
+        let size = blocking({
+            let t = top.clone();
+            move || layers::info(&t)
+        })
+        .await?
+        .virtual_size;
+        check_range(&self.name, machine, disk, size, offset, length)?;
+        blocking(move || layers::read_at(&top, offset, length)).await
+    }
+
+    async fn write(&self, machine: &str, disk: &str, offset: u64, data: &[u8]) -> Result<()> {
+        let (top, active) = self.top(machine, disk).await?;
+        if active {
+            return Err(Error::Precondition(format!(
+                "{}/{machine} is running; stop it before writing its disk from outside",
+                self.name
+            )));
+        }
+        let size = blocking({
+            let t = top.clone();
+            move || layers::info(&t)
+        })
+        .await?
+        .virtual_size;
+        check_range(&self.name, machine, disk, size, offset, data.len() as u64)?;
+        let data = data.to_vec();
+        blocking(move || layers::write_at(&top, offset, &data)).await
+    }
+
+    async fn digest(&self, machine: &str, disk: &str) -> Result<[u8; 32]> {
+        let (top, _) = self.top(machine, disk).await?;
+        blocking(move || layers::digest(&top)).await
+    }
+}
+
+fn check_range(env: &str, machine: &str, disk: &str, size: u64, offset: u64, len: u64) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(Error::invalid(
+            format!("{env}/{machine}/{disk}"),
+            format!("range {offset}+{len} lies beyond the disk's {size} bytes"),
+        ));
+    }
+    Ok(())
+}

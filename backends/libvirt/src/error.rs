@@ -1,0 +1,84 @@
+//! The one place where libvirt and tool failures become [`stagecore::Error`].
+//!
+//! libvirt error numbers map to typed variants: missing objects → `NotFound`, clashes →
+//! `AlreadyExists`, connection failures → `Unreachable`, authentication → `Unauthenticated`,
+//! invalid operations for the object's state → `Precondition`, unsupported → `NotSupported`,
+//! timeouts → `Timeout`, the rest → `Backend { backend: "libvirt" }` with libvirt's message.
+
+use stagecore::Error;
+use virt::error::{ErrorDomain, ErrorNumber};
+
+/// The backend name used in errors.
+pub(crate) const NAME: &str = "libvirt";
+
+/// What a libvirt call was about, so the error can name it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ctx<'a> {
+    /// The connection URI (never carries a password: libvirt URIs hold none we accept).
+    pub(crate) uri: &'a str,
+    /// The kind of object addressed (`domain`, `network`, `snapshot`).
+    pub(crate) kind: &'static str,
+    /// Its name.
+    pub(crate) name: &'a str,
+}
+
+/// Maps one libvirt error.
+pub(crate) fn map(e: &virt::error::Error, ctx: Ctx<'_>) -> Error {
+    let code = e.code().unwrap_or(ErrorNumber::InternalError);
+    let domain = e.domain().unwrap_or(ErrorDomain::None);
+    let msg = e.message().to_string();
+    let name = || ctx.name.to_string();
+    match code {
+        ErrorNumber::NoDomain => Error::not_found("domain", name()),
+        ErrorNumber::NoNetwork => Error::not_found("network", name()),
+        ErrorNumber::NoDomainSnapshot => Error::not_found("snapshot", name()),
+        ErrorNumber::NoStorageVolume | ErrorNumber::NoStoragePool => Error::not_found(ctx.kind, name()),
+        ErrorNumber::NoDomainMetadata => Error::not_found("domain metadata", name()),
+        ErrorNumber::DomExist | ErrorNumber::NetworkExist | ErrorNumber::StorageVolExist => {
+            Error::already_exists(ctx.kind, name())
+        }
+        ErrorNumber::AuthFailed | ErrorNumber::AuthCancelled | ErrorNumber::AuthUnavailable => {
+            Error::Unauthenticated { endpoint: ctx.uri.to_string(), reason: msg }
+        }
+        ErrorNumber::NoConnect | ErrorNumber::InvalidConn | ErrorNumber::Rpc | ErrorNumber::UnknownHost => {
+            Error::Unreachable { endpoint: ctx.uri.to_string(), reason: msg }
+        }
+        ErrorNumber::SystemError if matches!(domain, ErrorDomain::Rpc | ErrorDomain::Remote) => {
+            Error::Unreachable { endpoint: ctx.uri.to_string(), reason: msg }
+        }
+        ErrorNumber::OperationInvalid => Error::Precondition(format!("{} {}: {msg}", ctx.kind, ctx.name)),
+        ErrorNumber::OperationTimeout | ErrorNumber::AgentCommandTimeout => {
+            Error::Timeout { operation: format!("{} {}: {msg}", ctx.kind, ctx.name), seconds: 0.0 }
+        }
+        ErrorNumber::NoSupport | ErrorNumber::OperationUnsupported | ErrorNumber::ArgumentUnsupported => {
+            Error::Backend { backend: NAME, source: format!("{} {}: not supported: {msg}", ctx.kind, ctx.name).into() }
+        }
+        ErrorNumber::XmlError | ErrorNumber::XmlDetail | ErrorNumber::XmlInvalidSchema | ErrorNumber::InvalidArg => {
+            Error::invalid(format!("{} {}", ctx.kind, ctx.name), msg)
+        }
+        _ => Error::backend_msg(NAME, format!("{} {}: {msg}", ctx.kind, ctx.name)),
+    }
+}
+
+/// A failure of an external tool (`qemu-img`, `qemu-io`) on `path`.
+pub(crate) fn tool(tool: &str, path: &std::path::Path, stderr: &[u8]) -> Error {
+    let text = String::from_utf8_lossy(stderr);
+    let text = text.trim();
+    if text.contains("No such file") || text.contains("Could not open") && text.contains("No such") {
+        return Error::not_found("image", path.display().to_string());
+    }
+    Error::backend_msg(NAME, format!("{tool} on {}: {text}", path.display()))
+}
+
+/// An I/O failure on a file this backend manages.
+pub(crate) fn io(path: &std::path::Path, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        return Error::not_found("file", path.display().to_string());
+    }
+    Error::backend_msg(NAME, format!("{}: {e}", path.display()))
+}
+
+/// Internal bookkeeping that cannot be (de)serialised.
+pub(crate) fn json(what: &str, e: serde_json::Error) -> Error {
+    Error::backend_msg(NAME, format!("{what}: {e}"))
+}

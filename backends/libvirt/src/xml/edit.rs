@@ -1,0 +1,189 @@
+//! Edits of domain XML trees (keeping everything the spec does not model) and the few documents
+//! this crate writes from scratch: a new production domain, an isolated network, device XML for
+//! attach/detach.
+
+use std::collections::BTreeMap;
+
+use stagecore::{DiskFormat, DiskSpec, Firmware, MachineSpec, NicSpec};
+
+use super::domain::ALIAS_PREFIX;
+use super::tree::{Element, Node};
+
+fn el(name: &str, attrs: &[(&str, &str)]) -> Element {
+    let mut e = Element::new(name);
+    for (k, v) in attrs {
+        e.set_attr(k, v);
+    }
+    e
+}
+
+fn push(parent: &mut Element, child: Element) {
+    parent.children.push(Node::Element(child));
+}
+
+fn text(name: &str, value: &str, attrs: &[(&str, &str)]) -> Element {
+    let mut e = el(name, attrs);
+    e.set_text(value);
+    e
+}
+
+/// Logical name of a `<disk>` or `<interface>` element (`ua-` alias, else `fallback`).
+fn logical(e: &Element, fallback: String) -> String {
+    e.child("alias")
+        .and_then(|a| a.attr("name"))
+        .and_then(|n| n.strip_prefix(ALIAS_PREFIX))
+        .map(str::to_string)
+        .unwrap_or(fallback)
+}
+
+/// `<disk device='disk'>` elements with their logical names.
+pub(crate) fn disks_mut(domain: &mut Element) -> Vec<(String, &mut Element)> {
+    let Some(devices) = domain.child_mut("devices") else { return Vec::new() };
+    devices
+        .elements_mut()
+        .filter(|e| e.name == "disk" && e.attr("device").unwrap_or("disk") == "disk")
+        .map(|e| {
+            let dev = e.child("target").and_then(|t| t.attr("dev")).unwrap_or_default().to_string();
+            (logical(e, dev), e)
+        })
+        .collect()
+}
+
+/// `<interface>` elements with their logical names.
+pub(crate) fn nics_mut(domain: &mut Element) -> Vec<(String, &mut Element)> {
+    let Some(devices) = domain.child_mut("devices") else { return Vec::new() };
+    devices
+        .elements_mut()
+        .filter(|e| e.name == "interface")
+        .enumerate()
+        .map(|(i, e)| (logical(e, format!("eth{i}")), e))
+        .collect()
+}
+
+/// Sets name and UUID.
+pub(crate) fn set_identity(domain: &mut Element, name: &str, uuid: &str) {
+    domain.child_or_insert("name").set_text(name);
+    domain.child_or_insert("uuid").set_text(uuid);
+}
+
+/// Points disks at new qcow2 files (logical disk → path); drops `<backingStore>`, which libvirt
+/// re-reads from the image. Disks not in `paths` are left as they are.
+pub(crate) fn set_disk_sources(domain: &mut Element, paths: &BTreeMap<String, String>) {
+    for (name, disk) in disks_mut(domain) {
+        let Some(path) = paths.get(&name) else { continue };
+        disk.set_attr("type", "file");
+        disk.remove_children(|c| c.name == "backingStore" || c.name == "source");
+        disk.child_or_insert("driver").set_attr("type", "qcow2");
+        if disk.child("driver").and_then(|d| d.attr("name")).is_none() {
+            disk.child_or_insert("driver").set_attr("name", "qemu");
+        }
+        let source = el("source", &[("file", path)]);
+        let at = disk.children.iter().position(|c| matches!(c, Node::Element(e) if e.name == "driver"));
+        disk.children.insert(at.map_or(0, |i| i + 1), Node::Element(source));
+    }
+}
+
+/// Gives every interface a new MAC (logical NIC → MAC).
+pub(crate) fn set_macs(domain: &mut Element, macs: &BTreeMap<String, String>) {
+    for (name, nic) in nics_mut(domain) {
+        if let Some(mac) = macs.get(&name) {
+            nic.child_or_insert("mac").set_attr("address", mac);
+        }
+    }
+}
+
+/// Moves every interface onto a libvirt network (logical network → libvirt network);
+/// `logical_of` maps the interface's current network/bridge to its logical network name.
+pub(crate) fn set_networks(
+    domain: &mut Element,
+    networks: &BTreeMap<String, String>,
+    logical_of: impl Fn(&str) -> String,
+) {
+    for (_, nic) in nics_mut(domain) {
+        let current = nic.child("source").and_then(|s| s.attr("network").or(s.attr("bridge"))).unwrap_or_default();
+        let Some(target) = networks.get(&logical_of(current)) else { continue };
+        nic.set_attr("type", "network");
+        nic.remove_children(|c| matches!(c.name.as_str(), "source" | "target" | "virtualport"));
+        let source = el("source", &[("network", target)]);
+        let at = nic.children.iter().position(|c| matches!(c, Node::Element(e) if e.name == "mac"));
+        nic.children.insert(at.map_or(0, |i| i + 1), Node::Element(source));
+    }
+}
+
+/// A new TCG/KVM domain for a spec machine. `disks` gives each disk's file, `networks` maps
+/// logical networks to libvirt networks.
+pub(crate) fn new_domain(
+    machine: &MachineSpec,
+    instance: &str,
+    domain_type: &str,
+    disks: &BTreeMap<String, String>,
+    networks: &BTreeMap<String, String>,
+) -> Element {
+    let mut d = el("domain", &[("type", domain_type)]);
+    push(&mut d, text("name", instance, &[]));
+    push(&mut d, text("uuid", machine.uuid.as_deref().unwrap_or_default(), &[]));
+    push(&mut d, text("memory", &machine.memory_mib.to_string(), &[("unit", "MiB")]));
+    push(&mut d, text("vcpu", &machine.vcpus.to_string(), &[]));
+    let mut os = el("os", &[]);
+    if machine.firmware == Firmware::Uefi {
+        os.set_attr("firmware", "efi");
+    }
+    push(&mut os, text("type", "hvm", &[("arch", "x86_64")]));
+    push(&mut d, os);
+    let mut devices = el("devices", &[]);
+    for (i, disk) in machine.disks.iter().enumerate() {
+        let path = disks.get(&disk.name).cloned().unwrap_or_else(|| disk.source.clone());
+        push(&mut devices, disk_device(disk, &path, &target_dev(i)));
+    }
+    for nic in &machine.nics {
+        let net = networks.get(&nic.network).cloned().unwrap_or_else(|| nic.network.clone());
+        push(&mut devices, nic_device(nic, &net));
+    }
+    push(&mut d, devices);
+    if machine.uuid.is_none() {
+        d.remove_children(|c| c.name == "uuid");
+    }
+    d
+}
+
+/// The virtio target device name for disk index `i` (`vda`, `vdb`, …).
+pub(crate) fn target_dev(i: usize) -> String {
+    format!("vd{}", (b'a' + (i % 26) as u8) as char)
+}
+
+/// `<disk>` device XML for a file-backed disk.
+pub(crate) fn disk_device(disk: &DiskSpec, path: &str, dev: &str) -> Element {
+    let format = match disk.format {
+        DiskFormat::Raw => "raw",
+        DiskFormat::Vmdk => "vmdk",
+        DiskFormat::Qcow2 => "qcow2",
+    };
+    let mut e = el("disk", &[("type", "file"), ("device", "disk")]);
+    push(&mut e, el("driver", &[("name", "qemu"), ("type", format)]));
+    push(&mut e, el("source", &[("file", path)]));
+    push(&mut e, el("target", &[("dev", dev), ("bus", "virtio")]));
+    if disk.read_only {
+        push(&mut e, el("readonly", &[]));
+    }
+    push(&mut e, el("alias", &[("name", &format!("{ALIAS_PREFIX}{}", disk.name))]));
+    e
+}
+
+/// `<interface type='network'>` device XML.
+pub(crate) fn nic_device(nic: &NicSpec, network: &str) -> Element {
+    let mut e = el("interface", &[("type", "network")]);
+    if let Some(mac) = &nic.mac {
+        push(&mut e, el("mac", &[("address", mac)]));
+    }
+    push(&mut e, el("source", &[("network", network)]));
+    push(&mut e, el("model", &[("type", &nic.model)]));
+    push(&mut e, el("alias", &[("name", &format!("{ALIAS_PREFIX}{}", nic.name))]));
+    e
+}
+
+/// An isolated libvirt network: no `<forward>`, no addresses; libvirt picks the bridge.
+pub(crate) fn isolated_network(name: &str) -> String {
+    let mut n = el("network", &[]);
+    push(&mut n, text("name", name, &[]));
+    n.render()
+}

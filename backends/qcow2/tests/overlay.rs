@@ -1,0 +1,91 @@
+//! create_overlay against real qemu-img / qemu-io.
+
+mod common;
+
+use common::*;
+use stagecore::Error;
+use stagecore_qcow2::{ImageFormat, create_overlay, info};
+
+#[test]
+fn overlay_on_qcow2_is_valid_and_reads_through() {
+    let d = tmp();
+    let (base, top) = (p(&d, "base.qcow2"), p(&d, "top.qcow2"));
+    create_qcow2(&base, "64M");
+    create_overlay(&top, &base, ImageFormat::Qcow2, None).unwrap();
+    let j = info_json(&top);
+    assert_eq!(j["format"], "qcow2");
+    assert_eq!(j["virtual-size"], 64 * M);
+    assert_eq!(j["backing-filename"], base.to_str().unwrap());
+    assert_eq!(j["backing-filename-format"], "qcow2");
+    assert_eq!(j["cluster-size"], 65536);
+    check(&top);
+    qemu_io("qcow2", &base, &["write -P 0xab 1M 64k"]);
+    qemu_io("qcow2", &top, &["read -P 0xab 1M 64k", "read -P 0 0 1M"]);
+    assert_eq!(names(d.path()), vec!["base.qcow2", "top.qcow2"], "no temp files left");
+    let i = info(&top).unwrap();
+    assert_eq!(i.format, ImageFormat::Qcow2);
+    assert_eq!(i.virtual_size, 64 * M);
+    assert_eq!(i.cluster_size, Some(65536));
+    assert_eq!(i.backing_file.as_deref(), Some(base.as_path()));
+    assert_eq!(i.backing_format, Some(ImageFormat::Qcow2));
+}
+
+#[test]
+fn overlay_on_raw_with_bigger_size_and_writes() {
+    let d = tmp();
+    let (base, top) = (p(&d, "base.raw"), p(&d, "top.qcow2"));
+    qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "8M"]);
+    qemu_io("raw", &base, &["write -P 0x11 0 64k"]);
+    create_overlay(&top, &base, ImageFormat::Raw, Some(16 * M)).unwrap();
+    let j = info_json(&top);
+    assert_eq!(j["virtual-size"], 16 * M);
+    assert_eq!(j["backing-filename-format"], "raw");
+    qemu_io("qcow2", &top, &["read -P 0x11 0 64k", "write -P 0x22 12M 64k", "read -P 0 8M 4M"]);
+    check(&top);
+    qemu_io("qcow2", &top, &["read -P 0x22 12M 64k"]);
+}
+
+#[test]
+fn overlay_chain_of_three_and_large_disk() {
+    let d = tmp();
+    let (base, mid, top) = (p(&d, "b.qcow2"), p(&d, "m.qcow2"), p(&d, "t.qcow2"));
+    create_qcow2(&base, "2T");
+    create_overlay(&mid, &base, ImageFormat::Qcow2, None).unwrap();
+    create_overlay(&top, &mid, ImageFormat::Qcow2, None).unwrap();
+    check(&top);
+    let j = info_json(&top);
+    assert_eq!(j["virtual-size"], 2u64 << 40);
+    qemu_io("qcow2", &mid, &["write -P 0x5a 1T 64k"]);
+    qemu_io("qcow2", &top, &["read -P 0x5a 1T 64k"]);
+}
+
+#[test]
+fn refuses_to_overwrite_and_bad_arguments() {
+    let d = tmp();
+    let (base, top) = (p(&d, "base.qcow2"), p(&d, "top.qcow2"));
+    create_qcow2(&base, "1M");
+    std::fs::write(&top, b"precious").unwrap();
+    let e = create_overlay(&top, &base, ImageFormat::Qcow2, None).unwrap_err();
+    assert!(matches!(e, Error::AlreadyExists { .. }), "{e}");
+    assert_eq!(std::fs::read(&top).unwrap(), b"precious");
+
+    let new = p(&d, "new.qcow2");
+    let missing = p(&d, "missing.qcow2");
+    let e = create_overlay(&new, &missing, ImageFormat::Qcow2, None).unwrap_err();
+    assert!(matches!(&e, Error::NotFound { name, .. } if name.contains("missing.qcow2")), "{e}");
+
+    let e = create_overlay(&new, std::path::Path::new("base.qcow2"), ImageFormat::Qcow2, None).unwrap_err();
+    assert!(matches!(e, Error::InvalidSpec { .. }), "{e}");
+
+    let e = create_overlay(&new, &base, ImageFormat::Qcow2, Some(1000)).unwrap_err();
+    assert!(matches!(e, Error::InvalidSpec { .. }), "{e}");
+
+    let raw = p(&d, "raw.img");
+    std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+    let e = create_overlay(&new, &raw, ImageFormat::Qcow2, None).unwrap_err();
+    assert!(matches!(&e, Error::InvalidSpec { path, .. } if path.contains("raw.img")), "{e}");
+
+    let e = create_overlay(&p(&d, "nodir/x.qcow2"), &base, ImageFormat::Qcow2, None).unwrap_err();
+    assert!(matches!(e, Error::NotFound { .. }), "{e}");
+    assert_eq!(names(d.path()), vec!["base.qcow2", "raw.img", "top.qcow2"]);
+}
