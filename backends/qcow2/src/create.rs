@@ -25,7 +25,7 @@ const MAX_SIZE: u64 = 1 << 46;
 
 /// Checks a virtual size and returns the number of L1 entries it needs.
 pub(crate) fn l1_entries_for(size: u64) -> Result<u64> {
-    if size == 0 || size % 512 != 0 || size > MAX_SIZE {
+    if size == 0 || !size.is_multiple_of(512) || size > MAX_SIZE {
         return Err(Error::invalid(
             "virtual_size",
             format!("{size} must be a non-zero multiple of 512 up to {MAX_SIZE}"),

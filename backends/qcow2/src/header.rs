@@ -198,7 +198,7 @@ impl Header {
             ("L1 table", self.l1_table_offset, self.l1_size as u64 * 8),
             ("refcount table", self.refcount_table_offset, self.refcount_table_clusters as u64 * cs),
         ] {
-            if len > 0 && off % cs != 0 {
+            if len > 0 && !off.is_multiple_of(cs) {
                 return Err(corrupt(path, format!("{name} offset {off:#x} not cluster aligned")));
             }
             if off.checked_add(len).is_none_or(|end| end > file_len) {

@@ -161,7 +161,7 @@ impl Qcow2Layer {
 
     fn read_l2_uncached(&self, off: u64) -> Result<Vec<u64>> {
         let cs = self.header.cluster_size();
-        if off % cs != 0 || off + cs > self.file_len {
+        if !off.is_multiple_of(cs) || off + cs > self.file_len {
             return Err(corrupt(&self.path, format!("L2 table offset {off:#x} unaligned or beyond end of file")));
         }
         let mut raw = vec![0u8; cs as usize];
@@ -205,7 +205,7 @@ impl Qcow2Layer {
         let t = self.l2_table(l2_off)?;
         let m = self.decode(t[(gc & ((1 << l2_bits) - 1)) as usize]);
         if let Mapping::Data { host, .. } = m
-            && host % self.header.cluster_size() != 0
+            && !host.is_multiple_of(self.header.cluster_size())
         {
             return Err(corrupt(&self.path, format!("data cluster {host:#x} not aligned")));
         }

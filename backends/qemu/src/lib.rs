@@ -1,11 +1,47 @@
-//! stagecore-qemu: the daemonless QEMU backend (work in progress).
+//! stagecore-qemu: the daemonless QEMU backend of stagecore.
 //!
-//! Low-level parts, wired into the stagecore traits later:
+//! [`QemuBackend`] runs every machine as a detached `qemu-system-x86_64` process with a QMP
+//! socket, keeps each environment's state in `root/envs/<env>/` (a JSON record, a lock file,
+//! qcow2 layers, per-machine sockets, pid files and logs), and reattaches to running machines
+//! when an environment is opened again. Disks are qcow2 chains handled in-process by
+//! `stagecore-qcow2`: linked clones are overlays, full clones copy allocated data, drift reads
+//! the allocation above the baseline layer. See `docs/backends/qemu.md`.
+//!
+//! ```no_run
+//! # async fn run() -> stagecore::Result<()> {
+//! use stagecore::{Backend, StageOptions};
+//! use stagecore_qemu::{Accel, QemuBackend, QemuConfig};
+//! let backend = QemuBackend::new(QemuConfig::new("/var/lib/stagecore").with_accel(Accel::Tcg));
+//! let prod = backend.create(&stagecore::memory::sample_spec("prod")).await?;
+//! prod.start().await?;
+//! let baseline = prod.take_baseline().await?;
+//! let stage = backend.stage(&baseline, &StageOptions::linked("try-1")).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Low-level parts, public for tests and tools:
 //! - [`qmp`]: an async QMP client (request ids, events, typed errors, timeouts) and typed helpers;
 //! - [`process`]: spawning QEMU detached, readiness, stale-state detection, bounded kill/quit;
 //! - [`cmdline`]: a plain [`cmdline::MachineConfig`] turned into a fenced QEMU argv.
 
+mod apply;
+mod backend;
 pub mod cmdline;
+mod config;
+mod diskio;
+mod env;
 mod error;
+mod freeze;
+mod images;
+mod lock;
+mod machines;
 pub mod process;
 pub mod qmp;
+mod shared;
+mod snapshot;
+mod stage;
+mod store;
+
+pub use backend::QemuBackend;
+pub use config::{Accel, FaultHooks, Hook, QemuConfig};
+pub use env::QemuEnvironment;

@@ -122,4 +122,3 @@ async fn changed_block_tracking_between_snapshots() {
     let _ = MoRef::new("VirtualMachine", "vm-101");
     assert_no_violations(&sim);
 }
-

@@ -85,7 +85,7 @@ fn failures(report: &DriftReport, plan: &Plan) -> Vec<String> {
 /// A summary of what the precondition could not check, for the step's outcome.
 pub(crate) fn unchecked_note(report: &DriftReport) -> String {
     match &report.disk.reason {
-        Some(reason) => format!("ok (disk layer not fully checked: {reason})"),
+        Some(reason) => format!("ok: disk layer not fully checked: {reason}"),
         None => "ok".into(),
     }
 }
@@ -146,10 +146,10 @@ pub(crate) async fn verify(
 async fn verify_writes(plan: &Plan, now: &EnvironmentSpec, production: &dyn Environment) -> Result<String, Halt> {
     let writes = expected_writes(plan, now);
     if writes.is_empty() {
-        return Ok("config matches the stage".into());
+        return Ok("ok: config matches the stage".into());
     }
     let Some(io) = production.disk_io() else {
-        return Ok(format!("config matches the stage; {} disk writes not read back (no disk_io)", writes.len()));
+        return Ok(format!("ok: config matches the stage; {} disk writes not read back (no disk_io)", writes.len()));
     };
     for (machine, disk, offset, expected) in &writes {
         let got = io.read(machine, disk, *offset, expected.len() as u64).await?;
@@ -160,7 +160,7 @@ async fn verify_writes(plan: &Plan, now: &EnvironmentSpec, production: &dyn Envi
             )));
         }
     }
-    Ok(format!("config matches the stage; {} disk writes read back", writes.len()))
+    Ok(format!("ok: config matches the stage; {} disk writes read back", writes.len()))
 }
 
 /// The final bytes every `WriteDisk` range must hold after all changes: later writes overlaid,
@@ -213,7 +213,7 @@ fn verify_identity(plan: &Plan, now: &EnvironmentSpec) -> Result<String, Halt> {
             }
         }
     }
-    Ok("config matches the stage; production's MACs kept".into())
+    Ok("ok: config matches the stage; production's MACs kept".into())
 }
 
 async fn has_snapshot(env: &dyn Environment, name: &str) -> Result<bool> {

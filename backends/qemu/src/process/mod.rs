@@ -225,6 +225,17 @@ impl QemuProcess {
         }
     }
 
+    /// The machine's QEMU if it is alive and ours (running, or unresponsive on QMP), so it can
+    /// be stopped or killed; `None` when nothing of ours runs.
+    pub async fn find(paths: &QemuPaths) -> Result<Option<QemuProcess>> {
+        match inspect(paths).await? {
+            ProcessState::Running { pid } | ProcessState::Unresponsive { pid, .. } => {
+                Ok(Some(QemuProcess { pid, start: start_time(pid), paths: paths.clone(), exit: None }))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// QEMU's pid.
     pub fn pid(&self) -> u32 {
         self.pid

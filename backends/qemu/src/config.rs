@@ -1,0 +1,52 @@
+//! [`QemuConfig`]: where the backend keeps its state, how it accelerates guests, which QEMU it
+//! runs, and fault hooks for tests.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use crate::cmdline::Accel;
+
+/// A callback the backend runs at a named point of an operation (fault injection for tests).
+pub type Hook = Arc<dyn Fn() + Send + Sync>;
+
+/// Fault-injection points, all empty by default. Tests use them to kill a QEMU at an exact
+/// moment (e.g. while a snapshot has every machine paused).
+#[derive(Clone, Default)]
+pub struct FaultHooks {
+    /// Runs after every running machine of an environment was paused for a baseline or
+    /// snapshot, before the snapshot transactions.
+    pub after_pause: Option<Hook>,
+}
+
+impl std::fmt::Debug for FaultHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultHooks").field("after_pause", &self.after_pause.is_some()).finish()
+    }
+}
+
+/// How to run the QEMU backend.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// The state directory: `envs/<env>/` per environment, `images/` for relative disk sources.
+    /// A relative path is taken relative to the current directory when the backend is made.
+    pub root: PathBuf,
+    /// CPU acceleration (`Auto`: KVM when `/dev/kvm` is usable, else TCG).
+    pub accel: Accel,
+    /// The emulator; `None` means `qemu-system-x86_64` on `PATH`.
+    pub binary: Option<PathBuf>,
+    /// Fault-injection hooks (tests only).
+    pub hooks: FaultHooks,
+}
+
+impl QemuConfig {
+    /// State under `root`, acceleration `Auto`, QEMU from `PATH`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        QemuConfig { root: root.into(), accel: Accel::Auto, binary: None, hooks: FaultHooks::default() }
+    }
+
+    /// The same config with `accel`.
+    pub fn with_accel(mut self, accel: Accel) -> Self {
+        self.accel = accel;
+        self
+    }
+}

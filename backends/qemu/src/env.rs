@@ -1,0 +1,220 @@
+//! [`QemuEnvironment`]: the [`Environment`] of one QEMU-run environment — identity, power,
+//! baselines and changed extents.
+//!
+//! Contract: every operation holds the environment's in-process lock for its whole duration
+//! (the cross-process lock is held as long as any handle lives). Power state comes from the
+//! process and QMP, never from the record. Changed extents are read from qcow2 allocation above
+//! the baseline's layer, after QEMU flushed a running machine's disks, so no completed write is
+//! missed; disks outside the baseline are `NotChecked` with the reason.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use stagecore::{
+    Baseline, BaselineLayer, Change, ChangeMap, ChangeSet, DiskChanges, DiskIo, Environment, EnvironmentInfo,
+    EnvironmentSpec, Error, GuestChannel, MachineStatus, PowerState, Result, Role,
+};
+use time::OffsetDateTime;
+use tracing::Instrument;
+
+use crate::machines::{self, Liveness};
+use crate::shared::{EnvShared, EnvState, blocking};
+use crate::store::disk_key;
+
+/// A handle on one environment run by the QEMU backend. All handles on one environment in a
+/// process share its state, lock and QMP sessions.
+#[derive(Debug, Clone)]
+pub struct QemuEnvironment {
+    pub(crate) shared: Arc<EnvShared>,
+}
+
+impl QemuEnvironment {
+    pub(crate) fn new(shared: Arc<EnvShared>) -> Self {
+        QemuEnvironment { shared }
+    }
+
+    /// The QEMU argv of `machine` as it would be started now (without the binary). For
+    /// inspection and tests (e.g. proving NICs are fenced).
+    pub async fn machine_argv(&self, machine: &str) -> Result<Vec<std::ffi::OsString>> {
+        let st = self.shared.state.lock().await;
+        let rec = st.rec(&self.shared.name)?;
+        let m = rec.spec.require_machine(machine)?;
+        machines::machine_config(&self.shared, rec, m)?.argv_with_accel(self.shared.ctx.accel)
+    }
+
+    /// The writable top layer file of `machine`/`disk`.
+    pub async fn disk_top(&self, machine: &str, disk: &str) -> Result<std::path::PathBuf> {
+        self.shared.state.lock().await.rec(&self.shared.name)?.top(machine, disk)
+    }
+
+    /// The pid of `machine`'s QEMU, when one of ours is alive.
+    pub async fn machine_pid(&self, machine: &str) -> Result<Option<u32>> {
+        let paths = machines::qemu_paths(&self.shared, machine);
+        Ok(crate::process::QemuProcess::find(&paths).await?.map(|p| p.pid()))
+    }
+
+    pub(crate) fn span(&self, op: &'static str) -> tracing::Span {
+        tracing::info_span!("qemu.env", env = %self.shared.name, op)
+    }
+}
+
+/// Starts every machine of the environment that does not run.
+pub(crate) async fn start_all(shared: &EnvShared, st: &mut EnvState) -> Result<()> {
+    let names: Vec<String> = st.rec(&shared.name)?.spec.machines.iter().map(|m| m.name.clone()).collect();
+    for m in names {
+        machines::start_machine(shared, st, &m).await?;
+    }
+    Ok(())
+}
+
+/// Stops every machine; returns the ones that were running.
+pub(crate) async fn stop_all(shared: &EnvShared, st: &mut EnvState) -> Result<Vec<String>> {
+    let names: Vec<String> = st.rec(&shared.name)?.spec.machines.iter().map(|m| m.name.clone()).collect();
+    let mut was = Vec::new();
+    for m in names {
+        if machines::stop_machine(shared, st, &m).await? {
+            was.push(m);
+        }
+    }
+    Ok(was)
+}
+
+#[async_trait]
+impl Environment for QemuEnvironment {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    async fn info(&self) -> Result<EnvironmentInfo> {
+        Ok(self.shared.state.lock().await.rec(&self.shared.name)?.info())
+    }
+
+    async fn spec(&self) -> Result<EnvironmentSpec> {
+        Ok(self.shared.state.lock().await.rec(&self.shared.name)?.spec.clone())
+    }
+
+    async fn status(&self) -> Result<Vec<MachineStatus>> {
+        let shared = &self.shared;
+        let mut st = shared.state.lock().await;
+        let names: Vec<String> = st.rec(&shared.name)?.spec.machines.iter().map(|m| m.name.clone()).collect();
+        let mut out = Vec::new();
+        for machine in names {
+            let (power, detail) = match machines::liveness(shared, &mut st, &machine).await? {
+                Liveness::Live(q) => match q.query_status().await {
+                    Ok(s) if s.running => (PowerState::Running, None),
+                    Ok(s) => (PowerState::Paused, Some(format!("run state {:?}", s.status))),
+                    Err(e) => (PowerState::Unknown, Some(format!("query-status failed: {e}"))),
+                },
+                Liveness::Down(None) => (PowerState::Stopped, None),
+                Liveness::Down(Some(why)) | Liveness::Unknown(why) => (PowerState::Unknown, Some(why)),
+            };
+            out.push(MachineStatus { machine, power, detail });
+        }
+        Ok(out)
+    }
+
+    async fn start(&self) -> Result<()> {
+        let mut st = self.shared.state.lock().await;
+        start_all(&self.shared, &mut st).instrument(self.span("start")).await
+    }
+
+    async fn stop(&self) -> Result<()> {
+        let mut st = self.shared.state.lock().await;
+        stop_all(&self.shared, &mut st).instrument(self.span("stop")).await.map(drop)
+    }
+
+    async fn take_baseline(&self) -> Result<Baseline> {
+        let shared = &self.shared;
+        let mut st = shared.state.lock().await;
+        if st.rec(&shared.name)?.role != Role::Production {
+            return Err(Error::Precondition(format!("{} is a stage; baselines are taken of production", shared.name)));
+        }
+        let frozen = crate::freeze::freeze_all(shared, &mut st).instrument(self.span("take_baseline")).await?;
+        let rec = st.rec_mut(&shared.name)?;
+        let id = format!("bl-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let mut layers = Vec::new();
+        for m in &rec.spec.machines {
+            for d in &m.disks {
+                let layer = frozen.get(&disk_key(&m.name, &d.name)).expect("every disk is frozen");
+                layers.push(BaselineLayer {
+                    machine: m.name.clone(),
+                    disk: d.name.clone(),
+                    layer: layer.display().to_string(),
+                });
+            }
+        }
+        let baseline = Baseline {
+            id: id.clone(),
+            environment: shared.name.clone(),
+            taken_at: OffsetDateTime::now_utc(),
+            spec: rec.spec.clone(),
+            layers,
+        };
+        rec.origins.insert(id, frozen);
+        rec.baselines.push(baseline.clone());
+        rec.save(&shared.paths)?;
+        Ok(baseline)
+    }
+
+    async fn disk_changes(&self, baseline: &Baseline) -> Result<Vec<DiskChanges>> {
+        let mut st = self.shared.state.lock().await;
+        disk_changes(&self.shared, &mut st, baseline).instrument(self.span("disk_changes")).await
+    }
+
+    async fn apply(&self, change: &Change) -> Result<()> {
+        let mut st = self.shared.state.lock().await;
+        crate::apply::apply(&self.shared, &mut st, change).instrument(self.span("apply")).await
+    }
+
+    async fn record_change_set(&self, change_set: &ChangeSet) -> Result<()> {
+        let shared = &self.shared;
+        let mut st = shared.state.lock().await;
+        let rec = st.rec_mut(&shared.name)?;
+        match &mut rec.role {
+            Role::Stage(s) => s.change_sets.push(change_set.clone()),
+            Role::Production => return Err(Error::Precondition(format!("{} is not a stage", shared.name))),
+        }
+        rec.save(&shared.paths)
+    }
+
+    fn disk_io(&self) -> Option<&dyn DiskIo> {
+        Some(self)
+    }
+
+    fn guest(&self) -> Option<&dyn GuestChannel> {
+        None
+    }
+}
+
+async fn disk_changes(shared: &EnvShared, st: &mut EnvState, baseline: &Baseline) -> Result<Vec<DiskChanges>> {
+    let machines_list = st.rec(&shared.name)?.spec.machines.clone();
+    let mut out = Vec::new();
+    for m in &machines_list {
+        if let Some(q) = machines::live_or_down(shared, st, &m.name).await? {
+            machines::flush_all(&q).await?;
+        }
+        let rec = st.rec(&shared.name)?;
+        for d in &m.disks {
+            let top = rec.top(&m.name, &d.name)?;
+            let origin = rec.origins.get(&baseline.id).and_then(|o| o.get(&disk_key(&m.name, &d.name))).cloned();
+            let (label, id) = (format!("{}/{}", m.name, d.name), baseline.id.clone());
+            let (virtual_size, granularity, changes) = blocking(move || {
+                let info = stagecore_qcow2::info(&top)?;
+                let changes = match origin {
+                    None => ChangeMap::NotChecked { reason: format!("{label} is not part of baseline {id}") },
+                    Some(origin) => match stagecore_qcow2::changed_since(&top, &origin) {
+                        Ok(extents) => ChangeMap::Checked { extents },
+                        Err(Error::InvalidSpec { path, .. }) if path == "base" => ChangeMap::NotChecked {
+                            reason: format!("the layer of baseline {id} left the chain of {label}"),
+                        },
+                        Err(e) => return Err(e),
+                    },
+                };
+                Ok((info.virtual_size, info.cluster_size.unwrap_or(1), changes))
+            })
+            .await?;
+            out.push(DiskChanges { machine: m.name.clone(), disk: d.name.clone(), virtual_size, granularity, changes });
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,67 @@
+//! Disk image files: resolving a spec's `source`, checking an existing image, creating an empty
+//! one.
+//!
+//! Contract: relative sources live under `root/images/` and may not climb out of it (`..`); an
+//! existing source must be a readable qcow2 chain, else `InvalidSpec` at the spec field naming
+//! the file; empty images are made by `qemu-img create` (the one case the in-process qcow2 code
+//! does not cover), and a missing `qemu-img` is `NotFound` naming it.
+
+use std::path::{Component, Path, PathBuf};
+
+use stagecore::{Error, Result};
+
+use crate::error;
+use crate::shared::blocking;
+
+/// The file a disk `source` names; `field` is the spec path for errors.
+pub(crate) fn resolve(root: &Path, field: &str, source: &str) -> Result<PathBuf> {
+    let p = Path::new(source);
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    if p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+        return Err(Error::invalid(field, format!("relative source {source:?} must stay inside the images directory")));
+    }
+    Ok(root.join("images").join(p))
+}
+
+/// Checks that `file` is a usable qcow2 image (its whole chain readable).
+pub(crate) async fn check_existing(field: &str, file: &Path) -> Result<u64> {
+    let f = file.to_path_buf();
+    let result = blocking(move || {
+        let info = stagecore_qcow2::info(&f)?;
+        stagecore_qcow2::chain(&f)?;
+        Ok(info.virtual_size)
+    })
+    .await;
+    result.map_err(|e| match e {
+        Error::InvalidSpec { reason, .. } => Error::invalid(field, format!("{}: {reason}", file.display())),
+        Error::NotSupported { operation, .. } => {
+            Error::invalid(field, format!("{}: unsupported qcow2 feature: {operation}", file.display()))
+        }
+        other => other,
+    })
+}
+
+/// Creates an empty qcow2 image of `size` bytes at `path` (parent directories included).
+pub(crate) async fn create_empty(path: &Path, size: u64) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| error::io("creating", dir, &e))?;
+    }
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .await
+        .map_err(|e| error::binary(Path::new("qemu-img"), &e))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(path);
+        return Err(error::msg(format!(
+            "qemu-img create {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}

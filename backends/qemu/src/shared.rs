@@ -1,0 +1,157 @@
+//! The process-wide state of open environments: one [`EnvShared`] per environment directory,
+//! found through a registry of weak references, so every handle in a process shares one lock,
+//! one record and one QMP session per machine.
+//!
+//! Contract: [`open_shared`] returns the live [`EnvShared`] of an environment or opens it (taking
+//! its cross-process lock: `Error::Locked` when another process holds it). [`NewEnv`] creates a
+//! fresh environment directory and removes it again unless [`NewEnv::commit`] is called.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+
+use stagecore::{Error, Result};
+
+use crate::config::FaultHooks;
+use crate::error;
+use crate::lock::EnvLock;
+use crate::process::Launcher;
+use crate::qmp::QmpClient;
+use crate::store::{EnvPaths, EnvRecord};
+
+/// What every environment of one backend shares.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub(crate) root: PathBuf,
+    pub(crate) accel: crate::cmdline::Accel,
+    pub(crate) launcher: Launcher,
+    pub(crate) hooks: FaultHooks,
+}
+
+/// The mutable part of an open environment.
+#[derive(Debug)]
+pub(crate) struct EnvState {
+    /// `None` once the environment is destroyed.
+    pub(crate) rec: Option<EnvRecord>,
+    /// The QMP session of each running machine (QEMU serves one at a time).
+    pub(crate) qmp: HashMap<String, QmpClient>,
+}
+
+/// One open environment, shared by all its handles in this process.
+#[derive(Debug)]
+pub(crate) struct EnvShared {
+    pub(crate) name: String,
+    pub(crate) paths: EnvPaths,
+    pub(crate) ctx: Arc<Ctx>,
+    pub(crate) state: tokio::sync::Mutex<EnvState>,
+    destroyed: AtomicBool,
+    _lock: EnvLock,
+}
+
+impl EnvShared {
+    pub(crate) fn mark_destroyed(&self) {
+        self.destroyed.store(true, Ordering::SeqCst);
+        registry().lock().unwrap_or_else(|p| p.into_inner()).remove(&self.paths.dir);
+    }
+}
+
+impl EnvState {
+    pub(crate) fn rec(&self, env: &str) -> Result<&EnvRecord> {
+        self.rec.as_ref().ok_or_else(|| Error::not_found("environment", env))
+    }
+
+    pub(crate) fn rec_mut(&mut self, env: &str) -> Result<&mut EnvRecord> {
+        self.rec.as_mut().ok_or_else(|| Error::not_found("environment", env))
+    }
+}
+
+type Registry = Mutex<HashMap<PathBuf, Weak<EnvShared>>>;
+
+fn registry() -> &'static Registry {
+    static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::default);
+    &REGISTRY
+}
+
+fn make(ctx: &Arc<Ctx>, paths: EnvPaths, name: &str, lock: EnvLock, rec: EnvRecord) -> Arc<EnvShared> {
+    Arc::new(EnvShared {
+        name: name.to_string(),
+        paths,
+        ctx: ctx.clone(),
+        state: tokio::sync::Mutex::new(EnvState { rec: Some(rec), qmp: HashMap::new() }),
+        destroyed: AtomicBool::new(false),
+        _lock: lock,
+    })
+}
+
+/// The live shared state of environment `name`, opening it (and taking its lock) if needed.
+pub(crate) fn open_shared(ctx: &Arc<Ctx>, name: &str) -> Result<Arc<EnvShared>> {
+    let paths = EnvPaths::new(&ctx.root, name);
+    let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(live) = reg.get(&paths.dir).and_then(Weak::upgrade)
+        && !live.destroyed.load(Ordering::SeqCst)
+    {
+        return Ok(live);
+    }
+    EnvRecord::load(&paths, name)?;
+    let lock = EnvLock::acquire(&paths.lock(), name)?;
+    let rec = EnvRecord::load(&paths, name)?;
+    let shared = make(ctx, paths.clone(), name, lock, rec);
+    reg.insert(paths.dir, Arc::downgrade(&shared));
+    Ok(shared)
+}
+
+/// A new environment directory being built; removed on drop unless committed.
+#[derive(Debug)]
+pub(crate) struct NewEnv {
+    pub(crate) paths: EnvPaths,
+    pub(crate) owned: Vec<PathBuf>,
+    lock: Option<EnvLock>,
+    committed: bool,
+}
+
+impl NewEnv {
+    /// Creates `root/envs/<name>` (with `disks/`), failing with `AlreadyExists` if it exists.
+    pub(crate) fn begin(root: &Path, name: &str) -> Result<NewEnv> {
+        let paths = EnvPaths::new(root, name);
+        let envs = paths.dir.parent().expect("envs dir");
+        std::fs::create_dir_all(envs).map_err(|e| error::io("creating", envs, &e))?;
+        match std::fs::create_dir(&paths.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(Error::already_exists("environment", name));
+            }
+            Err(e) => return Err(error::io("creating", &paths.dir, &e)),
+        }
+        let mut new = NewEnv { paths, owned: Vec::new(), lock: None, committed: false };
+        std::fs::create_dir(new.paths.disks()).map_err(|e| error::io("creating", &new.paths.disks(), &e))?;
+        new.lock = Some(EnvLock::acquire(&new.paths.lock(), name)?);
+        Ok(new)
+    }
+
+    /// Writes the record and turns the directory into a registered, open environment.
+    pub(crate) fn commit(mut self, ctx: &Arc<Ctx>, rec: EnvRecord) -> Result<Arc<EnvShared>> {
+        rec.save(&self.paths)?;
+        self.committed = true;
+        let lock = self.lock.take().expect("lock taken in begin");
+        let shared = make(ctx, self.paths.clone(), &rec.name.clone(), lock, rec);
+        registry().lock().unwrap_or_else(|p| p.into_inner()).insert(self.paths.dir.clone(), Arc::downgrade(&shared));
+        Ok(shared)
+    }
+}
+
+impl Drop for NewEnv {
+    fn drop(&mut self) {
+        if !self.committed {
+            for f in &self.owned {
+                let _ = std::fs::remove_file(f);
+            }
+            let _ = std::fs::remove_dir_all(&self.paths.dir);
+        }
+    }
+}
+
+/// Runs blocking file work (qcow2 layers) off the async runtime.
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| error::msg(format!("blocking task failed: {e}")))?
+}

@@ -1,0 +1,116 @@
+//! Whole-environment snapshots of QEMU environments.
+//!
+//! Contract: create freezes every disk at one instant ([`crate::freeze::freeze_all`]) and records
+//! the frozen layers plus the spec (crash-consistent, no memory state). Revert stops machines that
+//! run, puts a fresh overlay on each snapshot layer as the new top, restores the spec, removes the
+//! abandoned tops, and restarts the machines that ran (and still exist). Delete removes the record
+//! only: the layer files stay, because later snapshots, the current tops and baselines chain
+//! through them — every chain stays valid.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use stagecore::{Consistency, Error, Result, Snapshot, SnapshotInfo};
+use stagecore_qcow2::ImageFormat;
+use time::OffsetDateTime;
+use tracing::Instrument;
+
+use crate::env::{QemuEnvironment, stop_all};
+use crate::machines;
+use crate::shared::{EnvShared, EnvState, blocking};
+use crate::store::SnapshotRecord;
+
+fn not_found(env: &str, name: &str) -> Error {
+    Error::not_found("snapshot", format!("{env}/{name}"))
+}
+
+async fn revert(shared: &EnvShared, st: &mut EnvState, name: &str) -> Result<()> {
+    let rec = st.rec(&shared.name)?;
+    let snap = rec.snapshots.iter().find(|s| s.info.name == name).cloned().ok_or_else(|| not_found(&rec.name, name))?;
+    let running = stop_all(shared, st).await?;
+    let rec = st.rec_mut(&shared.name)?;
+    let disks_dir = shared.paths.disks();
+    let mut jobs: Vec<(String, PathBuf, PathBuf)> = Vec::new();
+    for (key, layer) in &snap.layers {
+        let (m, d) = key.split_once('/').expect("keys are machine/disk");
+        let (new, _) = rec.new_layer_path(&disks_dir, m, d);
+        jobs.push((key.clone(), layer.clone(), new));
+    }
+    let work = jobs.clone();
+    blocking(move || {
+        for (i, (_, layer, new)) in work.iter().enumerate() {
+            if let Err(e) = stagecore_qcow2::create_overlay(new, layer, ImageFormat::Qcow2, None) {
+                for (_, _, made) in &work[..i] {
+                    let _ = std::fs::remove_file(made);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    let old: Vec<PathBuf> = rec.disks.values().cloned().collect();
+    rec.disks = jobs.into_iter().map(|(k, _, new)| (k, new)).collect();
+    rec.spec = snap.info.spec.clone();
+    rec.save(&shared.paths)?;
+    for path in old {
+        if !rec.is_referenced(&path) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    let again: Vec<String> = running.into_iter().filter(|m| rec.spec.machine(m).is_some()).collect();
+    for m in again {
+        machines::start_machine(shared, st, &m).await?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Snapshot for QemuEnvironment {
+    async fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo> {
+        stagecore::name::validate("snapshot", name)?;
+        let shared = &self.shared;
+        let mut st = shared.state.lock().await;
+        let rec = st.rec(&shared.name)?;
+        if rec.snapshots.iter().any(|s| s.info.name == name) {
+            return Err(Error::already_exists("snapshot", format!("{}/{name}", shared.name)));
+        }
+        let layers = crate::freeze::freeze_all(shared, &mut st).instrument(self.span("create_snapshot")).await?;
+        let rec = st.rec_mut(&shared.name)?;
+        let info = SnapshotInfo {
+            name: name.into(),
+            environment: shared.name.clone(),
+            created_at: OffsetDateTime::now_utc(),
+            spec: rec.spec.clone(),
+            consistency: Consistency::CrashConsistent,
+            memory: false,
+        };
+        rec.snapshots.push(SnapshotRecord { info: info.clone(), layers });
+        rec.save(&shared.paths)?;
+        Ok(info)
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let st = self.shared.state.lock().await;
+        Ok(st.rec(&self.shared.name)?.snapshots.iter().map(|s| s.info.clone()).collect())
+    }
+
+    async fn revert_snapshot(&self, name: &str) -> Result<()> {
+        stagecore::name::validate("snapshot", name)?;
+        let mut st = self.shared.state.lock().await;
+        revert(&self.shared, &mut st, name).instrument(self.span("revert_snapshot")).await
+    }
+
+    async fn delete_snapshot(&self, name: &str) -> Result<()> {
+        stagecore::name::validate("snapshot", name)?;
+        let shared = &self.shared;
+        let mut st = shared.state.lock().await;
+        let rec = st.rec_mut(&shared.name)?;
+        let before = rec.snapshots.len();
+        rec.snapshots.retain(|s| s.info.name != name);
+        if rec.snapshots.len() == before {
+            return Err(not_found(&shared.name, name));
+        }
+        rec.save(&shared.paths)
+    }
+}

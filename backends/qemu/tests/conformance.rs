@@ -1,0 +1,126 @@
+//! The stagecore conformance kit against real QEMU (TCG), one test per kit function, plus
+//! invariant 1 with production *running* (its baseline goes through a live QMP transaction).
+
+mod support;
+
+use stagecore::{Backend, BackendExt, EnvironmentExt, StageOptions};
+use stagecore_testkit::{Kit, bad_input, clone, drift, invariants, snapshot, unique};
+use support::Fixture;
+
+fn kit(f: &Fixture) -> Kit {
+    Kit::new(f.backend.clone())
+}
+
+#[tokio::test]
+async fn spec_round_trip() {
+    let f = Fixture::new();
+    clone::spec_round_trip(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn linked_clone() {
+    let f = Fixture::new();
+    clone::linked_clone(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn full_clone() {
+    let f = Fixture::new();
+    clone::full_clone(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn identity_safety() {
+    let f = Fixture::new();
+    clone::identity_safety(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn fencing_flag() {
+    let f = Fixture::new();
+    clone::fencing_flag(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn zero_drift_after_clone() {
+    let f = Fixture::new();
+    invariants::zero_drift_after_clone(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn production_untouched() {
+    let f = Fixture::new();
+    invariants::production_untouched(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn snapshot_revert_restores() {
+    let f = Fixture::new();
+    snapshot::snapshot_revert_restores(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn bad_input_is_typed() {
+    let f = Fixture::new();
+    bad_input::bad_input_is_typed(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn stage_config_edit_is_drift() {
+    let f = Fixture::new();
+    drift::stage_config_edit_is_drift(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn production_disk_write_is_drift() {
+    let f = Fixture::new();
+    drift::production_disk_write_is_drift(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn both_sides_is_conflict() {
+    let f = Fixture::new();
+    drift::both_sides_is_conflict(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn change_set_is_intended() {
+    let f = Fixture::new();
+    drift::change_set_is_intended(&kit(&f)).await;
+}
+
+/// Invariant 1 with production running: the baseline (a live transaction under every disk)
+/// and every staging operation leave what production's guests read, and its spec, identical.
+#[tokio::test]
+async fn production_untouched_while_running() {
+    let f = Fixture::new();
+    let kit = kit(&f);
+    let (pname, sname) = (unique("run-prod"), unique("run-stage"));
+    let prod = kit.production(&pname).await.expect("production");
+    prod.start().await.expect("start production");
+    let before_baseline = prod.fingerprint().await.expect("fingerprint");
+    let baseline = prod.take_baseline().await.expect("baseline of running production");
+    let before = prod.fingerprint().await.expect("fingerprint");
+    assert_eq!(before, before_baseline, "taking a baseline changed what production's guests read");
+    let stage = kit.backend.stage(&baseline, &StageOptions { start: true, ..StageOptions::linked(&sname) }).await;
+    let stage = stage.expect("started stage");
+    let io = stage.disk_io().expect("disk_io");
+    let spec = stage.spec().await.unwrap();
+    for m in &spec.machines {
+        for d in &m.disks {
+            io.write(&m.name, &d.name, 0, b"stage writes here").await.expect("stage write while running");
+        }
+    }
+    assert_eq!(prod.fingerprint().await.unwrap(), before, "writing to the stage changed production");
+    stage.create_snapshot("s1").await.expect("live snapshot");
+    io.write(&spec.machines[0].name, &spec.machines[0].disks[0].name, 4096, b"more").await.unwrap();
+    stage.revert_snapshot("s1").await.expect("revert");
+    let report = kit.backend.drift(&*prod, &*stage).await.expect("drift");
+    assert!(report.disk.records.iter().any(|r| r.side.is_some()), "stage writes show as drift:\n{report}");
+    assert_eq!(prod.fingerprint().await.unwrap(), before, "snapshot/revert/drift on the stage changed production");
+    let status = stage.status().await.unwrap();
+    assert!(status.iter().all(|s| s.power == stagecore::PowerState::Running), "{status:?}");
+    kit.backend.destroy(&sname).await.expect("destroy stage");
+    assert_eq!(prod.fingerprint().await.unwrap(), before, "destroying the stage changed production");
+    kit.backend.destroy(&pname).await.expect("destroy production");
+}

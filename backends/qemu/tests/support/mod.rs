@@ -1,0 +1,101 @@
+//! Shared fixtures of the backend tests: a [`Fixture`] owns a temp state root and a TCG
+//! [`QemuBackend`] on it, and on drop SIGKILLs every process whose command line mentions the
+//! root (so no QEMU outlives a test, even a failing one).
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use stagecore_qemu::{Accel, QemuBackend, QemuConfig};
+
+/// A temp root with a backend; kills the root's QEMUs on drop.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub backend: Arc<QemuBackend>,
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        Self::with(|c| c)
+    }
+
+    /// A fixture whose config is adjusted by `f`.
+    pub fn with(f: impl FnOnce(QemuConfig) -> QemuConfig) -> Fixture {
+        require_qemu();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = f(QemuConfig::new(dir.path()).with_accel(Accel::Tcg));
+        Fixture { backend: Arc::new(QemuBackend::new(config)), dir }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        kill_under(self.dir.path());
+    }
+}
+
+/// SIGKILLs every process whose command line mentions `root`, and waits for them to go.
+pub fn kill_under(root: &Path) {
+    let needle = root.as_os_str().as_encoded_bytes().to_vec();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if pid as u32 == std::process::id() {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if cmdline.windows(needle.len()).any(|w| w == needle.as_slice()) {
+            pids.push(pid);
+        }
+    }
+    for pid in &pids {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    for pid in pids {
+        for _ in 0..500 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat.is_empty() || stat.contains(") Z") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+/// Fails loudly when QEMU is not installed.
+pub fn require_qemu() {
+    for tool in ["qemu-system-x86_64", "qemu-img"] {
+        let ok = Command::new(tool).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+        assert!(ok, "{tool} is required for the QEMU backend tests and could not run");
+    }
+}
+
+/// Runs a tool and returns (success, stdout+stderr).
+pub fn run(tool: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("{tool} could not run: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// `qemu-img check` of an image chain; panics with the output when it fails.
+pub fn qemu_img_check(path: &Path) {
+    let (ok, text) = run("qemu-img", &["check", "-U", path.to_str().expect("utf-8 path")]);
+    assert!(ok, "qemu-img check {} failed: {text}", path.display());
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() { out.extend(files_under(&p)) } else { out.push(p) }
+    }
+    out
+}

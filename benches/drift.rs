@@ -1,0 +1,95 @@
+//! Drift on the in-memory backend: 100 machines × 4 disks.
+//!
+//! Two groups, side by side:
+//! - `same_changes`: every disk has the same 10 changed blocks, disks of 64 MiB, 1 GiB and 8 GiB —
+//!   the cost must stay flat as disks grow (it follows changed extents, not disk size);
+//! - `one_percent`: 1 % of every disk changed, 64 MiB and 512 MiB disks — the cost grows with the
+//!   changed extents.
+//!
+//! `cargo bench -p stagekit --bench drift`
+
+use std::sync::Arc;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use stagekit::stagecore::memory::{BLOCK, MemoryBackend};
+use stagekit::stagecore::{
+    Backend, BackendExt, DiskFormat, DiskSpec, DynEnvironment, EnvironmentSpec, MachineSpec, StageOptions,
+};
+use tokio::runtime::Runtime;
+
+const MACHINES: usize = 100;
+const DISKS: usize = 4;
+
+fn spec(disk_size: u64) -> EnvironmentSpec {
+    EnvironmentSpec {
+        name: "prod".into(),
+        machines: (0..MACHINES)
+            .map(|i| MachineSpec {
+                name: format!("m{i}"),
+                uuid: None,
+                vcpus: 1,
+                memory_mib: 128,
+                firmware: Default::default(),
+                disks: (0..DISKS)
+                    .map(|d| DiskSpec {
+                        name: format!("d{d}"),
+                        source: format!("m{i}/d{d}"),
+                        format: DiskFormat::Qcow2,
+                        size_bytes: Some(disk_size),
+                        read_only: false,
+                    })
+                    .collect(),
+                nics: vec![],
+                labels: Default::default(),
+            })
+            .collect(),
+        networks: vec![],
+        labels: Default::default(),
+    }
+}
+
+/// Production and a stage with `changed_blocks` blocks written on every stage disk.
+async fn setup(disk_size: u64, changed_blocks: u64) -> (Arc<dyn Backend>, DynEnvironment, DynEnvironment) {
+    let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+    let prod = backend.create(&spec(disk_size)).await.unwrap();
+    let baseline = prod.take_baseline().await.unwrap();
+    let stage = backend.stage(&baseline, &StageOptions::linked("stage")).await.unwrap();
+    let io = stage.disk_io().unwrap();
+    let stride = (disk_size / BLOCK / changed_blocks).max(1);
+    let block = vec![0x5a; BLOCK as usize];
+    for i in 0..MACHINES {
+        for d in 0..DISKS {
+            for b in 0..changed_blocks {
+                io.write(&format!("m{i}"), &format!("d{d}"), b * stride * BLOCK, &block).await.unwrap();
+            }
+        }
+    }
+    (backend, prod, stage)
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = Runtime::new().unwrap();
+    let mut group = c.benchmark_group("drift_memory/same_changes");
+    group.sample_size(10);
+    for (label, size) in [("64MiB", 64u64 << 20), ("1GiB", 1 << 30), ("8GiB", 8 << 30)] {
+        let (backend, prod, stage) = rt.block_on(setup(size, 10));
+        group.bench_function(BenchmarkId::from_parameter(label), |b| {
+            b.to_async(&rt).iter(|| async { backend.drift(&*prod, &*stage).await.unwrap() })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("drift_memory/one_percent");
+    group.sample_size(10);
+    for (label, size) in [("64MiB", 64u64 << 20), ("512MiB", 512 << 20)] {
+        let blocks = (size / BLOCK / 100).max(1);
+        let (backend, prod, stage) = rt.block_on(setup(size, blocks));
+        group.bench_function(BenchmarkId::from_parameter(label), |b| {
+            b.to_async(&rt).iter(|| async { backend.drift(&*prod, &*stage).await.unwrap() })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
