@@ -53,6 +53,17 @@ impl QemuEnvironment {
         Ok(crate::process::QemuProcess::find(&paths).await?.map(|p| p.pid()))
     }
 
+    /// Runs an HMP command line on `machine`'s running QEMU (through the environment's own QMP
+    /// session) and returns its output. For tools and tests; `Precondition` when it does not run.
+    pub async fn human_monitor_command(&self, machine: &str, command_line: &str) -> Result<String> {
+        let mut st = self.shared.state.lock().await;
+        st.rec(&self.shared.name)?.spec.require_machine(machine)?;
+        match machines::live_or_down(&self.shared, &mut st, machine).await? {
+            Some(q) => q.human_monitor_command(command_line).await,
+            None => Err(Error::Precondition(format!("machine {}/{machine} is not running", self.shared.name))),
+        }
+    }
+
     pub(crate) fn span(&self, op: &'static str) -> tracing::Span {
         tracing::info_span!("qemu.env", env = %self.shared.name, op)
     }

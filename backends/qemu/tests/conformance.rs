@@ -3,7 +3,7 @@
 
 mod support;
 
-use stagecore::{Backend, BackendExt, EnvironmentExt, StageOptions};
+use stagecore::{BackendExt, EnvironmentExt, StageOptions};
 use stagecore_testkit::{Kit, bad_input, clone, drift, invariants, snapshot, unique};
 use support::Fixture;
 

@@ -21,11 +21,12 @@ async fn session_expiry_mid_operation_relogs_transparently() {
     assert_eq!(sim.stats().rest_logins, 2);
 
     // Expire while a task is being polled: the poll gets 401, logs in again, and finishes.
-    sim.set_task_delay(Duration::from_millis(400));
+    client.vm_config("vm-101").await.unwrap(); // the VI/JSON session exists before the expiry
+    sim.set_task_delay(Duration::from_secs(2));
     let snap = {
         let fut = client.create_snapshot("vm-101", "during-expiry", "", false);
         let expire = async {
-            tokio::time::sleep(Duration::from_millis(150)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
             sim.expire_all_sessions();
         };
         let (snap, ()) = tokio::join!(fut, expire);

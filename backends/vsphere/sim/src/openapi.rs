@@ -206,10 +206,10 @@ fn check(doc: &Value, schema: &Value, v: &Value, ptr: &str, out: &mut Vec<String
         out.push(format!("{ptr}: schema reference does not resolve"));
         return;
     }
-    if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
-        if !allowed.contains(v) {
-            out.push(format!("{ptr}: {v} is not one of the documented values"));
-        }
+    if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+        && !allowed.contains(v)
+    {
+        out.push(format!("{ptr}: {v} is not one of the documented values"));
     }
     let ok = match schema.get("type").and_then(Value::as_str) {
         Some("object") => return check_object(doc, schema, v, ptr, out),

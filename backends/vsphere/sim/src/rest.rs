@@ -24,10 +24,11 @@ fn rest_path(req: &Req) -> String {
         return "/rest/com/vmware/cis/session".to_string();
     }
     let segs: Vec<&str> = path.split('/').collect();
-    if segs.len() == 5 && segs[4] == "power" {
-        if let Some(a) = &action {
-            return format!("/rest{path}/{a}");
-        }
+    if segs.len() == 5
+        && segs[4] == "power"
+        && let Some(a) = &action
+    {
+        return format!("/rest{path}/{a}");
     }
     match action {
         Some(a) => format!("/rest{path}?action={a}"),
@@ -240,10 +241,10 @@ fn clone(shared: &Shared, req: &Req) -> Reply {
         return error(400, "ALREADY_EXISTS", format!("A VM named {name} already exists in {folder}."));
     }
     let id = inv.create_vm(name, &folder, src.config.clone(), false);
-    if body["power_on"] == true {
-        if let Some(vm) = inv.vms.get_mut(&id) {
-            vm.power = PowerState::On;
-        }
+    if body["power_on"] == true
+        && let Some(vm) = inv.vms.get_mut(&id)
+    {
+        vm.power = PowerState::On;
     }
     Reply::json(200, json!(id))
 }

@@ -63,10 +63,10 @@ pub(crate) fn start(shared: &Arc<Shared>, name: &str, entity: &str, effect: Effe
 }
 
 fn set_state(shared: &Shared, id: &str, state: TaskState) {
-    if let Some(t) = lock(&shared.tasks).get_mut(id) {
-        if t.state == TaskState::Queued {
-            t.state = state;
-        }
+    if let Some(t) = lock(&shared.tasks).get_mut(id)
+        && t.state == TaskState::Queued
+    {
+        t.state = state;
     }
 }
 

@@ -198,10 +198,10 @@ fn changed_areas(shared: &Shared, vm: &str, body: &Value) -> Result<Value, Fault
         Some(s) => Some(mo_value(s, "VirtualMachineSnapshot", "snapshot")?),
     };
     let inv = lock(&shared.inv);
-    if let Some(s) = snapshot {
-        if inv.snapshot(s)?.vm != vm {
-            return Err(Fault::new("InvalidArgument", format!("snapshot {s} does not belong to {vm}")));
-        }
+    if let Some(s) = snapshot
+        && inv.snapshot(s)?.vm != vm
+    {
+        return Err(Fault::new("InvalidArgument", format!("snapshot {s} does not belong to {vm}")));
     }
     inv.changed_areas(vm, snapshot, key as i32, start, change_id)
 }
@@ -322,10 +322,10 @@ fn clone_vm(shared: &Arc<Shared>, vm: &str, body: &Value) -> Result<Value, Fault
     {
         let inv = lock(&shared.inv);
         inv.vm(vm)?;
-        if let Some(s) = &snapshot {
-            if inv.snapshot(s)?.vm != vm {
-                return Err(Fault::new("InvalidArgument", format!("snapshot {s} does not belong to {vm}")));
-            }
+        if let Some(s) = &snapshot
+            && inv.snapshot(s)?.vm != vm
+        {
+            return Err(Fault::new("InvalidArgument", format!("snapshot {s} does not belong to {vm}")));
         }
         if !inv.folders.iter().any(|(f, _)| *f == folder) {
             return Err(Fault::new("ManagedObjectNotFound", format!("Folder {folder} does not exist")));

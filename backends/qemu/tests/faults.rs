@@ -1,0 +1,306 @@
+//! Bad input and faults against real QEMU (TCG): a missing binary or image, a corrupt qcow2
+//! source, a QEMU killed while a snapshot has the environment paused, a full filesystem during a
+//! full clone, two processes on one environment, a write through `qemu-io` that drift must not
+//! miss, a live baseline that guests cannot notice, and fencing at the configuration level.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use stagecore::{Backend, Change, ChangeMap, Environment, Error, PowerState, StageOptions};
+use stagecore_qemu::{FaultHooks, QemuBackend, QemuConfig};
+use stagecore_testkit::{Kit, unique};
+use support::{Fixture, files_under, qemu_img_check};
+
+fn names(list: &[stagecore::EnvironmentInfo]) -> Vec<String> {
+    list.iter().map(|i| i.name.clone()).collect()
+}
+
+#[tokio::test]
+async fn a_missing_qemu_binary_is_named_and_a_missing_image_too() {
+    let missing = "/nonexistent/bin/qemu-system-x86_64";
+    let f = Fixture::with(|c| QemuConfig { binary: Some(missing.into()), ..c });
+    let kit = Kit::new(f.backend.clone());
+    let pname = unique("nobin");
+    let prod = kit.production(&pname).await.expect("production (created stopped)");
+    let err = prod.start().await.unwrap_err();
+    assert!(err.to_string().contains(missing), "{err}");
+    assert!(matches!(err, Error::NotFound { .. }), "{err}");
+
+    let baseline = prod.take_baseline().await.unwrap();
+    let sname = unique("nobin-stage");
+    let opts = StageOptions { start: true, ..StageOptions::linked(&sname) };
+    let err = f.backend.stage(&baseline, &opts).await.unwrap_err();
+    assert!(err.to_string().contains(missing), "{err}");
+    assert!(!names(&f.backend.list().await.unwrap()).contains(&sname), "a stage that failed to start is listed");
+    assert!(!f.root().join("envs").join(&sname).exists(), "a stage that failed to start left files");
+
+    let web = prod.spec().await.unwrap().machines[0].clone();
+    let image = f.root().join("no-such-image.qcow2");
+    let change = Change::ReplaceDiskImage {
+        machine: web.name.clone(),
+        disk: web.disks[0].name.clone(),
+        image: image.display().to_string(),
+    };
+    let err = prod.apply(&change).await.unwrap_err();
+    assert!(err.to_string().contains("no-such-image.qcow2"), "{err}");
+}
+
+#[tokio::test]
+async fn a_corrupt_qcow2_source_is_typed_and_leaves_nothing() {
+    let f = Fixture::new();
+    let name = unique("corrupt");
+    let mut spec = stagecore::memory::sample_spec(&name);
+    let bad = f.root().join("images").join(&spec.machines[1].disks[0].source);
+    std::fs::create_dir_all(bad.parent().unwrap()).unwrap();
+    let mut garbage = b"QFI\xfb".to_vec();
+    garbage.extend_from_slice(&[0xff; 200]);
+    std::fs::write(&bad, &garbage).unwrap();
+    let before = names(&f.backend.list().await.unwrap());
+    let err = f.backend.create(&spec).await.unwrap_err();
+    match &err {
+        Error::InvalidSpec { path, reason } => {
+            assert_eq!(path, "machines[1].disks[0].source", "{err}");
+            assert!(reason.contains(&bad.display().to_string()), "the file is named: {err}");
+        }
+        other => panic!("expected InvalidSpec, got {other}"),
+    }
+    assert_eq!(names(&f.backend.list().await.unwrap()), before);
+    assert!(!f.root().join("envs").join(&name).exists(), "the environment directory is gone");
+    assert!(!f.root().join("images").join(&spec.machines[0].disks[0].source).exists(), "no image was created");
+    assert_eq!(std::fs::read(&bad).unwrap(), garbage, "the caller's file is untouched");
+
+    spec.machines[1].disks[0].source = "../escape.qcow2".into();
+    let err = f.backend.create(&spec).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidSpec { ref path, .. } if path == "machines[1].disks[0].source"), "{err}");
+}
+
+#[tokio::test]
+async fn qemu_killed_mid_snapshot_fails_keeps_chains_valid_and_reopens() {
+    let victim: Arc<Mutex<Option<u32>>> = Arc::default();
+    let v = victim.clone();
+    let hooks = FaultHooks {
+        after_pause: Some(Arc::new(move || {
+            if let Some(pid) = v.lock().unwrap().take() {
+                support::signal(pid, libc::SIGKILL);
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        })),
+    };
+    let f = Fixture::with(|c| QemuConfig { hooks, ..c });
+    let kit = Kit::new(f.backend.clone());
+    let pname = unique("killed");
+    let prod = kit.production(&pname).await.unwrap();
+    prod.start().await.unwrap();
+    let qenv = f.backend.open_qemu(&pname).await.unwrap();
+    *victim.lock().unwrap() = Some(qenv.machine_pid("db").await.unwrap().expect("db runs"));
+
+    let err = prod.create_snapshot("doomed").await.unwrap_err();
+    eprintln!("snapshot with a killed QEMU: {err}");
+    assert!(prod.list_snapshots().await.unwrap().is_empty(), "a failed snapshot is not listed");
+    for m in ["web", "app", "db"] {
+        qemu_img_check(&qenv.disk_top(m, "disk0").await.unwrap());
+    }
+    drop((prod, qenv, kit));
+    let root = f.root().to_path_buf();
+    let again = QemuBackend::new(QemuConfig::new(&root).with_accel(stagecore_qemu::Accel::Tcg));
+    let prod = again.open(&pname).await.expect("environment reopens");
+    let status = prod.status().await.unwrap();
+    let db = status.iter().find(|s| s.machine == "db").unwrap();
+    assert_eq!(db.power, PowerState::Unknown, "a killed QEMU is reported, not trusted: {status:?}");
+    assert!(db.detail.as_deref().unwrap_or("").contains("stale"), "{status:?}");
+    assert!(status.iter().filter(|s| s.machine != "db").all(|s| s.power == PowerState::Running), "{status:?}");
+    prod.start().await.expect("the killed machine starts again");
+    prod.create_snapshot("after").await.expect("snapshots work again");
+    prod.stop().await.unwrap();
+    let qenv = again.open_qemu(&pname).await.unwrap();
+    for m in ["web", "app", "db"] {
+        qemu_img_check(&qenv.disk_top(m, "disk0").await.unwrap());
+    }
+    drop((prod, qenv));
+    again.destroy(&pname).await.unwrap();
+}
+
+/// Unmounts a tmpfs on drop.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_clone_onto_a_full_filesystem_fails_and_removes_partial_files() {
+    let f = Fixture::new();
+    let kit = Kit::new(f.backend.clone());
+    let pname = unique("bigprod");
+    let prod = kit.production(&pname).await.unwrap();
+    let io = prod.disk_io().unwrap();
+    io.write("web", "disk0", 4 << 20, &vec![0x5a; 3 << 20]).await.unwrap();
+    let baseline = prod.take_baseline().await.unwrap();
+
+    let small = tempfile::tempdir().unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(small.path())
+        .status()
+        .expect("mount could not run");
+    assert!(ok.success(), "mounting a 2 MiB tmpfs needs root; this test requires it");
+    let _mount = Mount(small.path().to_path_buf());
+    let full = QemuBackend::new(QemuConfig::new(small.path()).with_accel(stagecore_qemu::Accel::Tcg));
+    let sname = unique("nospace");
+    let err = full.stage(&baseline, &StageOptions::full(&sname)).await.unwrap_err();
+    eprintln!("full clone onto a full filesystem: {err}");
+    assert!(full.list().await.unwrap().is_empty(), "a failed stage is listed");
+    let left = files_under(small.path());
+    assert!(left.is_empty(), "partial files left behind: {left:?}");
+    let linked = full.stage(&baseline, &StageOptions::linked(&sname)).await.expect("a linked clone still fits");
+    drop(linked);
+    full.destroy(&sname).await.unwrap();
+    drop(prod);
+    f.backend.destroy(&pname).await.unwrap();
+}
+
+const CHILD_ROOT: &str = "STAGECORE_QEMU_LOCK_ROOT";
+const CHILD_ENV: &str = "STAGECORE_QEMU_LOCK_ENV";
+
+/// Not a test of its own: the child process of `two_processes_on_one_environment_one_is_locked`
+/// (it does nothing unless that test starts it with its environment variables).
+#[tokio::test]
+async fn lock_holder_child() {
+    let (Ok(root), Ok(env)) = (std::env::var(CHILD_ROOT), std::env::var(CHILD_ENV)) else { return };
+    let backend = QemuBackend::new(QemuConfig::new(root));
+    let held = backend.open(&env).await.expect("child opens the environment");
+    println!("HOLDING {}", std::process::id());
+    std::io::stdout().flush().unwrap();
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    drop(held);
+}
+
+#[tokio::test]
+async fn two_processes_on_one_environment_one_is_locked() {
+    let f = Fixture::new();
+    let name = unique("locked");
+    drop(Kit::new(f.backend.clone()).production(&name).await.unwrap());
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "lock_holder_child", "--nocapture"])
+        .env(CHILD_ROOT, f.root())
+        .env(CHILD_ENV, &name)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("re-run the test binary");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let pid = loop {
+        let line = lines.next().expect("child holds the lock").unwrap();
+        if let Some(pid) = line.strip_prefix("HOLDING ") {
+            break pid.trim().to_string();
+        }
+    };
+    let err = f.backend.open(&name).await.unwrap_err();
+    match &err {
+        Error::Locked { resource, holder } => {
+            assert!(resource.contains(&name) && holder.contains(&pid), "{err}");
+        }
+        other => panic!("expected Locked, got {other}"),
+    }
+    assert!(matches!(f.backend.destroy(&name).await, Err(Error::Locked { .. })), "destroy is refused too");
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    f.backend.open(&name).await.expect("the lock is free once the holder exits");
+    f.backend.destroy(&name).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_write_through_qemu_io_while_running_shows_in_disk_changes() {
+    let f = Fixture::new();
+    let kit = Kit::new(f.backend.clone());
+    let pname = unique("qemuio");
+    let prod = kit.production(&pname).await.unwrap();
+    prod.start().await.unwrap();
+    let baseline = prod.take_baseline().await.unwrap();
+    let qenv = f.backend.open_qemu(&pname).await.unwrap();
+    // Straight into QEMU, not through the backend's write path (which flushes by itself).
+    let out = qenv.human_monitor_command("app", r#"qemu-io -d /machine/peripheral/d0/virtio-backend "write -P 0x5a 3145728 4096""#).await.unwrap();
+    assert!(!out.contains("rror"), "{out}");
+    let changes = prod.disk_changes(&baseline).await.unwrap();
+    let app = changes.iter().find(|c| c.machine == "app").unwrap();
+    match &app.changes {
+        ChangeMap::Checked { extents } => {
+            assert!(extents.iter().any(|e| e.offset <= 3 << 20 && e.end() >= (3 << 20) + 4096), "{extents:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    for c in changes.iter().filter(|c| c.machine != "app") {
+        assert_eq!(c.changes, ChangeMap::Checked { extents: vec![] }, "{c:?}");
+    }
+    assert_eq!(prod.disk_io().unwrap().read("app", "disk0", 3 << 20, 4).await.unwrap(), [0x5a; 4]);
+    drop((prod, qenv));
+    f.backend.destroy(&pname).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_baseline_of_running_production_leaves_guest_content_unchanged() {
+    let f = Fixture::new();
+    let kit = Kit::new(f.backend.clone());
+    let pname = unique("live-bl");
+    let prod = kit.production(&pname).await.unwrap();
+    prod.start().await.unwrap();
+    let io = prod.disk_io().unwrap();
+    io.write("db", "disk0", 5 << 20, b"written while running").await.unwrap();
+    let qenv = f.backend.open_qemu(&pname).await.unwrap();
+    let mut before = Vec::new();
+    for m in ["web", "app", "db"] {
+        before.push((io.digest(m, "disk0").await.unwrap(), qenv.disk_top(m, "disk0").await.unwrap()));
+    }
+    let baseline = prod.take_baseline().await.unwrap();
+    for (m, (digest, old_top)) in ["web", "app", "db"].iter().zip(&before) {
+        let top = qenv.disk_top(m, "disk0").await.unwrap();
+        assert_ne!(&top, old_top, "{m}: the baseline put a new layer on top");
+        assert_eq!(baseline.layer(m, "disk0").unwrap().layer, old_top.display().to_string());
+        let chain = stagecore_qcow2::chain(&top).unwrap();
+        assert_eq!(chain[1].path, *old_top, "{m}: the old top is the layer right below");
+        assert_eq!(&io.digest(m, "disk0").await.unwrap(), digest, "{m}: guest-visible content changed");
+    }
+    let status = prod.status().await.unwrap();
+    assert!(status.iter().all(|s| s.power == PowerState::Running), "machines resumed: {status:?}");
+    drop((prod, qenv));
+    f.backend.destroy(&pname).await.unwrap();
+}
+
+fn netdevs(argv: &[std::ffi::OsString]) -> Vec<String> {
+    argv.windows(2).filter(|w| w[0] == "-netdev").map(|w| w[1].to_string_lossy().into_owned()).collect()
+}
+
+#[tokio::test]
+async fn fenced_nics_have_no_host_path_and_a_segment_of_their_own() {
+    let f = Fixture::new();
+    let kit = Kit::new(f.backend.clone());
+    let (pname, fenced, open) = (unique("fence-p"), unique("fence-s"), unique("fence-o"));
+    let prod = kit.production(&pname).await.unwrap();
+    let baseline = prod.take_baseline().await.unwrap();
+    f.backend.stage(&baseline, &StageOptions::linked(&fenced)).await.unwrap();
+    f.backend.stage(&baseline, &StageOptions { fenced: false, ..StageOptions::linked(&open) }).await.unwrap();
+    let argv = |env: String| {
+        let b = f.backend.clone();
+        async move { netdevs(&b.open_qemu(&env).await.unwrap().machine_argv("web").await.unwrap()) }
+    };
+    let (p, s, o) = (argv(pname.clone()).await, argv(fenced.clone()).await, argv(open.clone()).await);
+    assert_eq!(p.len(), 2, "web has two NICs: {p:?}");
+    for nd in p.iter().chain(&s).chain(&o) {
+        assert!(nd.starts_with("socket,") && nd.contains("localaddr=127.0.0.1"), "{nd}");
+        assert!(!nd.contains("user") && !nd.contains("tap") && !nd.contains("bridge"), "{nd}");
+    }
+    for (pn, sn) in p.iter().zip(&s) {
+        assert_ne!(pn, sn, "a fenced stage's segment differs from production's");
+    }
+    assert_eq!(p, o, "an unfenced stage joins production's segments");
+    assert_ne!(s[0], s[1], "two networks are two segments");
+    for name in [&fenced, &open, &pname] {
+        f.backend.destroy(name).await.unwrap();
+    }
+}
