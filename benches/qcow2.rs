@@ -100,6 +100,7 @@ fn overlays(c: &mut Criterion) {
     g.finish();
 }
 
+#[allow(clippy::future_not_send)] // imago's futures are not Send; the bench runs them on one thread
 async fn imago_overlay(path: &Path, base: &Path, size: u64) {
     use imago::{FormatCreateBuilder, Storage, StorageCreateOptions};
     let file = imago::file::File::create_open(StorageCreateOptions::new().filename(path)).await.unwrap();

@@ -23,6 +23,7 @@ pub mod bad_input;
 pub mod clone;
 pub mod drift;
 pub mod invariants;
+pub mod promotion;
 pub mod snapshot;
 
 pub use kit::{Kit, ProductionFactory, ProductionFuture, SEED, cleanup, unique};
@@ -58,5 +59,8 @@ pub async fn run_all(kit: &Kit) {
     }
     if caps.disk_io && caps.disk_drift {
         drift::production_disk_write_is_drift(kit).await;
+    }
+    if caps.disk_io && caps.config_changes {
+        promotion::run_all(kit).await;
     }
 }

@@ -434,9 +434,8 @@ pub async fn apply_failure_rolls_back(kit: &Kit, fail_nth_apply: impl Fn(u64)) {
 /// fault-injection one, which needs a hook).
 pub async fn run_all(kit: &Kit) {
     let caps = kit.caps();
-    if !(caps.config_changes && caps.disk_io) {
-        return;
-    }
+    kit.require("config_changes", caps.config_changes);
+    kit.require("disk_io", caps.disk_io);
     replay_commits(kit).await;
     gate_failure_rolls_back(kit).await;
     concurrent_promotions_one_locked(kit).await;

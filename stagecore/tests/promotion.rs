@@ -4,13 +4,7 @@ use std::sync::Arc;
 
 use stagecore::memory::MemoryBackend;
 use stagecore::promotion::Strategy;
-use stagecore_testkit::Kit;
-// Until the testkit's lib.rs declares `pub mod promotion;`, compile its file into this test.
-// Once it does, replace the next two lines with `use stagecore_testkit::promotion;`.
-#[path = "../../stagecore-testkit/src/promotion.rs"]
-mod promotion;
-#[allow(unused_imports)]
-use stagecore_testkit::{cleanup, unique};
+use stagecore_testkit::{Kit, promotion};
 
 fn kit() -> (Kit, MemoryBackend) {
     let backend = MemoryBackend::new();

@@ -31,6 +31,8 @@ impl Conn {
     pub(crate) async fn open(uri: &str) -> Result<Self> {
         let owned = uri.to_string();
         let inner = tokio::task::spawn_blocking(move || {
+            // Errors are returned to callers; libvirt must not also print them to stderr.
+            virt::error::clear_error_callback();
             Connect::open(Some(&owned)).map_err(|e| {
                 let mapped = error::map(&e, Ctx { uri: &owned, kind: "connection", name: &owned });
                 match mapped {

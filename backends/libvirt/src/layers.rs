@@ -118,31 +118,25 @@ pub(crate) fn copy_allocated(src: &Path, dst: &Path) -> Result<()> {
     r
 }
 
-/// Reads `len` guest bytes at `offset`.
+/// Reads `len` guest bytes at `offset` (a raw window over the chain, converted to a temp file).
 pub(crate) fn read_at(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
     const BS: u64 = 512;
-    let start = offset / BS;
-    let end = (offset + len).div_ceil(BS);
-    let tmp = tempfile::NamedTempFile::new().map_err(|e| error::io(path, e))?;
-    let of = format!("of={}", s(tmp.path()));
-    let args = [
-        "dd".to_string(),
-        "-U".into(),
-        "-O".into(),
-        "raw".into(),
-        format!("bs={BS}"),
-        format!("skip={start}"),
-        format!("count={}", end - start),
-        format!("if={}", s(path)),
-        of,
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    run("qemu-img", &args, path)?;
-    let data = std::fs::read(tmp.path()).map_err(|e| error::io(tmp.path(), e))?;
-    let from = (offset - start * BS) as usize;
-    let mut out = data.get(from..).unwrap_or_default().to_vec();
-    out.resize(len as usize, 0);
-    Ok(out)
+    let start = offset / BS * BS;
+    let end = (offset + len).div_ceil(BS) * BS;
+    let dir = tempfile::tempdir().map_err(|e| error::io(path, e))?;
+    let out = dir.path().join("window.raw");
+    let format = info(path)?.format;
+    let opts = format!(
+        "driver=raw,offset={start},size={},file.driver={format},file.file.filename={}",
+        end - start,
+        s(path).replace(',', ",,")
+    );
+    run("qemu-img", &["convert", "-U", "--image-opts", &opts, "-O", "raw", s(&out)], path)?;
+    let data = std::fs::read(&out).map_err(|e| error::io(&out, e))?;
+    let from = (offset - start) as usize;
+    let mut bytes = data.get(from..).unwrap_or_default().to_vec();
+    bytes.resize(len as usize, 0);
+    Ok(bytes)
 }
 
 /// Writes `data` at `offset` into the top image (the image must not be in use).

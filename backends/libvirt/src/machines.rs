@@ -133,7 +133,7 @@ pub(crate) fn load(conn: &Connect, uri: &str, env: &str, entries: Option<&[Entry
 /// Writes a metadata record back into a domain's definition (config, and live when running).
 pub(crate) fn save_metadata(conn: &Connect, uri: &str, m: &Machine) -> Result<()> {
     let dom = lv(uri, "domain", &m.instance, conn.lookup_domain_by_name(&m.instance))?;
-    let xml = meta::element(&m.labels, &m.record)?.render();
+    let xml = meta::fragment(&m.labels, &m.record)?.render();
     let mut flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
     if m.active() {
         flags |= sys::VIR_DOMAIN_AFFECT_LIVE;

@@ -153,7 +153,9 @@ async fn bad_input_leaves_nothing_behind() {
 
     // Name clash: a domain already holds the stage's name for `app`.
     let clash = format!("c{}", g.tag);
-    let xml = format!("<domain type='qemu'><name>{clash}-app</name><memory unit='MiB'>32</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>");
+    let xml = format!(
+        "<domain type='qemu'><name>{clash}-app</name><memory unit='MiB'>32</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>"
+    );
     let xml_path = g.dir.join("clash.xml");
     std::fs::write(&xml_path, xml).unwrap();
     assert_eq!(virsh(&["define", xml_path.to_str().unwrap()]).len(), 1);
@@ -185,7 +187,10 @@ async fn attach_by_name_and_label_does_not_edit_definitions() {
             .unwrap();
         assert!(out.success());
         let label = if i == 0 {
-            format!("<metadata><s:env xmlns:s='https://stagecore.dev/xmlns/stage/1'><s:label key='svc'>{}</s:label></s:env></metadata>", g.tag)
+            format!(
+                "<metadata><s:env xmlns:s='https://stagecore.dev/xmlns/stage/1'><s:label key='svc'>{}</s:label></s:env></metadata>",
+                g.tag
+            )
         } else {
             String::new()
         };

@@ -17,6 +17,9 @@ use crate::shared::{EnvShared, EnvState, blocking};
 use crate::store::disk_key;
 
 pub(crate) async fn apply(shared: &EnvShared, st: &mut EnvState, change: &Change) -> Result<()> {
+    if let Some(message) = shared.ctx.hooks.before_apply.as_ref().and_then(|hook| hook()) {
+        return Err(Error::backend_msg(BACKEND, format!("injected fault: {message}")));
+    }
     let mut spec = st.rec(&shared.name)?.spec.clone();
     change.apply_to_spec(&mut spec, 0)?;
     let machine = change.machine().to_string();
@@ -37,7 +40,12 @@ pub(crate) async fn apply(shared: &EnvShared, st: &mut EnvState, change: &Change
     result
 }
 
-async fn apply_offline(shared: &EnvShared, st: &mut EnvState, change: &Change, mut spec: EnvironmentSpec) -> Result<()> {
+async fn apply_offline(
+    shared: &EnvShared,
+    st: &mut EnvState,
+    change: &Change,
+    mut spec: EnvironmentSpec,
+) -> Result<()> {
     let disks_dir = shared.paths.disks();
     let env = shared.name.clone();
     let rec = st.rec_mut(&env)?;

@@ -16,11 +16,20 @@ pub struct FaultHooks {
     /// Runs after every running machine of an environment was paused for a baseline or
     /// snapshot, before the snapshot transactions.
     pub after_pause: Option<Hook>,
+    /// Runs at the start of every `Environment::apply`; returning `Some(message)` makes that
+    /// call fail with a backend error carrying the message, before anything changes.
+    pub before_apply: Option<FailHook>,
 }
+
+/// A callback that may inject a failure (`Some(message)`).
+pub type FailHook = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl std::fmt::Debug for FaultHooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FaultHooks").field("after_pause", &self.after_pause.is_some()).finish()
+        f.debug_struct("FaultHooks")
+            .field("after_pause", &self.after_pause.is_some())
+            .field("before_apply", &self.before_apply.is_some())
+            .finish()
     }
 }
 

@@ -70,12 +70,31 @@ impl QemuEnvironment {
 }
 
 /// Starts every machine of the environment that does not run.
+/// Machines are launched concurrently; when some fail, the others keep running and the first
+/// error is returned.
 pub(crate) async fn start_all(shared: &EnvShared, st: &mut EnvState) -> Result<()> {
     let names: Vec<String> = st.rec(&shared.name)?.spec.machines.iter().map(|m| m.name.clone()).collect();
+    let mut launches = tokio::task::JoinSet::new();
     for m in names {
-        machines::start_machine(shared, st, &m).await?;
+        if machines::live_or_down(shared, st, &m).await?.is_some() {
+            continue;
+        }
+        let config = machines::prepare(shared, st, &m)?;
+        let launcher = shared.ctx.launcher.clone();
+        let span = tracing::info_span!("qemu.start", env = %shared.name, machine = %m);
+        launches.spawn(async move { (m, launcher.launch(&config).await) }.instrument(span));
     }
-    Ok(())
+    let mut result = Ok(());
+    while let Some(joined) = launches.join_next().await {
+        match joined {
+            Ok((m, Ok(launched))) => {
+                st.qmp.insert(m, launched.qmp);
+            }
+            Ok((_, Err(e))) => result = result.and(Err(e)),
+            Err(e) => result = result.and(Err(crate::error::msg(format!("launch task failed: {e}")))),
+        }
+    }
+    result
 }
 
 /// Stops every machine; returns the ones that were running.

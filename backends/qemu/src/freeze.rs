@@ -41,7 +41,10 @@ pub(crate) async fn freeze_all(shared: &EnvShared, st: &mut EnvState) -> Result<
             Liveness::Live(q) => live.push((m.name.clone(), q)),
             Liveness::Down(_) => {}
             Liveness::Unknown(why) => {
-                return Err(Error::Precondition(format!("machine {}/{} is in an unknown state: {why}", shared.name, m.name)));
+                return Err(Error::Precondition(format!(
+                    "machine {}/{} is in an unknown state: {why}",
+                    shared.name, m.name
+                )));
             }
         }
     }
@@ -98,12 +101,26 @@ async fn switch_running(shared: &EnvShared, live: &[(String, QmpClient)], plans:
     if live.is_empty() {
         return (Vec::new(), Ok(()));
     }
-    let started = Instant::now();
+    let mut started = None;
     let mut paused = Vec::new();
     let mut result = Ok(());
     for (_, q) in live {
+        // A machine the user paused stays paused afterwards.
+        let running = match q.query_status().await {
+            Ok(s) => s.running,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        };
+        if !running {
+            continue;
+        }
         match q.stop().await {
-            Ok(()) => paused.push(q),
+            Ok(()) => {
+                started.get_or_insert_with(Instant::now);
+                paused.push(q)
+            }
             Err(e) => {
                 result = Err(e);
                 break;
@@ -138,7 +155,7 @@ async fn switch_running(shared: &EnvShared, live: &[(String, QmpClient)], plans:
             result = Err(e);
         }
     }
-    let ms = started.elapsed().as_secs_f64() * 1e3;
+    let ms = started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
     tracing::info!(env = %shared.name, machines = live.len(), freeze_ms = ms, ok = result.is_ok(), "disks frozen");
     (applied, result)
 }

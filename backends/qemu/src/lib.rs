@@ -43,5 +43,5 @@ mod stage;
 mod store;
 
 pub use backend::QemuBackend;
-pub use config::{Accel, FaultHooks, Hook, QemuConfig};
+pub use config::{Accel, FailHook, FaultHooks, Hook, QemuConfig};
 pub use env::QemuEnvironment;

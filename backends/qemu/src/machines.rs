@@ -63,7 +63,9 @@ pub(crate) async fn liveness(shared: &EnvShared, st: &mut EnvState, machine: &st
             Liveness::Down(Some(format!("stale pid file: pid {pid} now belongs to another program")))
         }
         ProcessState::CorruptPidfile { content } => Liveness::Unknown(format!("corrupt pid file: {content:?}")),
-        ProcessState::Unresponsive { pid, reason } => Liveness::Unknown(format!("qemu pid {pid} unresponsive: {reason}")),
+        ProcessState::Unresponsive { pid, reason } => {
+            Liveness::Unknown(format!("qemu pid {pid} unresponsive: {reason}"))
+        }
         ProcessState::Running { pid } => match QmpClient::connect(&paths.qmp_socket, CONNECT).await {
             Ok(q) => {
                 st.qmp.insert(machine.to_string(), q.clone());
@@ -136,15 +138,21 @@ pub(crate) fn machine_config(shared: &EnvShared, rec: &EnvRecord, m: &MachineSpe
     })
 }
 
+/// The QEMU configuration of `machine`, with its state directory created.
+pub(crate) fn prepare(shared: &EnvShared, st: &EnvState, machine: &str) -> Result<MachineConfig> {
+    let rec = st.rec(&shared.name)?;
+    let config = machine_config(shared, rec, rec.spec.require_machine(machine)?)?;
+    let dir = shared.paths.machine_dir(machine);
+    std::fs::create_dir_all(&dir).map_err(|e| error::io("creating", &dir, &e))?;
+    Ok(config)
+}
+
 /// Starts `machine` unless it runs.
 pub(crate) async fn start_machine(shared: &EnvShared, st: &mut EnvState, machine: &str) -> Result<()> {
     if live_or_down(shared, st, machine).await?.is_some() {
         return Ok(());
     }
-    let rec = st.rec(&shared.name)?;
-    let config = machine_config(shared, rec, rec.spec.require_machine(machine)?)?;
-    let dir = shared.paths.machine_dir(machine);
-    std::fs::create_dir_all(&dir).map_err(|e| error::io("creating", &dir, &e))?;
+    let config = prepare(shared, st, machine)?;
     let span = tracing::info_span!("qemu.start", env = %shared.name, machine);
     let launched = shared.ctx.launcher.launch(&config).instrument(span).await?;
     st.qmp.insert(machine.to_string(), launched.qmp);
@@ -225,7 +233,13 @@ pub(crate) async fn flush_all(qmp: &QmpClient) -> Result<()> {
 
 /// Writes `data` at `offset` of disk `index` of a running machine through QEMU (`qemu-io write
 /// -s <file>`), then flushes. `scratch` is a directory for the data file.
-pub(crate) async fn write_running(qmp: &QmpClient, index: usize, scratch: &Path, offset: u64, data: &[u8]) -> Result<()> {
+pub(crate) async fn write_running(
+    qmp: &QmpClient,
+    index: usize,
+    scratch: &Path,
+    offset: u64,
+    data: &[u8],
+) -> Result<()> {
     if data.is_empty() {
         return Ok(());
     }

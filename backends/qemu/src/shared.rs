@@ -119,13 +119,18 @@ impl NewEnv {
         match std::fs::create_dir(&paths.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(Error::already_exists("environment", name));
+                remove_leftover(&paths, name)?;
+                std::fs::create_dir(&paths.dir).map_err(|e| error::io("creating", &paths.dir, &e))?;
             }
             Err(e) => return Err(error::io("creating", &paths.dir, &e)),
         }
-        let mut new = NewEnv { paths, owned: Vec::new(), lock: None, committed: false };
+        // Until the lock is ours, the directory may be another creator's: never remove it then.
+        let lock = EnvLock::acquire(&paths.lock(), name).map_err(|e| match e {
+            Error::Locked { .. } => Error::already_exists("environment", name),
+            other => other,
+        })?;
+        let new = NewEnv { paths, owned: Vec::new(), lock: Some(lock), committed: false };
         std::fs::create_dir(new.paths.disks()).map_err(|e| error::io("creating", &new.paths.disks(), &e))?;
-        new.lock = Some(EnvLock::acquire(&new.paths.lock(), name)?);
         Ok(new)
     }
 
@@ -140,9 +145,30 @@ impl NewEnv {
     }
 }
 
+/// An environment directory without a record is what a process that crashed while creating it
+/// left behind: removed when nobody holds its lock. With a record, or while another creator holds
+/// the lock, the name is taken (`AlreadyExists`).
+fn remove_leftover(paths: &EnvPaths, name: &str) -> Result<()> {
+    if paths.record().exists() {
+        return Err(Error::already_exists("environment", name));
+    }
+    let lock = match EnvLock::acquire(&paths.lock(), name) {
+        Ok(lock) => lock,
+        Err(Error::Locked { .. }) => return Err(Error::already_exists("environment", name)),
+        Err(e) => return Err(e),
+    };
+    if paths.record().exists() {
+        return Err(Error::already_exists("environment", name));
+    }
+    tracing::warn!(env = name, dir = %paths.dir.display(), "removing a half-built environment left by a crash");
+    std::fs::remove_dir_all(&paths.dir).map_err(|e| error::io("removing", &paths.dir, &e))?;
+    drop(lock);
+    Ok(())
+}
+
 impl Drop for NewEnv {
     fn drop(&mut self) {
-        if !self.committed {
+        if !self.committed && self.lock.is_some() {
             for f in &self.owned {
                 let _ = std::fs::remove_file(f);
             }

@@ -65,7 +65,7 @@ fn clone_disks(jobs: &[Job]) -> Result<()> {
 
 /// Creates the stage (not started) and returns its open shared state.
 pub(crate) async fn stage(ctx: &Arc<Ctx>, baseline: &Baseline, options: &StageOptions) -> Result<Arc<EnvShared>> {
-    if EnvPaths::new(&ctx.root, &options.name).dir.exists() {
+    if EnvPaths::new(&ctx.root, &options.name).record().exists() {
         return Err(Error::already_exists("environment", &options.name));
     }
     check_baseline(ctx, baseline)?;

@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::time::Instant;
+
 use stagecore::{BackendExt, EnvironmentExt, StageOptions};
 use stagecore_testkit::{Kit, bad_input, clone, drift, invariants, snapshot, unique};
 use support::Fixture;
@@ -93,16 +95,28 @@ async fn change_set_is_intended() {
 /// and every staging operation leave what production's guests read, and its spec, identical.
 #[tokio::test]
 async fn production_untouched_while_running() {
+    let filter = tracing_subscriber::EnvFilter::new("stagecore_qemu::freeze=info");
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     let f = Fixture::new();
     let kit = kit(&f);
     let (pname, sname) = (unique("run-prod"), unique("run-stage"));
     let prod = kit.production(&pname).await.expect("production");
+    let t = Instant::now();
     prod.start().await.expect("start production");
+    eprintln!("timing: start 3 machines {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
     let before_baseline = prod.fingerprint().await.expect("fingerprint");
+    let t = Instant::now();
     let baseline = prod.take_baseline().await.expect("baseline of running production");
+    eprintln!("timing: live baseline of 3 running machines {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
     let before = prod.fingerprint().await.expect("fingerprint");
     assert_eq!(before, before_baseline, "taking a baseline changed what production's guests read");
+    let t = Instant::now();
+    let idle = kit.backend.stage(&baseline, &StageOptions::linked(unique("idle"))).await.expect("stage");
+    eprintln!("timing: linked stage of 3 disks, not started {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    kit.backend.destroy(idle.name()).await.unwrap();
+    let t = Instant::now();
     let stage = kit.backend.stage(&baseline, &StageOptions { start: true, ..StageOptions::linked(&sname) }).await;
+    eprintln!("timing: linked stage, started {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
     let stage = stage.expect("started stage");
     let io = stage.disk_io().expect("disk_io");
     let spec = stage.spec().await.unwrap();
@@ -112,10 +126,16 @@ async fn production_untouched_while_running() {
         }
     }
     assert_eq!(prod.fingerprint().await.unwrap(), before, "writing to the stage changed production");
+    let t = Instant::now();
     stage.create_snapshot("s1").await.expect("live snapshot");
+    eprintln!("timing: live snapshot of 3 running machines {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
     io.write(&spec.machines[0].name, &spec.machines[0].disks[0].name, 4096, b"more").await.unwrap();
+    let t = Instant::now();
     stage.revert_snapshot("s1").await.expect("revert");
+    eprintln!("timing: revert with restart of 3 machines {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    let t = Instant::now();
     let report = kit.backend.drift(&*prod, &*stage).await.expect("drift");
+    eprintln!("timing: drift report, stage running {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
     assert!(report.disk.records.iter().any(|r| r.side.is_some()), "stage writes show as drift:\n{report}");
     assert_eq!(prod.fingerprint().await.unwrap(), before, "snapshot/revert/drift on the stage changed production");
     let status = stage.status().await.unwrap();
@@ -123,4 +143,10 @@ async fn production_untouched_while_running() {
     kit.backend.destroy(&sname).await.expect("destroy stage");
     assert_eq!(prod.fingerprint().await.unwrap(), before, "destroying the stage changed production");
     kit.backend.destroy(&pname).await.expect("destroy production");
+}
+
+#[tokio::test]
+async fn run_all_on_one_backend() {
+    let f = Fixture::new();
+    stagecore_testkit::run_all(&kit(&f)).await;
 }

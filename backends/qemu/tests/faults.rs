@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use stagecore::{Backend, Change, ChangeMap, Environment, Error, PowerState, StageOptions};
+use stagecore::{Backend, Change, ChangeMap, Error, PowerState, StageOptions};
 use stagecore_qemu::{FaultHooks, QemuBackend, QemuConfig};
 use stagecore_testkit::{Kit, unique};
 use support::{Fixture, files_under, qemu_img_check};
@@ -88,6 +88,7 @@ async fn qemu_killed_mid_snapshot_fails_keeps_chains_valid_and_reopens() {
                 std::thread::sleep(std::time::Duration::from_millis(200));
             }
         })),
+        ..FaultHooks::default()
     };
     let f = Fixture::with(|c| QemuConfig { hooks, ..c });
     let kit = Kit::new(f.backend.clone());
@@ -164,15 +165,27 @@ async fn a_full_clone_onto_a_full_filesystem_fails_and_removes_partial_files() {
     f.backend.destroy(&pname).await.unwrap();
 }
 
-const CHILD_ROOT: &str = "STAGECORE_QEMU_LOCK_ROOT";
-const CHILD_ENV: &str = "STAGECORE_QEMU_LOCK_ENV";
+const CHILD_ROOT: &str = "STAGECORE_QEMU_CHILD_ROOT";
+const CHILD_ENV: &str = "STAGECORE_QEMU_CHILD_ENV";
+const CHILD_ACTION: &str = "STAGECORE_QEMU_CHILD_ACTION";
 
-/// Not a test of its own: the child process of `two_processes_on_one_environment_one_is_locked`
-/// (it does nothing unless that test starts it with its environment variables).
+/// Not a test of its own: the child process of the multi-process tests below (it does nothing
+/// unless one of them starts it with its environment variables). `hold`: open the environment
+/// and hold it until stdin closes. `start`: create a production, start it, and exit.
 #[tokio::test]
-async fn lock_holder_child() {
-    let (Ok(root), Ok(env)) = (std::env::var(CHILD_ROOT), std::env::var(CHILD_ENV)) else { return };
-    let backend = QemuBackend::new(QemuConfig::new(root));
+async fn child_process_helper() {
+    let (Ok(root), Ok(env), Ok(action)) =
+        (std::env::var(CHILD_ROOT), std::env::var(CHILD_ENV), std::env::var(CHILD_ACTION))
+    else {
+        return;
+    };
+    let backend = Arc::new(QemuBackend::new(QemuConfig::new(root).with_accel(stagecore_qemu::Accel::Tcg)));
+    if action == "start" {
+        let prod = Kit::new(backend.clone()).production(&env).await.expect("child creates production");
+        prod.start().await.expect("child starts production");
+        println!("STARTED");
+        return;
+    }
     let held = backend.open(&env).await.expect("child opens the environment");
     println!("HOLDING {}", std::process::id());
     std::io::stdout().flush().unwrap();
@@ -181,19 +194,43 @@ async fn lock_holder_child() {
     drop(held);
 }
 
+fn child(root: &std::path::Path, env: &str, action: &str) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_process_helper", "--nocapture"])
+        .env(CHILD_ROOT, root)
+        .env(CHILD_ENV, env)
+        .env(CHILD_ACTION, action)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("re-run the test binary")
+}
+
+#[tokio::test]
+async fn machines_outlive_the_process_that_started_them_and_are_reattached() {
+    let f = Fixture::new();
+    let name = unique("outlive");
+    let out = child(f.root(), &name, "start").wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("STARTED"), "child failed: {text}");
+    let prod = f.backend.open(&name).await.expect("reopen after the creating process exited");
+    let status = prod.status().await.unwrap();
+    assert_eq!(status.len(), 3);
+    assert!(status.iter().all(|s| s.power == PowerState::Running), "{status:?}");
+    let baseline = prod.take_baseline().await.expect("a live baseline over reattached QMP sessions");
+    assert_eq!(baseline.layers.len(), 3);
+    prod.stop().await.unwrap();
+    assert!(prod.status().await.unwrap().iter().all(|s| s.power == PowerState::Stopped));
+    drop(prod);
+    f.backend.destroy(&name).await.unwrap();
+}
+
 #[tokio::test]
 async fn two_processes_on_one_environment_one_is_locked() {
     let f = Fixture::new();
     let name = unique("locked");
     drop(Kit::new(f.backend.clone()).production(&name).await.unwrap());
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "lock_holder_child", "--nocapture"])
-        .env(CHILD_ROOT, f.root())
-        .env(CHILD_ENV, &name)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("re-run the test binary");
+    let mut child = child(f.root(), &name, "hold");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let pid = loop {
         let line = lines.next().expect("child holds the lock").unwrap();
@@ -225,7 +262,13 @@ async fn a_write_through_qemu_io_while_running_shows_in_disk_changes() {
     let baseline = prod.take_baseline().await.unwrap();
     let qenv = f.backend.open_qemu(&pname).await.unwrap();
     // Straight into QEMU, not through the backend's write path (which flushes by itself).
-    let out = qenv.human_monitor_command("app", r#"qemu-io -d /machine/peripheral/d0/virtio-backend "write -P 0x5a 3145728 4096""#).await.unwrap();
+    let out = qenv
+        .human_monitor_command(
+            "app",
+            r#"qemu-io -d /machine/peripheral/d0/virtio-backend "write -P 0x5a 3145728 4096""#,
+        )
+        .await
+        .unwrap();
     assert!(!out.contains("rror"), "{out}");
     let changes = prod.disk_changes(&baseline).await.unwrap();
     let app = changes.iter().find(|c| c.machine == "app").unwrap();
@@ -303,4 +346,21 @@ async fn fenced_nics_have_no_host_path_and_a_segment_of_their_own() {
     for name in [&fenced, &open, &pname] {
         f.backend.destroy(name).await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_half_built_environment_left_by_a_crash_is_replaced_but_a_real_one_is_not() {
+    let f = Fixture::new();
+    let name = unique("crashed");
+    let dir = f.root().join("envs").join(&name);
+    std::fs::create_dir_all(dir.join("disks")).unwrap();
+    std::fs::write(dir.join("disks").join("web.disk0.1.qcow2"), b"partial").unwrap();
+    assert!(matches!(f.backend.open(&name).await, Err(Error::NotFound { .. })), "no record, no environment");
+    let prod = Kit::new(f.backend.clone()).production(&name).await.expect("the leftover is replaced");
+    assert!(!dir.join("disks").join("web.disk0.1.qcow2").exists());
+    let err = f.backend.create(&stagecore::memory::sample_spec(&name)).await.unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists { .. }), "{err}");
+    assert!(dir.join("env.json").exists(), "a failed create never removes an existing environment");
+    drop(prod);
+    f.backend.destroy(&name).await.unwrap();
 }

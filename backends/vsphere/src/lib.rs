@@ -1,4 +1,10 @@
-//! stagecore-vsphere: the HTTP half of the vSphere backend.
+//! stagecore-vsphere: the vSphere backend of stagecore.
+//!
+//! [`VsphereBackend`] implements [`stagecore::Backend`] over vCenter: productions are attached
+//! (existing VMs by name or folder), baselines are per-VM snapshots, stages are linked or full
+//! clones of them (fenced onto an isolated port group), disk drift comes from Changed Block
+//! Tracking. Environment membership is kept in a local registry directory
+//! ([`VsphereOptions::state_dir`]). See `docs/backends/vsphere.md`.
 //!
 //! [`VsphereClient`] talks to vCenter through the Automation REST API (`/api/...`: sessions,
 //! inventory, power, full clone) and the VI/JSON API (`/sdk/vim25/{release}/...`, vSphere 8.0U1+:
@@ -7,7 +13,17 @@
 //! [`VsphereFault`] (reachable through `Error::Backend`'s source). Secrets never appear in `Debug`,
 //! errors or tracing.
 
+mod backend;
 mod client;
+mod drift;
+mod env;
+mod inspect;
+mod registry;
+mod snapshots;
+mod stage;
+
+pub use backend::{VsphereBackend, VsphereOptions};
+pub use env::VsphereEnvironment;
 
 pub use client::VsphereClient;
 pub use client::config::{RetryPolicy, TaskPolicy, VsphereConfig};

@@ -189,7 +189,7 @@ impl PromotionEngine {
         }
         let locks = self.locks_dir();
         let prod = production.clone();
-        let attempt = blocking(move || ProductionLock::try_acquire(&locks, &prod)).await;
+        let attempt = blocking(move || ProductionLock::try_acquire_named(&locks, &prod)).await;
         let (mut lock, previous) = match attempt {
             Ok(TryLock::Acquired(lock, previous)) => (lock, previous),
             Ok(TryLock::Busy(holder)) => {

@@ -38,6 +38,9 @@ impl std::fmt::Display for LockHolder {
     }
 }
 
+/// How often a busy, still unnamed lock is looked at again (5 ms apart) before giving up naming it.
+const NAME_RETRIES: usize = 200;
+
 /// The outcome of a non-blocking lock attempt.
 #[derive(Debug)]
 pub(crate) enum TryLock {
@@ -95,6 +98,18 @@ impl ProductionLock {
             Err(TryLockError::WouldBlock) => Ok(TryLock::Busy(read_holder(&mut file, &path)?)),
             Err(TryLockError::Error(e)) => Err(io_err(&path, "flock", e)),
         }
+    }
+
+    /// Like [`ProductionLock::try_acquire`], but a busy lock whose holder has not written its name
+    /// yet (it takes the flock, then writes) is retried briefly, so that `Busy` names the holder.
+    pub(crate) fn try_acquire_named(locks_dir: &Path, production: &str) -> Result<TryLock> {
+        for _ in 0..NAME_RETRIES {
+            match Self::try_acquire(locks_dir, production)? {
+                TryLock::Busy(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                other => return Ok(other),
+            }
+        }
+        Self::try_acquire(locks_dir, production)
     }
 
     /// Writes `holder` as the lock's content, durably.

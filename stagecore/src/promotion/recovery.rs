@@ -64,7 +64,7 @@ impl PromotionEngine {
     async fn recover_run(&self, mut run: Run) -> Result<Option<Receipt>> {
         let (locks, production, id) = (self.locks_dir(), run.plan.production.clone(), run.plan.id.clone());
         let attempt = blocking(move || ProductionLock::try_acquire(&locks, &production)).await?;
-        let never_locked = run.last == "begin";
+        let never_locked = !run.lock_recorded();
         match attempt {
             TryLock::Acquired(lock, previous) if previous.as_ref().is_some_and(|h| h.promotion == id) => run.hold(lock),
             TryLock::Acquired(_, _) | TryLock::Busy(_) if never_locked || run.finished.is_some() => {}
@@ -109,16 +109,20 @@ impl PromotionEngine {
         let production = self.backend().open(&run.plan.production).await?;
         match run.decision.clone() {
             Some(JournalStep::Commit) => {
-                steps::commit(run, &*production).await?;
+                if !run.last_done_is("commit") {
+                    steps::commit(run, &*production).await?;
+                }
                 Ok(Outcome::Committed)
             }
             Some(JournalStep::Refuse { reason }) => Ok(Outcome::Refused { reason }),
             Some(JournalStep::Rollback { reason }) => {
-                steps::roll_back(run, &reason, self.backend(), &*production).await?;
+                if !run.last_done_is("rollback") {
+                    steps::roll_back(run, &reason, self.backend(), &*production).await?;
+                }
                 Ok(Outcome::RolledBack { reason })
             }
             _ => {
-                let reason = format!("interrupted after journal step `{}`; rolled back by recovery", run.last);
+                let reason = format!("interrupted after `{}`; rolled back by recovery", run.last);
                 steps::roll_back(run, &reason, self.backend(), &*production).await?;
                 Ok(Outcome::RolledBack { reason })
             }

@@ -72,8 +72,8 @@ pub(crate) struct Run {
     pub(crate) decision: Option<JournalStep>,
     /// The outcome of a `finished` line.
     pub(crate) finished: Option<Outcome>,
-    /// The tag of the last line.
-    pub(crate) last: &'static str,
+    /// What the last line said (`begin`, `apply changes[1] (write_disk)`, `verify done`).
+    pub(crate) last: String,
     /// Recovery is finishing this run.
     pub(crate) recovered: bool,
 }
@@ -95,7 +95,7 @@ impl Run {
             swapped: false,
             decision: None,
             finished: None,
-            last: "none",
+            last: "none".into(),
             recovered: false,
         }
     }
@@ -113,7 +113,7 @@ impl Run {
             }
         };
         let mut run = Run::new(plan, journal, crash_after);
-        run.last = "begin";
+        run.last = "begin".into();
         for e in entries {
             run.observe(&e.step);
         }
@@ -138,7 +138,12 @@ impl Run {
             JournalStep::Finished { outcome } => self.finished = Some(outcome.clone()),
             _ => {}
         }
-        self.last = step.tag();
+        self.last = match step {
+            JournalStep::Done { record, .. } => format!("{} done", record.step),
+            JournalStep::Apply { change, kind } => format!("apply changes[{change}] ({kind})"),
+            JournalStep::Gate { name } => format!("gate:{name}"),
+            other => other.tag().into(),
+        };
     }
 
     fn crash_error(&self) -> Error {
@@ -177,6 +182,16 @@ impl Run {
     ) -> Result<(), Halt> {
         tracing::debug!(promotion = %self.plan.id, step = %record.step, outcome = %record.outcome, "step done");
         self.log(JournalStep::Done { record, drift: drift.map(Box::new), approval }).await
+    }
+
+    /// Whether the journal shows the production lock was taken (its `done` line).
+    pub(crate) fn lock_recorded(&self) -> bool {
+        self.steps.iter().any(|r| r.step == "lock")
+    }
+
+    /// Whether the last recorded step is `step` (its action finished).
+    pub(crate) fn last_done_is(&self, step: &str) -> bool {
+        self.steps.last().is_some_and(|r| r.step == step)
     }
 
     /// Holds the production lock for this run.

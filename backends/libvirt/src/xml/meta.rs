@@ -98,15 +98,27 @@ pub(crate) fn record(domain: &Element, what: &str) -> Result<Option<MachineRecor
 
 /// Builds our metadata element holding `labels` and `record`.
 pub(crate) fn element(labels: &BTreeMap<String, String>, record: &MachineRecord) -> Result<Element> {
-    let mut env = Element::new(&format!("{PREFIX}:{KEY}"));
-    env.set_attr(&format!("xmlns:{PREFIX}"), NS);
+    build(&format!("{PREFIX}:"), labels, record).map(|mut env| {
+        env.set_attr(&format!("xmlns:{PREFIX}"), NS);
+        env
+    })
+}
+
+/// The same without prefixes or namespace declaration, as `virDomainSetMetadata` wants it
+/// (libvirt puts every element into the namespace under the key's prefix).
+pub(crate) fn fragment(labels: &BTreeMap<String, String>, record: &MachineRecord) -> Result<Element> {
+    build("", labels, record)
+}
+
+fn build(prefix: &str, labels: &BTreeMap<String, String>, record: &MachineRecord) -> Result<Element> {
+    let mut env = Element::new(&format!("{prefix}{KEY}"));
     for (k, v) in labels {
-        let mut l = Element::new(&format!("{PREFIX}:label"));
+        let mut l = Element::new(&format!("{prefix}label"));
         l.set_attr("key", k);
         l.set_text(v);
         env.children.push(Node::Element(l));
     }
-    let mut rec = Element::new(&format!("{PREFIX}:record"));
+    let mut rec = Element::new(&format!("{prefix}record"));
     rec.set_text(&serde_json::to_string(record).map_err(|e| crate::error::json("record", e))?);
     env.children.push(Node::Element(rec));
     Ok(env)

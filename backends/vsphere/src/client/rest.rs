@@ -90,6 +90,8 @@ pub struct NicInfo {
     pub network: Option<String>,
     /// Network name.
     pub network_name: Option<String>,
+    /// Adapter type (`VMXNET3`, `E1000`, ...), when reported.
+    pub model: Option<String>,
 }
 
 /// Details of one VM (`VM.Info`, the parts stagecore uses).
@@ -148,6 +150,8 @@ struct RawDisk {
 #[derive(Deserialize)]
 struct RawNic {
     label: String,
+    #[serde(rename = "type")]
+    kind: Option<String>,
     mac_address: Option<String>,
     backing: Option<Value>,
 }
@@ -220,6 +224,7 @@ impl VsphereClient {
                 mac_address: n.mac_address,
                 network: n.backing.as_ref().and_then(|b| b["network"].as_str()).map(str::to_string),
                 network_name: n.backing.as_ref().and_then(|b| b["network_name"].as_str()).map(str::to_string),
+                model: n.kind,
             })
             .collect();
         Ok(VmInfo {

@@ -148,7 +148,8 @@ pub struct Reconfig {
     pub change_tracking: Option<bool>,
 }
 
-/// A linked clone: child disks over a snapshot of the source VM.
+/// A clone of a snapshot of the source VM: linked ([`VsphereClient::linked_clone`], child disks
+/// over the snapshot) or full ([`VsphereClient::full_clone_from_snapshot`], independent copies).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinkedCloneSpec {
     /// The source VM's snapshot the clone's disks will be children of.
@@ -262,12 +263,23 @@ impl VsphereClient {
     /// Linked clone (`CloneVM_Task` from a snapshot with `diskMoveType: createNewChildDiskBacking`,
     /// NICs optionally moved onto a named standard port group); returns the new VM id.
     pub async fn linked_clone(&self, vm: &str, spec: &LinkedCloneSpec) -> Result<String> {
+        self.clone_from_snapshot(vm, spec, "createNewChildDiskBacking").await
+    }
+
+    /// Full clone of a snapshot's state (`CloneVM_Task` from `spec.snapshot` with
+    /// `diskMoveType: moveAllDiskBackingsAndDisallowSharing`: independent copies of the disks as
+    /// they were at the snapshot, NICs optionally moved); returns the new VM id. Unlike
+    /// [`VsphereClient::full_clone`] (REST), which copies the VM's *current* state.
+    pub async fn full_clone_from_snapshot(&self, vm: &str, spec: &LinkedCloneSpec) -> Result<String> {
+        self.clone_from_snapshot(vm, spec, "moveAllDiskBackingsAndDisallowSharing").await
+    }
+
+    async fn clone_from_snapshot(&self, vm: &str, spec: &LinkedCloneSpec, disk_move_type: &str) -> Result<String> {
         validate_id("folder", &spec.folder)?;
         if spec.name.is_empty() || spec.name.contains('/') || spec.name.contains("..") {
             return Err(Error::invalid("clone.name", format!("`{}` must be non-empty without `/` or `..`", spec.name)));
         }
-        let mut location =
-            json!({"_typeName": "VirtualMachineRelocateSpec", "diskMoveType": "createNewChildDiskBacking"});
+        let mut location = json!({"_typeName": "VirtualMachineRelocateSpec", "diskMoveType": disk_move_type});
         if let Some(net_name) = &spec.network_name {
             location["deviceChange"] = Value::Array(self.nic_moves(&spec.snapshot, net_name).await?);
         }

@@ -1,0 +1,100 @@
+//! The stagecore-testkit promotion functions (replay strategy; swap is not supported) against
+//! real QEMU (TCG): atomic commit or rollback (invariant 4), one `Locked` of two (invariant 5).
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use stagecore::Backend;
+use stagecore::promotion::Strategy;
+use stagecore_qemu::{FaultHooks, QemuConfig};
+use stagecore_testkit::{Kit, ProductionFactory, SEED, promotion};
+use support::Fixture;
+
+fn kit(f: &Fixture) -> Kit {
+    Kit::new(f.backend.clone())
+}
+
+/// A kit whose productions are seeded like `Kit::new`'s and then *running*, so promotions
+/// snapshot, write and revert live machines.
+fn running_kit(f: &Fixture) -> Kit {
+    let b = f.backend.clone();
+    let factory: ProductionFactory = Arc::new(move |name: String| {
+        let b = b.clone();
+        Box::pin(async move {
+            let env = b.create(&stagecore::memory::sample_spec(&name)).await?;
+            let io = env.disk_io().expect("disk_io");
+            for m in env.spec().await?.machines {
+                for d in &m.disks {
+                    io.write(&m.name, &d.name, 0, SEED).await?;
+                    io.write(&m.name, &d.name, 1 << 20, m.name.as_bytes()).await?;
+                }
+            }
+            env.start().await?;
+            Ok(env)
+        })
+    });
+    Kit::with_factory(f.backend.clone(), factory)
+}
+
+#[tokio::test]
+async fn replay_commits() {
+    let f = Fixture::new();
+    promotion::replay_commits(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn gate_failure_rolls_back() {
+    let f = Fixture::new();
+    promotion::gate_failure_rolls_back(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn precondition_refuses() {
+    let f = Fixture::new();
+    promotion::precondition_refuses(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn concurrent_promotions_one_locked() {
+    let f = Fixture::new();
+    promotion::concurrent_promotions_one_locked(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn crash_at_every_step_replay() {
+    let f = Fixture::new();
+    promotion::crash_at_every_step(&kit(&f), Strategy::Replay).await;
+}
+
+#[tokio::test]
+async fn apply_failure_rolls_back() {
+    let countdown = Arc::new(AtomicU64::new(0));
+    let c = countdown.clone();
+    let hooks = FaultHooks {
+        before_apply: Some(Arc::new(move || {
+            let left = c.load(Ordering::SeqCst);
+            if left == 0 {
+                return None;
+            }
+            c.store(left - 1, Ordering::SeqCst);
+            (left == 1).then(|| "apply failed on purpose".to_string())
+        })),
+        ..FaultHooks::default()
+    };
+    let f = Fixture::with(|c| QemuConfig { hooks, ..c });
+    promotion::apply_failure_rolls_back(&kit(&f), |n| countdown.store(n, Ordering::SeqCst)).await;
+}
+
+#[tokio::test]
+async fn replay_commits_on_running_production() {
+    let f = Fixture::new();
+    promotion::replay_commits(&running_kit(&f)).await;
+}
+
+#[tokio::test]
+async fn gate_failure_rolls_back_on_running_production() {
+    let f = Fixture::new();
+    promotion::gate_failure_rolls_back(&running_kit(&f)).await;
+}

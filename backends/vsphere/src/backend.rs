@@ -1,0 +1,300 @@
+//! [`VsphereBackend`]: the [`Backend`] of vCenter VMs.
+//!
+//! Contract: productions are *attached* (existing VMs by name or folder; never created, never
+//! modified by attaching, never deleted); stages are linked or full clones of a baseline's
+//! snapshots (see `stage.rs`); environment membership lives in a local registry directory
+//! (`registry.rs`). Destroying a stage deletes its VMs; destroying a production only forgets it
+//! (after removing the snapshots stagecore took of it, when no linked stage still needs them).
+//! `create` and `swap` are `NotSupported`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use stagecore::{
+    Backend, Baseline, Capabilities, CloneKind, Environment, EnvironmentInfo, EnvironmentSpec, Error, Result, Role,
+    Selector, StageOptions,
+};
+use tokio::sync::Mutex;
+use tracing::Instrument;
+
+use crate::env::VsphereEnvironment;
+use crate::registry::{EnvRecord, MachineRecord, Registry};
+use crate::{BACKEND, MoRef, VsphereClient, VsphereConfig};
+
+/// How the backend places stages and where it keeps its registry.
+#[derive(Clone, Debug)]
+pub struct VsphereOptions {
+    /// The port group fenced stages' NICs are moved onto (an admin-made port group without
+    /// uplink). Without it, fenced stages are refused with `InvalidSpec("vsphere.isolated_network")`.
+    pub isolated_network: Option<String>,
+    /// The VM folder stages are created in (name or id, e.g. `stage` or `group-v11`); `None` puts
+    /// each stage VM in the folder of the production VM it is cloned from.
+    pub folder: Option<String>,
+    /// The registry directory: one JSON file per environment (see the crate docs).
+    pub state_dir: PathBuf,
+}
+
+impl VsphereOptions {
+    /// Options with a registry directory, no isolated network and no stage folder.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        VsphereOptions { isolated_network: None, folder: None, state_dir: state_dir.into() }
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) client: VsphereClient,
+    pub(crate) opts: VsphereOptions,
+    pub(crate) registry: Registry,
+    /// Serialises registry read-modify-write cycles within this process.
+    pub(crate) lock: Mutex<()>,
+}
+
+/// The vSphere backend. Cheap to clone.
+#[derive(Clone)]
+pub struct VsphereBackend {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for VsphereBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VsphereBackend")
+            .field("client", &self.shared.client)
+            .field("options", &self.shared.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VsphereBackend {
+    /// Connects to vCenter (logging in, so wrong credentials fail here) and opens the registry.
+    /// `VsphereConfig::new(url, user, Secret::new(password))` builds the configuration.
+    pub async fn connect(config: VsphereConfig, options: VsphereOptions) -> Result<Self> {
+        if let Some(net) = &options.isolated_network
+            && net.trim().is_empty()
+        {
+            return Err(Error::invalid("vsphere.isolated_network", "is empty"));
+        }
+        let registry = Registry::open(&options.state_dir)?;
+        let client = VsphereClient::connect(config).await?;
+        Ok(VsphereBackend { shared: Arc::new(Shared { client, opts: options, registry, lock: Mutex::new(()) }) })
+    }
+
+    /// The HTTP client (for inspection and tests).
+    pub fn client(&self) -> &VsphereClient {
+        &self.shared.client
+    }
+
+    fn handle(&self, name: &str) -> Arc<dyn Environment> {
+        Arc::new(VsphereEnvironment::new(name, self.shared.clone()))
+    }
+
+    /// Finds the VMs a selector names, in a stable order: as listed for names, by name for folders.
+    async fn select(&self, selector: &Selector) -> Result<Vec<MachineRecord>> {
+        let client = &self.shared.client;
+        let found = match selector {
+            Selector::Machines { names, .. } => {
+                if names.is_empty() {
+                    return Err(Error::invalid("selector.names", "names no VM"));
+                }
+                let mut out = Vec::new();
+                for (i, n) in names.iter().enumerate() {
+                    let hits = client.list_vms(&[n], &[]).await?;
+                    match hits.as_slice() {
+                        [one] => out.push((one.vm.clone(), one.name.clone())),
+                        [] => return Err(Error::not_found("vSphere VM", n.clone())),
+                        _ => {
+                            return Err(Error::invalid(
+                                format!("selector.names[{i}]"),
+                                format!("`{n}` names several VMs"),
+                            ));
+                        }
+                    }
+                }
+                out
+            }
+            Selector::Folder { folder, .. } => {
+                let id = resolve_folder(client, folder).await?;
+                let mut vms: Vec<(String, String)> =
+                    client.list_vms(&[], &[&id]).await?.into_iter().map(|v| (v.vm, v.name)).collect();
+                vms.sort_by(|a, b| a.1.cmp(&b.1));
+                if vms.is_empty() {
+                    return Err(Error::not_found("vSphere VM in folder", folder.clone()));
+                }
+                vms
+            }
+            Selector::Label { .. } => return Err(Error::not_supported("attach by label (vSphere tags)", BACKEND)),
+            Selector::Environment { name } => {
+                return Err(Error::invalid("selector", format!("environment `{name}` is opened, not selected")));
+            }
+        };
+        let mut machines: Vec<MachineRecord> = Vec::new();
+        for (vm, name) in found {
+            stagecore::name::validate(&format!("VM `{name}`"), &name)?;
+            if machines.iter().any(|m| m.vm == vm) {
+                continue;
+            }
+            machines.push(MachineRecord { name: name.clone(), vm, instance_name: name });
+        }
+        Ok(machines)
+    }
+}
+
+/// What the registry alone knows of an environment (the VM id stands in for the UUID).
+fn registry_info(r: EnvRecord) -> EnvironmentInfo {
+    let machines = r
+        .machines
+        .into_iter()
+        .map(|m| stagecore::MachineInstance { name: m.name, instance_name: m.instance_name, uuid: m.vm })
+        .collect();
+    EnvironmentInfo { name: r.name, backend: BACKEND.into(), role: r.role, machines }
+}
+
+/// A folder id from a name or id.
+pub(crate) async fn resolve_folder(client: &VsphereClient, folder: &str) -> Result<String> {
+    let all = client.list_folders(&[]).await?;
+    let hits: Vec<_> = all.iter().filter(|f| f.name == folder || f.folder == folder).collect();
+    match hits.as_slice() {
+        [one] => Ok(one.folder.clone()),
+        [] => Err(Error::not_found("vSphere folder", folder)),
+        _ => Err(Error::invalid("vsphere.folder", format!("`{folder}` names several folders; give its id"))),
+    }
+}
+
+#[async_trait]
+impl Backend for VsphereBackend {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::default();
+        c.linked_clone = true;
+        c.full_clone = true;
+        c.fencing = self.shared.opts.isolated_network.is_some();
+        c.live_snapshot = true;
+        c.atomic_snapshot = false;
+        c.disk_drift = true;
+        c.persistent = true;
+        c
+    }
+
+    async fn create(&self, _spec: &EnvironmentSpec) -> Result<Arc<dyn Environment>> {
+        Err(Error::not_supported("create (attach existing VMs instead)", BACKEND))
+    }
+
+    async fn attach(&self, selector: &Selector) -> Result<Arc<dyn Environment>> {
+        if let Selector::Environment { name } = selector {
+            return self.open(name).await;
+        }
+        let env = selector.environment().to_string();
+        let span = tracing::info_span!("vsphere.attach", environment = %env);
+        async {
+            stagecore::name::validate("environment", &env)?;
+            let machines = self.select(selector).await?;
+            let _guard = self.shared.lock.lock().await;
+            if self.shared.registry.exists(&env)? {
+                return Err(Error::already_exists("environment", &env));
+            }
+            for other in self.shared.registry.all()? {
+                if let Some(m) = machines.iter().find(|m| other.machines.iter().any(|o| o.vm == m.vm)) {
+                    return Err(Error::already_exists(
+                        "vSphere VM in an environment",
+                        format!("{} ({}) belongs to {}", m.instance_name, m.vm, other.name),
+                    ));
+                }
+            }
+            let record = EnvRecord {
+                name: env.clone(),
+                role: Role::Production,
+                machines,
+                baselines: Vec::new(),
+                origin: Vec::new(),
+                snapshots: Vec::new(),
+            };
+            self.shared.registry.save(&record)?;
+            tracing::info!(machines = record.machines.len(), "attached");
+            Ok(self.handle(&env))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn stage(&self, baseline: &Baseline, options: &StageOptions) -> Result<Arc<dyn Environment>> {
+        let span = tracing::info_span!("vsphere.stage", stage = %options.name, baseline = %baseline.id);
+        async {
+            crate::stage::stage(&self.shared, baseline, options).await?;
+            Ok(self.handle(&options.name))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn open(&self, name: &str) -> Result<Arc<dyn Environment>> {
+        self.shared.registry.load(name)?;
+        Ok(self.handle(name))
+    }
+
+    async fn list(&self) -> Result<Vec<EnvironmentInfo>> {
+        let mut out = Vec::new();
+        for r in self.shared.registry.all()? {
+            match VsphereEnvironment::new(&r.name, self.shared.clone()).info().await {
+                Ok(info) => out.push(info),
+                // A VM deleted behind stagecore's back must not hide the other environments.
+                Err(Error::NotFound { kind, name }) => {
+                    tracing::warn!(environment = %r.name, missing = %format!("{kind} {name}"), "listing from the registry only");
+                    out.push(registry_info(r));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn destroy(&self, name: &str) -> Result<()> {
+        let span = tracing::info_span!("vsphere.destroy", environment = %name);
+        async {
+            let _guard = self.shared.lock.lock().await;
+            let record = self.shared.registry.load(name)?;
+            match &record.role {
+                Role::Stage(_) => crate::stage::delete_vms(&self.shared.client, &record.machines).await?,
+                Role::Production => self.forget_production(&record).await?,
+            }
+            self.shared.registry.remove(name)?;
+            tracing::info!("destroyed");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn swap(&self, _production: &str, _stage: &str) -> Result<()> {
+        Err(Error::not_supported("swap", BACKEND))
+    }
+}
+
+impl VsphereBackend {
+    /// Removes the snapshots stagecore took of a production (refusing while a linked stage still
+    /// stands on one of its baselines); the VMs themselves are left alone.
+    async fn forget_production(&self, record: &EnvRecord) -> Result<()> {
+        for other in self.shared.registry.all()? {
+            if let Role::Stage(s) = &other.role
+                && s.source == record.name
+                && s.clone == CloneKind::Linked
+            {
+                return Err(Error::Precondition(format!(
+                    "stage {} is a linked clone of {}; destroy it first",
+                    other.name, record.name
+                )));
+            }
+        }
+        let points =
+            record.baselines.iter().flat_map(|b| &b.points).chain(record.snapshots.iter().flat_map(|s| &s.points));
+        for p in points {
+            match self.shared.client.remove_snapshot(&MoRef::new("VirtualMachineSnapshot", &p.snapshot), false).await {
+                Ok(()) | Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
