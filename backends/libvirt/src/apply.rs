@@ -32,10 +32,10 @@ pub(crate) async fn apply(env: &LibvirtEnvironment, change: &Change) -> Result<(
                     let dom = lv(uri, "domain", &inst, c.lookup_domain_by_name(&inst))?;
                     lv(uri, "domain", &inst, dom.set_memory_flags(kib, sys::VIR_DOMAIN_MEM_MAXIMUM | config))?;
                     lv(uri, "domain", &inst, dom.set_memory_flags(kib, config))?;
-                    if live != 0 {
-                        if let Err(e) = dom.set_memory_flags(kib, live) {
-                            tracing::warn!(domain = %inst, error = %e, "live memory change refused; applies on restart");
-                        }
+                    if live != 0
+                        && let Err(e) = dom.set_memory_flags(kib, live)
+                    {
+                        tracing::warn!(domain = %inst, error = %e, "live memory change refused; applies on restart");
                     }
                     Ok(())
                 })
@@ -49,10 +49,10 @@ pub(crate) async fn apply(env: &LibvirtEnvironment, change: &Change) -> Result<(
                     let dom = lv(uri, "domain", &inst, c.lookup_domain_by_name(&inst))?;
                     lv(uri, "domain", &inst, dom.set_vcpus_flags(n, sys::VIR_DOMAIN_VCPU_MAXIMUM | config))?;
                     lv(uri, "domain", &inst, dom.set_vcpus_flags(n, config))?;
-                    if live != 0 {
-                        if let Err(e) = dom.set_vcpus_flags(n, live) {
-                            tracing::warn!(domain = %inst, error = %e, "live vCPU change refused; applies on restart");
-                        }
+                    if live != 0
+                        && let Err(e) = dom.set_vcpus_flags(n, live)
+                    {
+                        tracing::warn!(domain = %inst, error = %e, "live vCPU change refused; applies on restart");
                     }
                     Ok(())
                 })

@@ -228,13 +228,14 @@ impl Backend for LibvirtBackend {
     async fn destroy(&self, name: &str) -> Result<()> {
         let ms = self.shared.machines(name).await?;
         for recs in self.all_records().await?.values() {
-            if let Some(Role::Stage(s)) = recs.first().map(|r| &r.role) {
-                if s.source == name && s.clone == CloneKind::Linked {
-                    return Err(Error::Precondition(format!(
-                        "stage {} is a linked clone of {name}; destroy it first",
-                        recs[0].environment
-                    )));
-                }
+            if let Some(Role::Stage(s)) = recs.first().map(|r| &r.role)
+                && s.source == name
+                && s.clone == CloneKind::Linked
+            {
+                return Err(Error::Precondition(format!(
+                    "stage {} is a linked clone of {name}; destroy it first",
+                    recs[0].environment
+                )));
             }
         }
         if ms.iter().all(|m| m.store == Store::Registry) {

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use stagecore::{BackendExt, EnvironmentExt, StageOptions};
 use stagecore_testkit::{Kit, bad_input, clone, drift, invariants, snapshot, unique};
-use support::Fixture;
+use support::{Fixture, running_kit};
 
 fn kit(f: &Fixture) -> Kit {
     Kit::new(f.backend.clone())
@@ -149,4 +149,28 @@ async fn production_untouched_while_running() {
 async fn run_all_on_one_backend() {
     let f = Fixture::new();
     stagecore_testkit::run_all(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn production_untouched_with_running_production() {
+    let f = Fixture::new();
+    invariants::production_untouched(&running_kit(&f)).await;
+}
+
+#[tokio::test]
+async fn zero_drift_after_clone_of_running_production() {
+    let f = Fixture::new();
+    invariants::zero_drift_after_clone(&running_kit(&f)).await;
+}
+
+#[tokio::test]
+async fn production_disk_write_is_drift_while_running() {
+    let f = Fixture::new();
+    drift::production_disk_write_is_drift(&running_kit(&f)).await;
+}
+
+#[tokio::test]
+async fn both_sides_is_conflict_while_running() {
+    let f = Fixture::new();
+    drift::both_sides_is_conflict(&running_kit(&f)).await;
 }

@@ -6,36 +6,13 @@ mod support;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use stagecore::Backend;
 use stagecore::promotion::Strategy;
 use stagecore_qemu::{FaultHooks, QemuConfig};
-use stagecore_testkit::{Kit, ProductionFactory, SEED, promotion};
-use support::Fixture;
+use stagecore_testkit::{Kit, promotion};
+use support::{Fixture, running_kit};
 
 fn kit(f: &Fixture) -> Kit {
     Kit::new(f.backend.clone())
-}
-
-/// A kit whose productions are seeded like `Kit::new`'s and then *running*, so promotions
-/// snapshot, write and revert live machines.
-fn running_kit(f: &Fixture) -> Kit {
-    let b = f.backend.clone();
-    let factory: ProductionFactory = Arc::new(move |name: String| {
-        let b = b.clone();
-        Box::pin(async move {
-            let env = b.create(&stagecore::memory::sample_spec(&name)).await?;
-            let io = env.disk_io().expect("disk_io");
-            for m in env.spec().await?.machines {
-                for d in &m.disks {
-                    io.write(&m.name, &d.name, 0, SEED).await?;
-                    io.write(&m.name, &d.name, 1 << 20, m.name.as_bytes()).await?;
-                }
-            }
-            env.start().await?;
-            Ok(env)
-        })
-    });
-    Kit::with_factory(f.backend.clone(), factory)
 }
 
 #[tokio::test]

@@ -273,3 +273,24 @@ async fn environments_persist_in_the_registry() {
     assert_eq!(again.list().await.unwrap().len(), 2);
     assert_no_violations(&f.sim);
 }
+
+#[tokio::test]
+async fn too_long_vm_names_and_vms_deleted_behind_our_back() {
+    let f = fixture(None).await;
+    let prod = attach(&f, "prod").await;
+    let baseline = prod.take_baseline().await.unwrap();
+    let long = StageOptions { fenced: false, name_prefix: Some("p".repeat(60)), ..StageOptions::linked("s0") };
+    let err = f.backend.stage(&baseline, &long).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidSpec { ref path, .. } if path == "stage.name_prefix"), "{err}");
+
+    let stage =
+        f.backend.stage(&baseline, &StageOptions { fenced: false, ..StageOptions::linked("s1") }).await.unwrap();
+    let web = f.sim.vm_by_name(&stage_vm(&stage, "web").await).unwrap().id;
+    f.backend.client().delete_vm(&web).await.unwrap();
+    assert!(matches!(stage.info().await.unwrap_err(), Error::NotFound { .. }));
+    let listed = f.backend.list().await.expect("list survives a missing VM");
+    assert_eq!(listed.len(), 2);
+    f.backend.destroy("s1").await.expect("destroy tolerates a VM already gone");
+    assert_eq!(f.backend.list().await.unwrap().len(), 1);
+    assert_no_violations(&f.sim);
+}

@@ -12,8 +12,6 @@ use stagecore::{DiskFormat, DiskSpec, Error, Firmware, MachineSpec, NicSpec, Res
 /// The parts of `<domain>` the spec needs.
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct DomainXml {
-    /// `<name>`.
-    pub(crate) name: String,
     /// `<uuid>`.
     #[serde(default)]
     pub(crate) uuid: Option<String>,
@@ -73,8 +71,6 @@ pub(crate) struct Devices {
 /// `<disk>`.
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct Disk {
-    #[serde(rename = "@type", default)]
-    pub(crate) kind: Option<String>,
     #[serde(rename = "@device", default)]
     pub(crate) device: Option<String>,
     #[serde(default)]
@@ -129,8 +125,6 @@ pub(crate) struct Alias {
 /// `<interface>`.
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct Interface {
-    #[serde(rename = "@type", default)]
-    pub(crate) kind: Option<String>,
     #[serde(default)]
     pub(crate) mac: Option<Mac>,
     #[serde(default)]

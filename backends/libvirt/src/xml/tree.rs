@@ -138,11 +138,6 @@ impl Element {
         }
     }
 
-    /// Removes an attribute.
-    pub(crate) fn remove_attr(&mut self, name: &str) {
-        self.attrs.retain(|(k, _)| k != name);
-    }
-
     /// Child elements.
     pub(crate) fn elements(&self) -> impl Iterator<Item = &Element> {
         self.children.iter().filter_map(|c| if let Node::Element(e) = c { Some(e) } else { None })

@@ -9,44 +9,44 @@ use std::process::Command;
 use stagecore_libvirt::LibvirtBackend;
 
 /// The live daemon's URI.
-pub const URI: &str = "qemu:///system";
+pub(crate) const URI: &str = "qemu:///system";
 
 /// Removes everything a test made (by tag) when dropped.
-pub struct Guard {
+pub(crate) struct Guard {
     /// Unique tag in every name the test uses.
-    pub tag: String,
+    pub(crate) tag: String,
     /// The state directory.
-    pub dir: PathBuf,
+    pub(crate) dir: PathBuf,
 }
 
 impl Guard {
     /// A new tag and state directory under /var/lib/libvirt/images.
-    pub fn new(prefix: &str) -> Self {
+    pub(crate) fn new(prefix: &str) -> Self {
         let tag = format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let dir = PathBuf::from(format!("/var/lib/libvirt/images/stagecore-test-{tag}"));
         Guard { tag, dir }
     }
 
     /// A backend on the live daemon; panics (fails the test) when libvirtd is not there.
-    pub async fn backend(&self) -> LibvirtBackend {
+    pub(crate) async fn backend(&self) -> LibvirtBackend {
         LibvirtBackend::connect(URI, &self.dir)
             .await
             .unwrap_or_else(|e| panic!("libvirtd must be running for the live tests ({URI}): {e}"))
     }
 
     /// Names of domains whose name contains the tag.
-    pub fn domains(&self) -> Vec<String> {
+    pub(crate) fn domains(&self) -> Vec<String> {
         virsh(&["list", "--all", "--name"]).into_iter().filter(|n| n.contains(&self.tag)).collect()
     }
 
     /// Names of networks whose name contains the tag.
-    pub fn networks(&self) -> Vec<String> {
+    pub(crate) fn networks(&self) -> Vec<String> {
         virsh(&["net-list", "--all", "--name"]).into_iter().filter(|n| n.contains(&self.tag)).collect()
     }
 }
 
 /// Runs virsh on the live daemon and returns its non-empty output lines.
-pub fn virsh(args: &[&str]) -> Vec<String> {
+pub(crate) fn virsh(args: &[&str]) -> Vec<String> {
     let out = Command::new("virsh").arg("-c").arg(URI).args(args).output().expect("virsh runs");
     String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
 }

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use stagecore::Backend;
 use stagecore_qemu::{Accel, QemuBackend, QemuConfig};
+use stagecore_testkit::{Kit, ProductionFactory, SEED};
 
 /// A temp root with a backend; kills the root's QEMUs on drop.
 pub struct Fixture {
@@ -105,4 +107,26 @@ pub fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) has no memory-safety preconditions.
     let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
     assert_eq!(rc, 0, "kill({pid}, {sig})");
+}
+
+/// A kit whose productions are seeded like `Kit::new`'s and then *running*, so promotions
+/// snapshot, write and revert live machines.
+pub fn running_kit(f: &Fixture) -> Kit {
+    let b = f.backend.clone();
+    let factory: ProductionFactory = Arc::new(move |name: String| {
+        let b = b.clone();
+        Box::pin(async move {
+            let env = b.create(&stagecore::memory::sample_spec(&name)).await?;
+            let io = env.disk_io().expect("disk_io");
+            for m in env.spec().await?.machines {
+                for d in &m.disks {
+                    io.write(&m.name, &d.name, 0, SEED).await?;
+                    io.write(&m.name, &d.name, 1 << 20, m.name.as_bytes()).await?;
+                }
+            }
+            env.start().await?;
+            Ok(env)
+        })
+    });
+    Kit::with_factory(f.backend.clone(), factory)
 }
