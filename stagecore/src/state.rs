@@ -95,6 +95,19 @@ pub struct StageInfo {
     pub change_sets: Vec<ChangeSet>,
 }
 
+impl StageInfo {
+    /// The stage information of a fresh stage cloned from `baseline` with `options` (no ChangeSets yet).
+    pub fn new(baseline: &Baseline, options: &StageOptions) -> Self {
+        StageInfo {
+            source: baseline.environment.clone(),
+            baseline: baseline.clone(),
+            clone: options.clone,
+            fenced: options.fenced,
+            change_sets: Vec::new(),
+        }
+    }
+}
+
 /// A machine as the hypervisor knows it: logical name plus the identity it runs under.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineInstance {

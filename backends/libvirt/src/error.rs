@@ -82,3 +82,42 @@ pub(crate) fn io(path: &std::path::Path, e: std::io::Error) -> Error {
 pub(crate) fn json(what: &str, e: serde_json::Error) -> Error {
     Error::backend_msg(NAME, format!("{what}: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use virt::connect::Connect;
+
+    use super::*;
+
+    const URI: &str = "test:///default";
+
+    fn ctx<'a>(kind: &'static str, name: &'a str) -> Ctx<'a> {
+        Ctx { uri: URI, kind, name }
+    }
+
+    #[test]
+    fn maps_real_libvirt_errors() {
+        virt::error::clear_error_callback();
+        let c = Connect::open(Some(URI)).expect("the test driver needs no daemon");
+        let e = c.lookup_domain_by_name("missing").unwrap_err();
+        assert!(matches!(map(&e, ctx("domain", "missing")), Error::NotFound { kind: "domain", .. }));
+        let e = c.lookup_network_by_name("missing").unwrap_err();
+        assert!(matches!(map(&e, ctx("network", "missing")), Error::NotFound { kind: "network", .. }));
+        let e = c.define_domain_xml("<domain").unwrap_err();
+        assert!(matches!(map(&e, ctx("domain", "x")), Error::InvalidSpec { .. }), "{e}");
+        let dom = c.lookup_domain_by_name("test").unwrap();
+        dom.destroy().unwrap();
+        let e = dom.suspend().unwrap_err();
+        assert!(matches!(map(&e, ctx("domain", "test")), Error::Precondition(_)), "{e}");
+    }
+
+    #[test]
+    fn a_missing_daemon_is_unreachable() {
+        virt::error::clear_error_callback();
+        let uri = "qemu:///system?socket=/nonexistent/stagecore.sock";
+        let e = Connect::open(Some(uri)).unwrap_err();
+        let mapped = map(&e, Ctx { uri, kind: "connection", name: uri });
+        assert!(matches!(&mapped, Error::Unreachable { endpoint, .. } if endpoint == uri), "{mapped:?}");
+        assert!(mapped.is_temporary());
+    }
+}

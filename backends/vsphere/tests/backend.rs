@@ -275,14 +275,10 @@ async fn environments_persist_in_the_registry() {
 }
 
 #[tokio::test]
-async fn too_long_vm_names_and_vms_deleted_behind_our_back() {
+async fn vms_deleted_behind_our_back() {
     let f = fixture(None).await;
     let prod = attach(&f, "prod").await;
     let baseline = prod.take_baseline().await.unwrap();
-    let long = StageOptions { fenced: false, name_prefix: Some("p".repeat(60)), ..StageOptions::linked("s0") };
-    let err = f.backend.stage(&baseline, &long).await.unwrap_err();
-    assert!(matches!(err, Error::InvalidSpec { ref path, .. } if path == "stage.name_prefix"), "{err}");
-
     let stage =
         f.backend.stage(&baseline, &StageOptions { fenced: false, ..StageOptions::linked("s1") }).await.unwrap();
     let web = f.sim.vm_by_name(&stage_vm(&stage, "web").await).unwrap().id;

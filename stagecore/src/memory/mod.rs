@@ -120,13 +120,7 @@ impl Backend for MemoryBackend {
         if !source.baselines.iter().any(|b| b.id == baseline.id) {
             return Err(Error::not_found("baseline", format!("{}/{}", baseline.environment, baseline.id)));
         }
-        let info = StageInfo {
-            source: baseline.environment.clone(),
-            baseline: baseline.clone(),
-            clone: options.clone,
-            fenced: options.fenced,
-            change_sets: Vec::new(),
-        };
+        let info = StageInfo::new(baseline, options);
         let mut env = EnvState::clone_from(&mut state.layers, baseline, options, info)?;
         if options.start {
             env.set_power_all(crate::PowerState::Running);

@@ -187,3 +187,78 @@ pub(crate) fn isolated_network(name: &str) -> String {
     push(&mut n, text("name", name, &[]));
     n.render()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xml::domain::DomainXml;
+    use crate::xml::tree::tests::SAMPLE;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn stage_edits_change_only_identity_disks_and_networks() {
+        let mut tree = Element::parse(SAMPLE, "sample").unwrap();
+        set_identity(&mut tree, "s1-web", "11111111-2222-3333-4444-555555555555");
+        set_disk_sources(&mut tree, &map(&[("vda", "/stage/web.qcow2")]));
+        set_macs(&mut tree, &map(&[("eth0", "52:54:00:01:02:03"), ("data", "52:54:00:01:02:04")]));
+        let nets = map(&[("br0", "s1-br0"), ("backend", "s1-backend")]);
+        set_networks(&mut tree, &nets, |n| n.to_string());
+        let xml = tree.render();
+        let d = DomainXml::parse(&xml, "edited").unwrap();
+        assert_eq!(d.uuid.as_deref(), Some("11111111-2222-3333-4444-555555555555"));
+        let disks: Vec<_> = d.disks().collect();
+        assert_eq!(disks.len(), 1, "the cdrom is not a modeled disk");
+        assert_eq!(disks[0].1.path().as_deref(), Some("/stage/web.qcow2"));
+        assert!(!xml.contains("backingStore"), "libvirt re-reads the chain from the image");
+        assert!(xml.contains("cache=\"none\""), "driver options survive");
+        let nics: Vec<_> = d.nics().collect();
+        assert_eq!(nics[0].0, "eth0");
+        assert_eq!(nics[0].1.network().as_deref(), Some("s1-br0"));
+        assert_eq!(nics[1].0, "data");
+        assert_eq!(nics[1].1.mac.as_ref().unwrap().address, "52:54:00:01:02:04");
+        for kept in ["keep me", "host-passthrough", "<serial", "pc-q35-7.2", "a comment"] {
+            assert!(xml.contains(kept), "{kept} survives the edit");
+        }
+    }
+
+    #[test]
+    fn parsed_view_builds_a_machine_spec() {
+        let d = DomainXml::parse(SAMPLE, "sample").unwrap();
+        let m = d.machine_spec("web", |n| format!("net-{n}"), |_| Some(1 << 30));
+        assert_eq!((m.vcpus, m.memory_mib, m.firmware), (2, 1024, stagecore::Firmware::Uefi));
+        assert_eq!(m.disks.len(), 1);
+        assert_eq!(m.disks[0].name, "vda");
+        assert_eq!(m.nics[0].mac.as_deref(), Some("52:54:00:aa:bb:cc"));
+        assert_eq!(m.nics[0].network, "net-br0");
+        assert_eq!(m.nics[0].model, "e1000");
+    }
+
+    #[test]
+    fn metadata_record_round_trips_and_other_namespaces_stay() {
+        let mut tree = Element::parse(SAMPLE, "sample").unwrap();
+        let record = crate::xml::meta::MachineRecord {
+            environment: "prod".into(),
+            machine: "web".into(),
+            role: stagecore::Role::Production,
+            networks: map(&[("backend", "prod-backend")]),
+            cidrs: BTreeMap::new(),
+            env_labels: BTreeMap::new(),
+            owned_networks: vec!["prod-backend".into()],
+            origins: BTreeMap::new(),
+            snapshots: Vec::new(),
+        };
+        let labels = map(&[("tier", "web")]);
+        crate::xml::meta::set(&mut tree, &labels, &record).unwrap();
+        crate::xml::meta::set(&mut tree, &labels, &record).unwrap();
+        let back = Element::parse(&tree.render(), "again").unwrap();
+        assert_eq!(crate::xml::meta::record(&back, "web").unwrap(), Some(record));
+        assert_eq!(crate::xml::meta::labels(&back), labels);
+        assert_eq!(back.child("metadata").unwrap().elements().count(), 2, "replaced, not duplicated");
+        crate::xml::meta::strip(&mut tree);
+        assert!(tree.render().contains("keep me"));
+        assert_eq!(crate::xml::meta::record(&tree, "web").unwrap(), None);
+    }
+}

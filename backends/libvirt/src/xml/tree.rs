@@ -200,3 +200,68 @@ fn push(stack: &mut [Element], root: &mut Option<Element>, el: Element) {
         None => *root = Some(el),
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) const SAMPLE: &str = r#"<domain type='kvm' id='3'>
+  <name>web</name>
+  <uuid>0df001d4-4d8b-4f4b-a434-15bb4cde15a6</uuid>
+  <!-- a comment & more -->
+  <description>Web &amp; "front" tier</description>
+  <metadata>
+    <other:thing xmlns:other="https://example.invalid/x">keep me</other:thing>
+  </metadata>
+  <memory unit='KiB'>1048576</memory>
+  <vcpu placement='static'>2</vcpu>
+  <os firmware='efi'><type arch='x86_64' machine='pc-q35-7.2'>hvm</type></os>
+  <cpu mode='host-passthrough'/>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' cache='none'/>
+      <source file='/var/lib/libvirt/images/web.qcow2'/>
+      <backingStore type='file'><format type='qcow2'/><source file='/b.qcow2'/></backingStore>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/>
+      <target dev='sda' bus='sata'/>
+      <readonly/>
+    </disk>
+    <interface type='bridge'>
+      <mac address='52:54:00:AA:bb:cc'/>
+      <source bridge='br0'/>
+      <model type='e1000'/>
+    </interface>
+    <interface type='network'>
+      <mac address='52:54:00:00:00:01'/>
+      <source network='backend'/>
+      <alias name='ua-data'/>
+    </interface>
+    <serial type='pty'/>
+  </devices>
+</domain>"#;
+
+    #[test]
+    fn round_trip_keeps_everything() {
+        let tree = Element::parse(SAMPLE, "sample").unwrap();
+        let again = Element::parse(&tree.render(), "again").unwrap();
+        assert_eq!(tree, again);
+        let text = tree.render();
+        for kept in ["a comment &amp; more", "keep me", "host-passthrough", "cache='none'", "<serial"] {
+            let kept = kept.replace('\'', "\"");
+            assert!(text.contains(&kept) || text.contains(kept.replace("&amp;", "&").as_str()), "{kept} in {text}");
+        }
+        assert_eq!(tree.child("description").unwrap().text(), "Web & \"front\" tier");
+    }
+
+    #[test]
+    fn malformed_xml_is_invalid_spec() {
+        for bad in ["<domain>", "<a></b>", ""] {
+            let e = Element::parse(bad, "domain x").unwrap_err();
+            assert!(matches!(e, Error::InvalidSpec { ref path, .. } if path == "domain x"), "{bad}: {e}");
+        }
+    }
+}
