@@ -129,7 +129,10 @@ impl VsphereBackend {
         };
         let mut machines: Vec<MachineRecord> = Vec::new();
         for (vm, name) in found {
-            stagecore::name::validate(&format!("VM `{name}`"), &name)?;
+            let field = if matches!(selector, Selector::Folder { .. }) { "selector.folder" } else { "selector.names" };
+            stagecore::name::check(&name).map_err(|reason| {
+                Error::invalid(field, format!("VM name {reason}; it cannot serve as a logical machine name"))
+            })?;
             if machines.iter().any(|m| m.vm == vm) {
                 continue;
             }
