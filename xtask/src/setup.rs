@@ -31,7 +31,23 @@ pub(crate) fn setup() -> Result<()> {
             return Err(Failure(format!("setup: still not ready after installing: {}", left.join("; "))));
         }
     }
+    kvm_permissions()?;
     start_daemons()
+}
+
+/// Gives `/dev/kvm` the group and mode Debian's udev rule would (`kvm`, 0660). Machines without
+/// udev leave it `root:root 0600`, and then libvirt re-probes QEMU on every define or snapshot
+/// (30–75 s each, measured here). Does nothing without `/dev/kvm`, when the group already has
+/// access, or when not root.
+fn kvm_permissions() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata("/dev/kvm") else { return Ok(()) };
+    if meta.permissions().mode() & 0o060 == 0o060 || !is_root() {
+        return Ok(());
+    }
+    println!("setup: giving /dev/kvm group kvm, mode 0660 (as udev would)");
+    run("setup: chgrp kvm /dev/kvm", Command::new("chgrp").args(["kvm", "/dev/kvm"]))?;
+    run("setup: chmod 0660 /dev/kvm", Command::new("chmod").args(["0660", "/dev/kvm"]))
 }
 
 /// Everything that is missing or inconsistent, as human-readable lines; empty when ready.
@@ -63,9 +79,11 @@ fn version_mismatch() -> Option<String> {
 }
 
 fn is_root_on_debian() -> bool {
-    let debian = std::path::Path::new("/etc/debian_version").exists();
-    let uid = stdout_of(Command::new("id").arg("-u"));
-    debian && uid.is_some_and(|u| u.trim() == "0")
+    std::path::Path::new("/etc/debian_version").exists() && is_root()
+}
+
+fn is_root() -> bool {
+    stdout_of(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0")
 }
 
 /// Installs the packages with one apt call, or explains what to install and fails.

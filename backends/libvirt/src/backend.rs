@@ -13,7 +13,7 @@ use stagecore::{
 use crate::conn::{Conn, lv};
 use crate::env::LibvirtEnvironment;
 use crate::error::NAME;
-use crate::machines::{self, Store};
+use crate::machines;
 use crate::registry;
 use crate::shared::{Shared, make_dir};
 use crate::xml::meta::{self, MachineRecord};
@@ -226,7 +226,9 @@ impl Backend for LibvirtBackend {
 
     #[tracing::instrument(skip(self))]
     async fn destroy(&self, name: &str) -> Result<()> {
-        let ms = self.shared.machines(name).await?;
+        stagecore::name::validate("environment", name)?;
+        let registered = registry::load(&self.shared.dir, name)?.is_some();
+        let ms = if registered { Vec::new() } else { self.shared.machines(name).await? };
         for recs in self.all_records().await?.values() {
             if let Some(Role::Stage(s)) = recs.first().map(|r| &r.role)
                 && s.source == name
@@ -238,7 +240,8 @@ impl Backend for LibvirtBackend {
                 )));
             }
         }
-        if ms.iter().all(|m| m.store == Store::Registry) {
+        if registered {
+            // An attached production: forget it, even when its domains are gone; never touch them.
             return registry::remove(&self.shared.dir, name);
         }
         let names: Vec<String> = ms.iter().map(|m| m.instance.clone()).collect();

@@ -64,7 +64,7 @@ pub(crate) fn map(e: &virt::error::Error, ctx: Ctx<'_>) -> Error {
 pub(crate) fn tool(tool: &str, path: &std::path::Path, stderr: &[u8]) -> Error {
     let text = String::from_utf8_lossy(stderr);
     let text = text.trim();
-    if text.contains("No such file") || text.contains("Could not open") && text.contains("No such") {
+    if text.contains("No such file") {
         return Error::not_found("image", path.display().to_string());
     }
     Error::backend_msg(NAME, format!("{tool} on {}: {text}", path.display()))
@@ -105,10 +105,9 @@ mod tests {
         assert!(matches!(map(&e, ctx("network", "missing")), Error::NotFound { kind: "network", .. }));
         let e = c.define_domain_xml("<domain").unwrap_err();
         assert!(matches!(map(&e, ctx("domain", "x")), Error::InvalidSpec { .. }), "{e}");
-        let dom = c.lookup_domain_by_name("test").unwrap();
-        dom.destroy().unwrap();
-        let e = dom.suspend().unwrap_err();
-        assert!(matches!(map(&e, ctx("domain", "test")), Error::Precondition(_)), "{e}");
+        let net = c.lookup_network_by_name("default").unwrap();
+        let e = net.create().unwrap_err();
+        assert!(matches!(map(&e, ctx("network", "default")), Error::Precondition(_)), "{e}");
     }
 
     #[test]

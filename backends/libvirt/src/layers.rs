@@ -1,164 +1,220 @@
-//! qcow2 layer operations, for now through `qemu-img` / `qemu-io` (std::process).
+//! Image layer operations: the ONE place that touches image files.
 //!
-//! This is the ONE place that touches image files. It will switch to the shared in-process
-//! `stagecore-qcow2` crate (same function shapes: overlay creation, info, chain, changed_since,
-//! allocated-only copy, read/write/digest) once its API settles. All functions block; callers
-//! run them on `spawn_blocking`. Reads use `-U` (force-share) so they work on images a running
-//! QEMU holds; writes need the image to be free (machine stopped).
+//! qcow2 work (overlays, headers, chains, allocation maps, allocated-only copies, guest reads,
+//! writes and digests) goes through the shared in-process crate `stagecore-qcow2`, the same code
+//! the QEMU backend uses. Raw files (production disks created or attached as `raw`) are plain
+//! files: read, written and hashed here with positional I/O. `qemu-img` is spawned for one thing
+//! only: creating a NEW EMPTY image without a backing file (`create_image`), which
+//! `stagecore-qcow2` does not do.
+//!
+//! All functions block; callers run them on `spawn_blocking` (or inside a `Conn::run` closure).
+//! Reads open files read-only and work on images a running QEMU holds; writes are only made to
+//! images no QEMU has open (callers check the domain is shut off).
+//!
+//! Ownership: new files are root-owned 0644 like `qemu-img`'s were; libvirt's DAC driver chowns a
+//! domain's whole chain to `libvirt-qemu` when it starts and gives it back when it stops, so QEMU
+//! can open them read/write (proved by the live tests, which start domains on such files).
 
-use std::io::Write as _;
+use std::fs::File;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
-use stagecore::extent::{self, Extent};
+use stagecore::extent::Extent;
 use stagecore::{Error, Result};
+use stagecore_qcow2::ImageFormat;
 
 use crate::error;
 
-/// What `qemu-img info` says about one image.
-#[derive(Debug, Clone, Deserialize)]
+/// What the header of one image says (only what this crate needs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ImageInfo {
-    /// The file name.
-    pub(crate) filename: String,
-    /// `qcow2`, `raw`, …
-    pub(crate) format: String,
+    /// qcow2 or raw.
+    pub(crate) format: ImageFormat,
     /// Virtual size in bytes.
-    #[serde(rename = "virtual-size")]
     pub(crate) virtual_size: u64,
-    /// Cluster size (qcow2 only).
-    #[serde(rename = "cluster-size", default)]
-    pub(crate) cluster_size: Option<u64>,
 }
 
-fn run(tool: &str, args: &[&str], subject: &Path) -> Result<Vec<u8>> {
-    let out = Command::new(tool).args(args).output().map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::Unreachable { endpoint: tool.into(), reason: format!("{tool} is not installed") }
-        } else {
-            error::io(subject, e)
-        }
-    })?;
-    if !out.status.success() {
-        return Err(error::tool(tool, subject, &out.stderr));
-    }
-    Ok(out.stdout)
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+fn open(path: &Path, write: bool) -> Result<File> {
+    std::fs::OpenOptions::new().read(true).write(write).open(path).map_err(|e| error::io(path, e))
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap_or_default()
+/// The format of `path`: qcow2 when it starts with qcow2's magic, else raw (what qemu probes).
+pub(crate) fn format(path: &Path) -> Result<ImageFormat> {
+    let f = open(path, false)?;
+    let mut magic = [0u8; 4];
+    let is_qcow2 = f.read_exact_at(&mut magic, 0).is_ok() && magic == QCOW2_MAGIC;
+    Ok(if is_qcow2 { ImageFormat::Qcow2 } else { ImageFormat::Raw })
 }
 
 /// Creates an empty image of `format` and `size` bytes (fails if `path` exists).
+///
+/// The only use of `qemu-img`: `stagecore-qcow2` creates overlays, not images without a backing
+/// file.
 pub(crate) fn create_image(path: &Path, format: &str, size: u64) -> Result<()> {
     if path.exists() {
         return Err(Error::already_exists("image", path.display().to_string()));
     }
-    run("qemu-img", &["create", "-q", "-f", format, s(path), &size.to_string()], path).map(drop)
-}
-
-/// Creates a qcow2 overlay at `path` over `backing` (fails if `path` exists).
-pub(crate) fn create_overlay(path: &Path, backing: &Path) -> Result<()> {
-    if path.exists() {
-        return Err(Error::already_exists("image", path.display().to_string()));
+    let target = path.to_str().unwrap_or_default();
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", format, target, &size.to_string()])
+        .output()
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::Unreachable { endpoint: "qemu-img".into(), reason: "qemu-img is not installed".into() }
+            } else {
+                error::io(path, e)
+            }
+        })?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(path);
+        return Err(error::tool("qemu-img", path, &out.stderr));
     }
-    let format = info(backing)?.format;
-    let args = ["create", "-q", "-f", "qcow2", "-F", &format, "-b", s(backing), s(path)];
-    run("qemu-img", &args, path).map(drop)
+    Ok(())
 }
 
-/// `qemu-img info` of one image.
+/// Creates a qcow2 overlay at `path` over `backing` (absolute; its format is probed), in-process.
+pub(crate) fn create_overlay(path: &Path, backing: &Path) -> Result<()> {
+    let backing = absolute(backing)?;
+    stagecore_qcow2::create_overlay(path, &backing, format(&backing)?, None)
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() { Ok(p.to_path_buf()) } else { std::fs::canonicalize(p).map_err(|e| error::io(p, e)) }
+}
+
+/// Format and virtual size of one image.
 pub(crate) fn info(path: &Path) -> Result<ImageInfo> {
-    let out = run("qemu-img", &["info", "-U", "--output=json", s(path)], path)?;
-    serde_json::from_slice(&out).map_err(|e| error::json("qemu-img info", e))
+    match format(path)? {
+        ImageFormat::Qcow2 => {
+            let i = stagecore_qcow2::info(path)?;
+            Ok(ImageInfo { format: i.format, virtual_size: i.virtual_size })
+        }
+        ImageFormat::Raw => {
+            let len = open(path, false)?.metadata().map_err(|e| error::io(path, e))?.len();
+            Ok(ImageInfo { format: ImageFormat::Raw, virtual_size: len })
+        }
+    }
 }
 
-/// The chain from `top` down to its base, with canonical paths.
-pub(crate) fn chain(top: &Path) -> Result<Vec<(PathBuf, ImageInfo)>> {
-    let out = run("qemu-img", &["info", "-U", "--backing-chain", "--output=json", s(top)], top)?;
-    let infos: Vec<ImageInfo> = serde_json::from_slice(&out).map_err(|e| error::json("qemu-img info", e))?;
-    Ok(infos.into_iter().map(|i| (canonical(Path::new(&i.filename)), i)).collect())
-}
-
-fn canonical(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
-}
-
-#[derive(Deserialize)]
-struct MapEntry {
-    start: u64,
-    length: u64,
-    depth: usize,
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
 
 /// Extents allocated in the layers of `top`'s chain above `base` (guest offsets) and the
 /// granularity (smallest cluster size of those layers); `None` when `base` is not in the chain.
 pub(crate) fn changed_since(top: &Path, base: &Path) -> Result<Option<(Vec<Extent>, u64)>> {
-    let base = canonical(base);
-    let chain = chain(top)?;
-    let Some(depth) = chain.iter().position(|(p, _)| *p == base) else { return Ok(None) };
-    let granularity = chain[..depth].iter().filter_map(|(_, i)| i.cluster_size).min().unwrap_or(1);
-    let out = run("qemu-img", &["map", "-U", "--output=json", s(top)], top)?;
-    let map: Vec<MapEntry> = serde_json::from_slice(&out).map_err(|e| error::json("qemu-img map", e))?;
-    let extents =
-        map.iter().filter(|e| e.depth < depth).map(|e| Extent { offset: e.start, length: e.length }).collect();
-    Ok(Some((extent::normalize(extents), granularity)))
+    if format(top)? == ImageFormat::Raw {
+        return Ok(same_file(top, base).then(|| (Vec::new(), 1)));
+    }
+    let chain = stagecore_qcow2::chain(top)?;
+    let Some(depth) = chain.iter().position(|i| same_file(&i.path, base)) else { return Ok(None) };
+    let granularity = chain[..depth].iter().filter_map(|i| i.cluster_size).min().unwrap_or(1);
+    Ok(Some((stagecore_qcow2::changed_since(top, base)?, granularity)))
 }
 
 /// Copies what `src`'s chain allocates into a new independent qcow2 image `dst`.
+///
+/// A raw `src` is read through a temporary qcow2 overlay (removed afterwards), so the copy is
+/// still made in-process and only holds the raw file's data extents.
 pub(crate) fn copy_allocated(src: &Path, dst: &Path) -> Result<()> {
     if dst.exists() {
         return Err(Error::already_exists("image", dst.display().to_string()));
     }
-    let r = run("qemu-img", &["convert", "-U", "-O", "qcow2", s(src), s(dst)], src).map(drop);
-    if r.is_err() {
-        let _ = std::fs::remove_file(dst);
+    let src = absolute(src)?;
+    if format(&src)? == ImageFormat::Qcow2 {
+        return stagecore_qcow2::copy_allocated(&src, None, dst).map(drop);
     }
+    let name = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dst.with_file_name(format!(".{name}.raw-view.qcow2"));
+    let _ = std::fs::remove_file(&tmp);
+    stagecore_qcow2::create_overlay(&tmp, &src, ImageFormat::Raw, None)?;
+    let r = stagecore_qcow2::copy_allocated(&tmp, None, dst).map(drop);
+    let _ = std::fs::remove_file(&tmp);
     r
 }
 
-/// Reads `len` guest bytes at `offset` (a raw window over the chain, converted to a temp file).
+/// Reads `len` guest bytes at `offset` (the caller checked the range).
 pub(crate) fn read_at(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
-    const BS: u64 = 512;
-    let start = offset / BS * BS;
-    let end = (offset + len).div_ceil(BS) * BS;
-    let dir = tempfile::tempdir().map_err(|e| error::io(path, e))?;
-    let out = dir.path().join("window.raw");
-    let format = info(path)?.format;
-    let opts = format!(
-        "driver=raw,offset={start},size={},file.driver={format},file.file.filename={}",
-        end - start,
-        s(path).replace(',', ",,")
-    );
-    run("qemu-img", &["convert", "-U", "--image-opts", &opts, "-O", "raw", s(&out)], path)?;
-    let data = std::fs::read(&out).map_err(|e| error::io(&out, e))?;
-    let from = (offset - start) as usize;
-    let mut bytes = data.get(from..).unwrap_or_default().to_vec();
-    bytes.resize(len as usize, 0);
-    Ok(bytes)
+    let mut buf = vec![0u8; len as usize];
+    match format(path)? {
+        ImageFormat::Qcow2 => stagecore_qcow2::read_at(path, offset, &mut buf)?,
+        ImageFormat::Raw => {
+            let f = open(path, false)?;
+            let mut done = 0;
+            while done < buf.len() {
+                match f.read_at(&mut buf[done..], offset + done as u64).map_err(|e| error::io(path, e))? {
+                    0 => break, // beyond the end of a sparse-truncated file: zeros
+                    n => done += n,
+                }
+            }
+        }
+    }
+    Ok(buf)
 }
 
-/// Writes `data` at `offset` into the top image (the image must not be in use).
+/// Writes `data` at `offset` into the top image and syncs it. The image must not be open in a
+/// QEMU (callers refuse running domains).
 pub(crate) fn write_at(path: &Path, offset: u64, data: &[u8]) -> Result<()> {
-    let mut tmp = tempfile::NamedTempFile::new().map_err(|e| error::io(path, e))?;
-    tmp.write_all(data).and_then(|_| tmp.flush()).map_err(|e| error::io(tmp.path(), e))?;
-    let cmd = format!("write -q -s {} {offset} {}", s(tmp.path()), data.len());
-    let out = run("qemu-io", &["-c", &cmd, s(path)], path)?;
-    let text = String::from_utf8_lossy(&out);
-    if text.contains("failed") || text.contains("Permission") {
-        return Err(Error::backend_msg(error::NAME, format!("qemu-io on {}: {}", path.display(), text.trim())));
+    if format(path)? == ImageFormat::Qcow2 {
+        stagecore_qcow2::write_at(path, offset, data)?;
+        return open(path, true)?.sync_data().map_err(|e| error::io(path, e));
     }
-    Ok(())
+    let f = open(path, true)?;
+    f.write_all_at(data, offset).and_then(|_| f.sync_data()).map_err(|e| error::io(path, e))
 }
 
 /// SHA-256 of the whole guest-visible content.
 pub(crate) fn digest(path: &Path) -> Result<[u8; 32]> {
-    let dir = tempfile::tempdir().map_err(|e| error::io(path, e))?;
-    let raw = dir.path().join("flat.raw");
-    run("qemu-img", &["convert", "-U", "-O", "raw", s(path), s(&raw)], path)?;
-    let mut f = std::fs::File::open(&raw).map_err(|e| error::io(&raw, e))?;
+    if format(path)? == ImageFormat::Qcow2 {
+        return stagecore_qcow2::digest(path);
+    }
+    let mut f = open(path, false)?;
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| error::io(&raw, e))?;
+    std::io::copy(&mut f, &mut h).map_err(|e| error::io(path, e))?;
     Ok(h.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_and_qcow2_layers_read_write_and_copy_in_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("base.raw");
+        std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+        write_at(&raw, 4096, b"raw bytes").unwrap();
+        assert_eq!(info(&raw).unwrap(), ImageInfo { format: ImageFormat::Raw, virtual_size: 1 << 20 });
+        let top = dir.path().join("top.qcow2");
+        create_overlay(&top, &raw).unwrap();
+        assert!(matches!(create_overlay(&top, &raw), Err(Error::AlreadyExists { .. })));
+        assert_eq!(read_at(&top, 4096, 9).unwrap(), b"raw bytes");
+        assert_eq!(digest(&top).unwrap(), digest(&raw).unwrap(), "an empty overlay reads like its base");
+        assert_eq!(changed_since(&top, &raw).unwrap(), Some((Vec::new(), 65536)));
+        write_at(&top, 1 << 19, b"top").unwrap();
+        let (ext, _) = changed_since(&top, &raw).unwrap().unwrap();
+        assert_eq!(ext, vec![Extent { offset: 1 << 19, length: 65536 }]);
+        assert_eq!(changed_since(&top, &dir.path().join("elsewhere")).unwrap(), None);
+        let copy = dir.path().join("copy.qcow2");
+        copy_allocated(&raw, &copy).unwrap();
+        assert_eq!(digest(&copy).unwrap(), digest(&raw).unwrap(), "full copy of a raw file");
+        let flat = dir.path().join("flat.qcow2");
+        copy_allocated(&top, &flat).unwrap();
+        assert_eq!(digest(&flat).unwrap(), digest(&top).unwrap(), "full copy of a chain");
+        assert!(stagecore_qcow2::chain(&flat).unwrap().len() == 1, "the copy stands alone");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "no temp files: {leftovers:?}");
+    }
 }

@@ -12,7 +12,7 @@
 //!   a stage from libvirt alone. Productions attached by name or label are *not* edited: they are
 //!   tracked in a registry file under the state directory.
 //! - Image layers (overlays, allocation maps, allocated-only copies, guest reads/writes) go
-//!   through one private module that will switch to `stagecore-qcow2`.
+//!   through one private module built on the shared in-process crate `stagecore-qcow2`.
 //!
 //! ```no_run
 //! # async fn demo() -> stagecore::Result<()> {

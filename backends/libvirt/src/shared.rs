@@ -137,3 +137,16 @@ pub(crate) fn make_dir(path: &Path) -> Result<()> {
     std::fs::create_dir_all(path).map_err(|e| crate::error::io(path, e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(|e| crate::error::io(path, e))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_host_less_uris_are_local() {
+        for uri in ["qemu:///system", "test:///default", "qemu:///session"] {
+            assert!(super::is_local(uri), "{uri}");
+        }
+        for uri in ["qemu+ssh://host/system", "qemu+tcp://127.0.0.1/system"] {
+            assert!(!super::is_local(uri), "{uri}");
+        }
+    }
+}

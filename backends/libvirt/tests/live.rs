@@ -230,4 +230,64 @@ async fn attach_by_name_and_label_does_not_edit_definitions() {
     backend.destroy(&env_name).await.expect("forget the attached production");
     assert_eq!(dumps(&names), before, "destroying an attached production never touches its domains");
     assert_eq!(g.domains().len(), 2);
+
+    // A domain that vanishes behind our back is named in a NotFound, not silently dropped.
+    let again = backend
+        .attach(&Selector::Machines { environment: env_name.clone(), names: names.clone() })
+        .await
+        .expect("attach again");
+    virsh(&["undefine", &names[1]]);
+    let err = again.spec().await.unwrap_err();
+    assert!(matches!(&err, Error::NotFound { kind: "domain", name } if *name == names[1]), "{err}");
+    assert!(matches!(again.take_baseline().await, Err(Error::NotFound { kind: "domain", .. })));
+    backend.destroy(&env_name).await.expect("an attached production can be forgotten even when its domains are gone");
+    assert!(matches!(backend.open(&env_name).await, Err(Error::NotFound { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_config_changes_through_libvirt() {
+    use stagecore::{Change, ChangeSet, NicSpec};
+    let g = Guard::new("t4");
+    let backend = g.backend().await;
+    let prod_name = format!("p{}", g.tag);
+    let prod = backend.create(&small(sample_spec(&prod_name))).await.expect("create");
+    let baseline = prod.take_baseline().await.unwrap();
+    let stage_name = format!("s{}", g.tag);
+    let stage = backend.stage(&baseline, &StageOptions::linked(&stage_name)).await.unwrap();
+    let cs = ChangeSet {
+        id: "cs-1".into(),
+        description: "bigger app, extra NIC and disk".into(),
+        changes: vec![
+            Change::SetMemory { machine: "app".into(), memory_mib: 96 },
+            Change::SetVcpus { machine: "app".into(), vcpus: 2 },
+            Change::AddNic {
+                machine: "app".into(),
+                nic: NicSpec { name: "eth9".into(), network: "frontend".into(), mac: None, model: "virtio".into() },
+            },
+            Change::AddDisk {
+                machine: "db".into(),
+                disk: DiskSpec {
+                    name: "data".into(),
+                    source: String::new(),
+                    format: DiskFormat::Qcow2,
+                    size_bytes: Some(2 << 20),
+                    read_only: false,
+                },
+            },
+            Change::RemoveNic { machine: "web".into(), nic: "eth1".into() },
+        ],
+    };
+    stage.apply_change_set(&cs).await.expect("apply");
+    let spec = stage.spec().await.unwrap();
+    let app = spec.machine("app").unwrap();
+    assert_eq!((app.memory_mib, app.vcpus), (96, 2));
+    assert_eq!(app.nic("eth9").unwrap().network, "frontend");
+    assert_eq!(spec.machine("db").unwrap().disk("data").unwrap().size_bytes, Some(2 << 20));
+    assert!(spec.machine("web").unwrap().nic("eth1").is_none());
+    let report = backend.drift(&*prod, &*stage).await.unwrap();
+    assert!(report.config.records.iter().all(|r| r.intended), "every config change is intended: {report:?}");
+    assert_eq!(stage.info().await.unwrap().stage().unwrap().change_sets, vec![cs]);
+    backend.destroy(&stage_name).await.unwrap();
+    backend.destroy(&prod_name).await.unwrap();
+    assert!(g.domains().is_empty() && g.networks().is_empty());
 }

@@ -32,6 +32,7 @@ mod diskio;
 mod env;
 mod error;
 mod freeze;
+mod gc;
 mod images;
 mod lock;
 mod machines;

@@ -211,10 +211,9 @@ async fn qdev_of(qmp: &QmpClient, id: &str) -> Result<String> {
         .ok_or_else(|| error::msg(format!("disk device {id} not found in query-block on {}", qmp.socket().display())))
 }
 
-/// Runs one `qemu-io` command on disk device `id` through HMP. Errors QEMU reports in the
-/// returned text fail the call.
-async fn qemu_io(qmp: &QmpClient, id: &str, command: &str) -> Result<()> {
-    let qdev = qdev_of(qmp, id).await?;
+/// Runs one `qemu-io` command on the block device with QOM path `qdev` through HMP. Errors QEMU
+/// reports in the returned text fail the call.
+async fn qemu_io(qmp: &QmpClient, qdev: &str, command: &str) -> Result<()> {
     let out = qmp.human_monitor_command(&format!(r#"qemu-io -d {qdev} "{command}""#)).await?;
     if out.to_ascii_lowercase().contains("error") || out.contains("failed") {
         return Err(error::msg(format!("qemu-io {command:?} on {qdev}: {}", out.trim())));
@@ -225,8 +224,8 @@ async fn qemu_io(qmp: &QmpClient, id: &str, command: &str) -> Result<()> {
 /// Makes QEMU write its cached metadata and data of every disk of a running machine to the
 /// image files, so in-process readers see every completed write.
 pub(crate) async fn flush_all(qmp: &QmpClient) -> Result<()> {
-    for (id, _, _) in qdevs(qmp).await? {
-        qemu_io(qmp, &id, "flush").await?;
+    for (_, qdev, _) in qdevs(qmp).await? {
+        qemu_io(qmp, &qdev, "flush").await?;
     }
     Ok(())
 }
@@ -252,8 +251,9 @@ pub(crate) async fn write_running(
         return Err(Error::invalid(path, "a scratch path for qemu-io must not contain quotes or spaces"));
     }
     let result = async {
-        qemu_io(qmp, &id, &format!("write -q -s {path} {offset} {}", data.len())).await?;
-        qemu_io(qmp, &id, "flush").await
+        let qdev = qdev_of(qmp, &id).await?;
+        qemu_io(qmp, &qdev, &format!("write -q -s {path} {offset} {}", data.len())).await?;
+        qemu_io(qmp, &qdev, "flush").await
     }
     .await;
     let _ = std::fs::remove_file(&file);

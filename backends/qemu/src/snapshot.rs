@@ -3,9 +3,9 @@
 //! Contract: create freezes every disk at one instant ([`crate::freeze::freeze_all`]) and records
 //! the frozen layers plus the spec (crash-consistent, no memory state). Revert stops machines that
 //! run, puts a fresh overlay on each snapshot layer as the new top, restores the spec, removes the
-//! abandoned tops, and restarts the machines that ran (and still exist). Delete removes the record
-//! only: the layer files stay, because later snapshots, the current tops and baselines chain
-//! through them — every chain stays valid.
+//! layers nothing needs any more, and restarts the machines that ran (and still exist). Delete
+//! removes the record, then only the layer files no chain needs ([`crate::gc`]): layers that later
+//! snapshots, the current tops or baselines chain through stay — every chain stays valid.
 
 use std::path::PathBuf;
 
@@ -49,15 +49,10 @@ async fn revert(shared: &EnvShared, st: &mut EnvState, name: &str) -> Result<()>
         Ok(())
     })
     .await?;
-    let old: Vec<PathBuf> = rec.disks.values().cloned().collect();
     rec.disks = jobs.into_iter().map(|(k, _, new)| (k, new)).collect();
     rec.spec = snap.info.spec.clone();
     rec.save(&shared.paths)?;
-    for path in old {
-        if !rec.is_referenced(&path) {
-            let _ = std::fs::remove_file(&path);
-        }
-    }
+    crate::gc::collect(shared, rec).await?;
     let again: Vec<String> = running.into_iter().filter(|m| rec.spec.machine(m).is_some()).collect();
     for m in again {
         machines::start_machine(shared, st, &m).await?;
@@ -111,6 +106,7 @@ impl Snapshot for QemuEnvironment {
         if rec.snapshots.len() == before {
             return Err(not_found(&shared.name, name));
         }
-        rec.save(&shared.paths)
+        rec.save(&shared.paths)?;
+        crate::gc::collect(shared, rec).await.map(drop)
     }
 }

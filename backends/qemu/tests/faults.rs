@@ -294,7 +294,10 @@ async fn a_baseline_of_running_production_leaves_guest_content_unchanged() {
     let prod = kit.production(&pname).await.unwrap();
     prod.start().await.unwrap();
     let io = prod.disk_io().unwrap();
-    io.write("db", "disk0", 5 << 20, b"written while running").await.unwrap();
+    io.write("db", "disk0", (5 << 20) + 3, b"written while running").await.unwrap();
+    assert_eq!(io.read("db", "disk0", (5 << 20) + 3, 21).await.unwrap(), b"written while running");
+    let err = io.write("db", "disk0", (64 << 20) - 2, b"beyond").await.unwrap_err();
+    assert!(matches!(err, Error::InvalidSpec { .. }), "{err}");
     let qenv = f.backend.open_qemu(&pname).await.unwrap();
     let mut before = Vec::new();
     for m in ["web", "app", "db"] {
@@ -363,4 +366,69 @@ async fn a_half_built_environment_left_by_a_crash_is_replaced_but_a_real_one_is_
     assert!(dir.join("env.json").exists(), "a failed create never removes an existing environment");
     drop(prod);
     f.backend.destroy(&name).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_production_on_existing_images_uses_them_and_destroy_keeps_them() {
+    let f = Fixture::new();
+    let name = unique("existing");
+    let mut spec = stagecore::memory::sample_spec(&name);
+    spec.machines.truncate(1);
+    let image = f.root().join("caller").join("web.qcow2");
+    std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+    let path = image.to_str().unwrap();
+    let (ok, out) = support::run("qemu-img", &["create", "-q", "-f", "qcow2", path, "32M"]);
+    assert!(ok, "{out}");
+    let (ok, out) = support::run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x42 1M 64k", path]);
+    assert!(ok, "{out}");
+    spec.machines[0].disks[0].source = path.to_string();
+    spec.machines[0].disks[0].size_bytes = None;
+    let prod = f.backend.create(&spec).await.expect("production on an existing image");
+    let io = prod.disk_io().unwrap();
+    assert_eq!(io.read("web", "disk0", 1 << 20, 4).await.unwrap(), [0x42; 4]);
+    let baseline = prod.take_baseline().await.unwrap();
+    assert_eq!(baseline.layers[0].layer, path, "the caller's image becomes the baseline layer");
+    io.write("web", "disk0", 0, b"after the baseline").await.unwrap();
+    drop(prod);
+    f.backend.destroy(&name).await.unwrap();
+    assert!(image.exists(), "destroy keeps an image the backend did not create");
+    support::qemu_img_check(&image);
+    let (_, map) = support::run("qemu-io", &["-f", "qcow2", "-r", "-c", "read -P 0 0 64k", path]);
+    assert!(!map.contains("Pattern verification failed"), "production wrote into the frozen layer: {map}");
+}
+
+#[tokio::test]
+async fn deleting_snapshots_removes_only_layers_no_chain_needs() {
+    let f = Fixture::new();
+    let kit = Kit::new(f.backend.clone());
+    let (pname, sname) = (unique("gc-prod"), unique("gc-stage"));
+    let prod = kit.production(&pname).await.unwrap();
+    let baseline = prod.take_baseline().await.unwrap();
+    let stage = f.backend.stage(&baseline, &StageOptions::linked(&sname)).await.unwrap();
+    let io = stage.disk_io().unwrap();
+    let disks = f.root().join("envs").join(&sname).join("disks");
+    let count = || std::fs::read_dir(&disks).unwrap().count();
+    io.write("web", "disk0", 0, b"one").await.unwrap();
+    stage.create_snapshot("s1").await.unwrap();
+    let at_s1 = io.digest("web", "disk0").await.unwrap();
+    io.write("web", "disk0", 0, b"two").await.unwrap();
+    stage.create_snapshot("s2").await.unwrap();
+    io.write("web", "disk0", 0, b"three").await.unwrap();
+    let before = count();
+    stage.revert_snapshot("s1").await.unwrap();
+    assert_eq!(count(), before, "the abandoned tops went, one fresh overlay per disk came");
+    stage.delete_snapshot("s2").await.unwrap();
+    assert!(count() < before, "s2's layers are in no chain any more and are removed");
+    assert_eq!(io.digest("web", "disk0").await.unwrap(), at_s1);
+    stage.delete_snapshot("s1").await.unwrap();
+    assert_eq!(io.digest("web", "disk0").await.unwrap(), at_s1, "s1's layers are still in the chain");
+    let qenv = f.backend.open_qemu(&sname).await.unwrap();
+    for m in ["web", "app", "db"] {
+        qemu_img_check(&qenv.disk_top(m, "disk0").await.unwrap());
+    }
+    let changes = stage.disk_changes(&baseline).await.unwrap();
+    assert!(changes.iter().all(|c| matches!(c.changes, ChangeMap::Checked { .. })), "{changes:?}");
+    drop((stage, qenv, prod));
+    f.backend.destroy(&sname).await.unwrap();
+    f.backend.destroy(&pname).await.unwrap();
 }

@@ -94,7 +94,7 @@ impl VsphereBackend {
         let found = match selector {
             Selector::Machines { names, .. } => {
                 if names.is_empty() {
-                    return Err(Error::invalid("selector.names", "names no VM"));
+                    return Err(Error::invalid("selector.names", "must name at least one VM"));
                 }
                 let mut out = Vec::new();
                 for (i, n) in names.iter().enumerate() {

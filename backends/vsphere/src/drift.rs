@@ -123,7 +123,7 @@ async fn query(client: &VsphereClient, vm: &str, probe: Option<&MoRef>, key: i32
             ),
         }),
         // vCenter rejected the change id or the query (CBT reset, FileFault): unknown, not zero.
-        Err(e @ (Error::InvalidSpec { .. } | Error::Backend { .. } | Error::NotFound { .. })) => {
+        Err(e @ (Error::InvalidSpec { .. } | Error::Backend { .. })) => {
             Ok(ChangeMap::NotChecked { reason: format!("vCenter could not report changed blocks: {e}") })
         }
         Err(e) => Err(e),

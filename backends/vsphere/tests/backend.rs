@@ -216,6 +216,10 @@ async fn attach_selects_without_modifying() {
     assert!(matches!(f.backend.attach(&label).await.unwrap_err(), Error::NotSupported { .. }));
     assert!(matches!(f.backend.create(&sample_spec("x")).await.unwrap_err(), Error::NotSupported { .. }));
     assert!(matches!(f.backend.swap("prod", "x").await.unwrap_err(), Error::NotSupported { .. }));
+    f.backend.client().full_clone("vm-101", "my web", Some("group-v11"), false).await.unwrap();
+    let odd = Selector::Machines { environment: "p5".into(), names: vec!["my web".into()] };
+    let err = f.backend.attach(&odd).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidSpec { ref path, .. } if path == "selector.names"), "{err}");
     assert_eq!(f.backend.list().await.unwrap().len(), 1);
     assert_no_violations(&f.sim);
 }

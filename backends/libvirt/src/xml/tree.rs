@@ -63,18 +63,14 @@ impl Element {
                 }
                 Event::Text(t) => {
                     let text = t.decode().map_err(|e| bad(what, e))?;
-                    let text = quick_xml::escape::unescape(&text).map_err(|e| bad(what, e))?.into_owned();
-                    if let Some(top) = stack.last_mut() {
-                        top.children.push(Node::Text(text));
-                    }
+                    let text = quick_xml::escape::unescape(&text).map_err(|e| bad(what, e))?;
+                    push_text(&mut stack, &text);
                 }
                 Event::GeneralRef(r) => {
                     let name = r.decode().map_err(|e| bad(what, e))?;
                     let raw = format!("&{name};");
-                    let text = quick_xml::escape::unescape(&raw).map_err(|e| bad(what, e))?.into_owned();
-                    if let Some(top) = stack.last_mut() {
-                        top.children.push(Node::Text(text));
-                    }
+                    let text = quick_xml::escape::unescape(&raw).map_err(|e| bad(what, e))?;
+                    push_text(&mut stack, &text);
                 }
                 Event::CData(c) => {
                     let text = String::from_utf8_lossy(&c).into_owned();
@@ -192,6 +188,16 @@ fn start(s: &BytesStart<'_>, what: &str) -> Result<Element> {
         attrs.push((key, value));
     }
     Ok(Element { name, attrs, children: Vec::new() })
+}
+
+/// Appends text to the open element, merging with a preceding text node.
+fn push_text(stack: &mut [Element], text: &str) {
+    if let Some(top) = stack.last_mut() {
+        match top.children.last_mut() {
+            Some(Node::Text(t)) => t.push_str(text),
+            _ => top.children.push(Node::Text(text.to_string())),
+        }
+    }
 }
 
 fn push(stack: &mut [Element], root: &mut Option<Element>, el: Element) {

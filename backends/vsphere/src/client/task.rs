@@ -5,7 +5,7 @@
 //! message kept); on timeout or cancellation the task is cancelled on the server (best effort,
 //! `POST .../Task/{moId}/CancelTask`) and `Error::Timeout` / a `RequestCanceled` fault is returned.
 //! Dropping the future stops polling but leaves the server task running.
-//! Docs: TaskInfo — https://developer.broadcom.com/xapis/virtual-infrastructure-json-api/8.0.3/data-structures/TaskInfo
+//! Docs: TaskInfo — <https://developer.broadcom.com/xapis/virtual-infrastructure-json-api/8.0.3/data-structures/TaskInfo>
 
 use super::vim::MoRef;
 use super::{Api, VsphereClient, error};

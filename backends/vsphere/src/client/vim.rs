@@ -4,20 +4,20 @@
 //! API lacks. Task methods wait for their task (see `task.rs`). No OpenAPI document for VI/JSON is
 //! available here; bodies follow the vSphere Web Services / VI/JSON reference pages:
 //! - CreateSnapshotEx_Task (used; CreateSnapshot_Task is deprecated since 8.0):
-//!   https://developer.broadcom.com/xapis/virtual-infrastructure-json-api/8.0.2.0/sdk/vim25/release/VirtualMachine/moId/CreateSnapshotEx_Task/post
+//!   <https://developer.broadcom.com/xapis/virtual-infrastructure-json-api/8.0.2.0/sdk/vim25/release/VirtualMachine/moId/CreateSnapshotEx_Task/post>
 //! - RevertToSnapshot_Task:
-//!   https://developer.broadcom.com/xapis/virtual-infrastructure-json-api/8.0.2.0/sdk/vim25/release/VirtualMachineSnapshot/moId/RevertToSnapshot_Task/post
+//!   <https://developer.broadcom.com/xapis/virtual-infrastructure-json-api/8.0.2.0/sdk/vim25/release/VirtualMachineSnapshot/moId/RevertToSnapshot_Task/post>
 //! - RemoveSnapshot_Task:
-//!   https://developer.broadcom.com/xapis/virtual-infrastructure-json-api/latest/sdk/vim25/release/VirtualMachineSnapshot/moId/RemoveSnapshot_Task/post/
+//!   <https://developer.broadcom.com/xapis/virtual-infrastructure-json-api/latest/sdk/vim25/release/VirtualMachineSnapshot/moId/RemoveSnapshot_Task/post/>
 //! - CloneVM_Task (VirtualMachineCloneSpec, RelocateSpec.diskMoveType, RelocateSpec.deviceChange):
-//!   https://developer.broadcom.com/xapis/virtual-infrastructure-json-api/latest/sdk/vim25/release/VirtualMachine/moId/CloneVM_Task/post
+//!   <https://developer.broadcom.com/xapis/virtual-infrastructure-json-api/latest/sdk/vim25/release/VirtualMachine/moId/CloneVM_Task/post>
 //! - QueryChangedDiskAreas / DiskChangeInfo:
-//!   https://developer.broadcom.com/xapis/virtual-infrastructure-json-api/latest/sdk/vim25/release/VirtualMachine/moId/QueryChangedDiskAreas/post/
-//!   https://developer.broadcom.com/xapis/virtual-infrastructure-json-api/8.0.2.0/data-structures/DiskChangeInfo
+//!   <https://developer.broadcom.com/xapis/virtual-infrastructure-json-api/latest/sdk/vim25/release/VirtualMachine/moId/QueryChangedDiskAreas/post/>
+//!   <https://developer.broadcom.com/xapis/virtual-infrastructure-json-api/8.0.2.0/data-structures/DiskChangeInfo>
 //! - Login and the `vmware-api-session-id` header:
-//!   https://developer.vmware.com/apis/vi-json/latest/sdk/vim25/release/SessionManager/moId/Login/post/
+//!   <https://developer.vmware.com/apis/vi-json/latest/sdk/vim25/release/SessionManager/moId/Login/post/>
 //! - Property reads (`GET .../VirtualMachine/{moId}/snapshot`, `.../config`,
-//!   `.../VirtualMachineSnapshot/{moId}/config`): https://developer.broadcom.com/xapis/virtual-infrastructure-json-api/latest/virtual-machine-snapshot/
+//!   `.../VirtualMachineSnapshot/{moId}/config`): <https://developer.broadcom.com/xapis/virtual-infrastructure-json-api/latest/virtual-machine-snapshot/>
 
 use super::rest::check_id as validate_id;
 use super::task::TaskOutcome;
