@@ -8,13 +8,18 @@ use stagekit::stagecore::promotion::{Gate, GateContext, GateVerdict};
 use stagekit::stagecore::{Backend, EnvironmentSpec, Error, Result, memory};
 
 /// The backend the examples use when none is named.
-pub(crate) const DEFAULT_BACKEND: &str = "memory";
+pub(crate) const DEFAULT_BACKEND: &str = if cfg!(feature = "qemu") { "qemu" } else { "memory" };
 
 /// The backend called `name` with its production spec, keeping state under `work`.
 pub(crate) async fn backend(name: &str, work: &Path) -> Result<(Arc<dyn Backend>, EnvironmentSpec)> {
-    let _ = work;
     match name {
         "memory" => Ok((Arc::new(memory::MemoryBackend::new()), memory::sample_spec("prod"))),
+        #[cfg(feature = "qemu")]
+        "qemu" => {
+            // The demo machines boot no guest OS; TCG runs them anywhere (nested KVM may not).
+            let config = stagekit::qemu::QemuConfig::new(work.join("qemu")).with_accel(stagekit::qemu::Accel::Tcg);
+            Ok((Arc::new(stagekit::qemu::QemuBackend::new(config)), memory::sample_spec("prod")))
+        }
         other => Err(Error::invalid("--backend", format!("unknown backend {other:?}; use memory or qemu"))),
     }
 }

@@ -212,9 +212,16 @@ impl Backend for LibvirtBackend {
         Ok(Arc::new(self.open_libvirt(name).await?))
     }
 
+    /// The environments of this backend's state directory: attached ones (its registry) and those
+    /// whose files live there. Domains another state directory manages are left out (they can
+    /// still be opened by name).
     async fn list(&self) -> Result<Vec<EnvironmentInfo>> {
         let mut out = Vec::new();
+        let registered = registry::names(&self.shared.dir)?;
         for name in self.all_records().await?.into_keys() {
+            if !registered.contains(&name) && !self.shared.env_dir(&name).is_dir() {
+                continue;
+            }
             match self.handle(&name).info().await {
                 Ok(info) => out.push(info),
                 Err(Error::NotFound { .. }) => continue,

@@ -51,14 +51,37 @@ pub(crate) fn virsh(args: &[&str]) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
 }
 
+impl Guard {
+    /// Domains whose name carries the tag or whose definition uses a file in the state directory
+    /// (the kit names environments itself), and the networks those domains use.
+    fn owned(&self) -> (Vec<String>, Vec<String>) {
+        let dir = self.dir.display().to_string();
+        let (mut doms, mut nets) = (Vec::new(), self.networks());
+        for d in virsh(&["list", "--all", "--name"]) {
+            let xml = virsh(&["dumpxml", "--inactive", &d]).join("\n");
+            if d.contains(&self.tag) || xml.contains(&dir) {
+                for part in xml.split("<source network='").skip(1) {
+                    let net = part.split('\'').next().unwrap_or_default().to_string();
+                    if net != "default" && !nets.contains(&net) {
+                        nets.push(net);
+                    }
+                }
+                doms.push(d);
+            }
+        }
+        (doms, nets)
+    }
+}
+
 impl Drop for Guard {
     fn drop(&mut self) {
-        for d in self.domains() {
+        let (doms, nets) = self.owned();
+        for d in doms {
             virsh(&["destroy", &d]);
             virsh(&["undefine", &d, "--nvram"]);
             virsh(&["undefine", &d]);
         }
-        for n in self.networks() {
+        for n in nets {
             virsh(&["net-destroy", &n]);
             virsh(&["net-undefine", &n]);
         }
