@@ -83,11 +83,15 @@ pub(crate) async fn apply(env: &LibvirtEnvironment, change: &Change) -> Result<(
             let mut d = disk.clone();
             d.format = stagecore::DiskFormat::Qcow2;
             let xml = edit::disk_device(&d, &path.display().to_string(), &dev).render();
-            let r = attach(env, &m, xml, config | live, true).await;
-            if r.is_err() {
+            if let Err(e) = attach(env, &m, xml, config | live, true).await {
                 let _ = std::fs::remove_file(&path);
+                return Err(e);
             }
-            r
+            let mut ms = env.machines().await?;
+            for x in ms.iter_mut().filter(|x| x.name() == m.name()) {
+                x.record.sources.insert(disk.name.clone(), path.display().to_string());
+            }
+            env.shared.save(&env.name, &ms).await
         }
         Change::RemoveDisk { disk, .. } => {
             let mut tree = m.tree.clone();

@@ -101,19 +101,23 @@ impl LibvirtBackend {
             return Err(Error::already_exists("environment", environment));
         }
         let names = instances.clone();
-        let claimed = self
+        let (claimed, mut sources) = self
             .shared
             .conn
             .run(move |c, uri| {
-                let mut claimed = Vec::new();
+                let (mut claimed, mut sources) = (Vec::new(), Vec::new());
                 for n in &names {
                     let dom = lv(uri, "domain", n, c.lookup_domain_by_name(n))?;
                     let tree = machines::tree(uri, &dom, n)?;
                     if let Some(r) = meta::record(&tree, n)? {
                         claimed.push(format!("{n} (in {})", r.environment));
                     }
+                    let parsed = crate::xml::domain::DomainXml::parse(&tree.render(), n)?;
+                    let files: BTreeMap<String, String> =
+                        parsed.disks().filter_map(|(name, d)| Some((name, d.path()?))).collect();
+                    sources.push(files);
                 }
-                Ok(claimed)
+                Ok((claimed, sources))
             })
             .await?;
         if !claimed.is_empty() {
@@ -132,6 +136,7 @@ impl LibvirtBackend {
                 owned_networks: Vec::new(),
                 origins: BTreeMap::new(),
                 snapshots: Vec::new(),
+                sources: std::mem::take(&mut sources[i]),
             };
             entries.push(registry::Entry { instance: inst.clone(), record });
         }
@@ -149,7 +154,7 @@ impl Backend for LibvirtBackend {
     fn capabilities(&self) -> Capabilities {
         let local = self.shared.local();
         let mut c = Capabilities::default();
-        c.create = true;
+        c.create = local;
         c.linked_clone = local;
         c.full_clone = local;
         c.fencing = true;
@@ -159,6 +164,7 @@ impl Backend for LibvirtBackend {
         c.disk_io = local;
         c.config_changes = true;
         c.persistent = true;
+        c.swap = true;
         c
     }
 
@@ -283,7 +289,7 @@ impl Backend for LibvirtBackend {
         Ok(())
     }
 
-    async fn swap(&self, _production: &str, _stage: &str) -> Result<()> {
-        Err(Error::not_supported("swap", NAME))
+    async fn swap(&self, production: &str, stage: &str) -> Result<()> {
+        crate::swap::swap(&self.shared, production, stage).await
     }
 }

@@ -14,6 +14,8 @@ use crate::xml::{edit, meta};
 /// Creates `spec` as a production; on failure everything made so far is removed.
 pub(crate) async fn create(shared: &Shared, spec: &EnvironmentSpec) -> Result<()> {
     spec.validate()?;
+    // Image files are made by this process: on a remote host they would not be where the domains look.
+    crate::freeze::require_local(shared, "create")?;
     if shared.exists(&spec.name).await? {
         return Err(Error::already_exists("environment", &spec.name));
     }
@@ -80,7 +82,7 @@ async fn build(shared: &Shared, spec: &EnvironmentSpec, instances: &[String], un
         for n in &mut machine.nics {
             n.mac.get_or_insert_with(random_mac);
         }
-        let disks =
+        let disks: BTreeMap<String, String> =
             m.disks.iter().map(|d| (d.name.clone(), files[&(m.name.clone(), d.name.clone())].clone())).collect();
         let mut tree = edit::new_domain(&machine, instance, &shared.domain_type, &disks, &networks);
         let record = meta::MachineRecord {
@@ -93,6 +95,7 @@ async fn build(shared: &Shared, spec: &EnvironmentSpec, instances: &[String], un
             owned_networks: owned.clone(),
             origins: BTreeMap::new(),
             snapshots: Vec::new(),
+            sources: disks.clone(),
         };
         meta::set(&mut tree, &m.labels, &record)?;
         xmls.push((instance.clone(), tree.render()));

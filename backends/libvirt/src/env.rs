@@ -202,8 +202,9 @@ impl Environment for LibvirtEnvironment {
         self.shared.save(&self.name, &ms).await
     }
 
+    /// Only when the disk files are reachable from this process (a local URI).
     fn disk_io(&self) -> Option<&dyn DiskIo> {
-        Some(self)
+        if self.shared.local() { Some(self) } else { None }
     }
 
     fn guest(&self) -> Option<&dyn GuestChannel> {

@@ -13,6 +13,9 @@
 //!   tracked in a registry file under the state directory.
 //! - Image layers (overlays, allocation maps, allocated-only copies, guest reads/writes) go
 //!   through one private module built on the shared in-process crate `stagecore-qcow2`.
+//! - Promotion by replay (config ChangeSets through libvirt) and by swap (definitions exchanged,
+//!   identities kept). Remote URIs work for everything that does not need the image files; disk
+//!   drift there is `NotChecked` with the reason.
 //!
 //! ```no_run
 //! # async fn demo() -> stagecore::Result<()> {
@@ -39,6 +42,7 @@ mod registry;
 mod shared;
 mod snapshot;
 mod stage;
+mod swap;
 mod undo;
 mod xml;
 

@@ -121,6 +121,11 @@ pub(crate) fn spec_from(env: &str, ms: &[Machine], sizes: &Sizes) -> Environment
         let net_name = |n: &str| reverse.get(n).map(|s| s.to_string()).unwrap_or_else(|| n.to_string());
         let size = |d: &crate::xml::domain::Disk| sizes.get(&(m.record.machine.clone(), d.logical())).copied();
         let mut spec = m.parsed.machine_spec(&m.record.machine, net_name, size);
+        for d in &mut spec.disks {
+            if let Some(source) = m.record.sources.get(&d.name) {
+                d.source.clone_from(source);
+            }
+        }
         spec.labels = m.labels.clone();
         networks.extend(spec.nics.iter().map(|n| n.network.clone()));
         labels.extend(m.record.env_labels.clone());

@@ -140,6 +140,7 @@ async fn build(
             owned_networks: owned.clone(),
             origins,
             snapshots: Vec::new(),
+            sources: paths,
         };
         meta::set(&mut tree, &meta::labels(&p.tree), &record)?;
         xmls.push((instance, tree.render()));

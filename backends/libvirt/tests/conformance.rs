@@ -3,8 +3,8 @@
 //! Productions are `sample_spec` environments (3 machines, 64 MiB qcow2 disks, two networks)
 //! made with `Backend::create` under a unique state directory in /var/lib/libvirt/images; the
 //! guard removes every domain and network using that directory, even when a test fails.
-//! Not run: `promotion::swap_*` and `crash_at_every_step(Swap)` (no `swap` capability) and
-//! `promotion::apply_failure_rolls_back` (needs a fault-injection hook a real daemon has not).
+//! Not run: `promotion::apply_failure_rolls_back` (needs a fault-injection hook a real daemon has
+//! not).
 
 mod common;
 
@@ -50,4 +50,7 @@ conformance! {
     promotion_precondition_refuses => promotion::precondition_refuses();
     promotion_concurrent_one_locked => promotion::concurrent_promotions_one_locked();
     promotion_crash_at_every_step_replay => promotion::crash_at_every_step(Strategy::Replay);
+    promotion_swap_commits => promotion::swap_commits();
+    promotion_swap_rolls_back => promotion::swap_rolls_back();
+    promotion_crash_at_every_step_swap => promotion::crash_at_every_step(Strategy::Swap);
 }

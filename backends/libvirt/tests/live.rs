@@ -291,3 +291,36 @@ async fn apply_config_changes_through_libvirt() {
     backend.destroy(&prod_name).await.unwrap();
     assert!(g.domains().is_empty() && g.networks().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swap_a_running_production_and_back() {
+    use stagecore::{Change, PowerState};
+    let g = Guard::new("t5");
+    let backend = g.backend().await;
+    let (prod_name, stage_name) = (format!("p{}", g.tag), format!("s{}", g.tag));
+    let prod = backend.create(&small(sample_spec(&prod_name))).await.expect("create");
+    prod.start().await.unwrap();
+    let baseline = prod.take_baseline().await.unwrap();
+    let stage = backend.stage(&baseline, &StageOptions::linked(&stage_name)).await.unwrap();
+    stage.disk_io().unwrap().write("db", "disk0", 4096, b"stage data").await.unwrap();
+    stage.apply(&Change::SetMemory { machine: "app".into(), memory_mib: 96 }).await.unwrap();
+    let (p_info, s_info) = (prod.info().await.unwrap(), stage.info().await.unwrap());
+    let (p_spec, s_spec) = (prod.spec().await.unwrap(), stage.spec().await.unwrap());
+
+    backend.swap(&prod_name, &stage_name).await.expect("swap");
+    assert_eq!(prod.info().await.unwrap(), p_info, "production keeps its domain names and UUIDs");
+    assert_eq!(stage.info().await.unwrap(), s_info);
+    assert!(prod.status().await.unwrap().iter().all(|s| s.power == PowerState::Stopped), "left shut off");
+    let now = prod.spec().await.unwrap();
+    assert_eq!(now.machine("app").unwrap().memory_mib, 96, "production runs the stage's config");
+    assert_eq!(now.machine("web").unwrap().nics, p_spec.machine("web").unwrap().nics, "production's MACs/networks");
+    assert_eq!(prod.disk_io().unwrap().read("db", "disk0", 4096, 10).await.unwrap(), b"stage data");
+    let fenced = virsh(&["domiflist", &format!("{stage_name}-web")]).join("\n");
+    assert!(fenced.contains(&format!("{stage_name}-frontend")), "the stage stays fenced: {fenced}");
+    prod.start().await.expect("production starts on the stage's disks");
+
+    backend.swap(&prod_name, &stage_name).await.expect("swap back");
+    assert_eq!((prod.spec().await.unwrap(), stage.spec().await.unwrap()), (p_spec, s_spec), "all back");
+    backend.destroy(&stage_name).await.unwrap();
+    backend.destroy(&prod_name).await.unwrap();
+}

@@ -20,7 +20,7 @@ use crate::config::QemuConfig;
 use crate::env::{QemuEnvironment, stop_all};
 use crate::error::{self, BACKEND};
 use crate::process::Launcher;
-use crate::shared::{Ctx, EnvShared, NewEnv, open_shared};
+use crate::shared::{Ctx, EnvShared, NewEnv, blocking, open_shared};
 use crate::store::{EnvPaths, EnvRecord, disk_key};
 
 /// The daemonless QEMU backend. Cheap to clone; clones share their configuration.
@@ -53,7 +53,20 @@ impl QemuBackend {
     /// Opens an environment as its concrete type (for the QEMU-specific inspection methods).
     pub async fn open_qemu(&self, name: &str) -> Result<QemuEnvironment> {
         stagecore::name::validate("environment", name)?;
+        self.settle_swap(name).await?;
         Ok(QemuEnvironment::new(open_shared(&self.ctx, name)?))
+    }
+
+    /// Finishes or undoes a swap a crash interrupted that involves `name` (see `crate::swap`).
+    async fn settle_swap(&self, name: &str) -> Result<()> {
+        let production = match EnvRecord::load(&EnvPaths::new(&self.ctx.root, name), name) {
+            Ok(rec) => match rec.role {
+                Role::Production => name.to_string(),
+                Role::Stage(s) => s.source,
+            },
+            Err(_) => return Ok(()),
+        };
+        crate::swap::settle(&self.ctx, &production).await
     }
 
     fn handle(shared: Arc<EnvShared>) -> Arc<dyn Environment> {
@@ -131,6 +144,7 @@ impl QemuBackend {
             disks,
             next_layer: 1,
             owned_files: new.owned.clone(),
+            last_swap: None,
         };
         Ok(Self::handle(new.commit(&self.ctx, rec)?))
     }
@@ -170,6 +184,7 @@ impl Backend for QemuBackend {
         c.disk_io = true;
         c.config_changes = true;
         c.persistent = true;
+        c.swap = true;
         c
     }
 
@@ -208,6 +223,7 @@ impl Backend for QemuBackend {
 
     async fn open(&self, name: &str) -> Result<Arc<dyn Environment>> {
         stagecore::name::validate("environment", name)?;
+        self.settle_swap(name).await?;
         Ok(Self::handle(open_shared(&self.ctx, name)?))
     }
 
@@ -230,13 +246,23 @@ impl Backend for QemuBackend {
                     child.name
                 )));
             }
+            let mut files = crate::gc::layer_files(&shared.paths.disks())?;
+            files.extend(shared.state.lock().await.rec(name)?.owned_files.iter().cloned());
+            let (root, env) = (self.ctx.root.clone(), name.to_string());
+            if let Some((other, file)) = blocking(move || crate::gc::dependent(&root, &env, &files)).await? {
+                return Err(Error::Precondition(format!(
+                    "environment {other} runs on layer {} of {name}; destroy it first",
+                    file.display()
+                )));
+            }
             Self::remove(&shared).await
         }
         .instrument(span)
         .await
     }
 
-    async fn swap(&self, _production: &str, _stage: &str) -> Result<()> {
-        Err(Error::not_supported("swap", BACKEND))
+    async fn swap(&self, production: &str, stage: &str) -> Result<()> {
+        let span = tracing::info_span!("qemu.swap", production, stage);
+        crate::swap::swap(&self.ctx, production, stage).instrument(span).await
     }
 }

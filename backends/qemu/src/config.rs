@@ -19,7 +19,15 @@ pub struct FaultHooks {
     /// Runs at the start of every `Environment::apply`; returning `Some(message)` makes that
     /// call fail with a backend error carrying the message, before anything changes.
     pub before_apply: Option<FailHook>,
+    /// Runs at named points of multi-step operations — `swap:linked` (layers linked and
+    /// rebased, production's record not yet saved) and `swap:decided` (production's record
+    /// saved, the stage's not); returning `true` stops the operation right there with an error,
+    /// leaving everything as a process that died at that point would.
+    pub crash_at: Option<PointHook>,
 }
+
+/// A callback told the name of a point; `true` injects a crash there.
+pub type PointHook = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// A callback that may inject a failure (`Some(message)`).
 pub type FailHook = Arc<dyn Fn() -> Option<String> + Send + Sync>;
@@ -29,6 +37,7 @@ impl std::fmt::Debug for FaultHooks {
         f.debug_struct("FaultHooks")
             .field("after_pause", &self.after_pause.is_some())
             .field("before_apply", &self.before_apply.is_some())
+            .field("crash_at", &self.crash_at.is_some())
             .finish()
     }
 }

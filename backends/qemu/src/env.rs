@@ -64,6 +64,18 @@ impl QemuEnvironment {
         }
     }
 
+    /// Merges the layers of this environment's disk chains that nothing needs as separate files
+    /// any more — layers of deleted snapshots, and baseline layers no existing stage was made
+    /// from (those baselines are retired) — so chains do not grow with every baseline and
+    /// snapshot. Guest-visible content does not change. Running machines are merged live with
+    /// QMP `block-stream`, stopped ones with `qemu-img rebase`. Layers of existing snapshots,
+    /// baselines in use and files other environments chain through are kept. See
+    /// `docs/backends/qemu.md`, "Collapsing layers".
+    pub async fn collapse_layers(&self) -> Result<crate::CollapseReport> {
+        let mut st = self.shared.state.lock().await;
+        crate::collapse::collapse(&self.shared, &mut st, true).instrument(self.span("collapse_layers")).await
+    }
+
     pub(crate) fn span(&self, op: &'static str) -> tracing::Span {
         tracing::info_span!("qemu.env", env = %self.shared.name, op)
     }

@@ -9,6 +9,7 @@
 //! its new overlay (a valid chain), every unused overlay file is removed, the record is saved,
 //! and the first error is returned.
 
+use futures::future::join_all;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -101,29 +102,29 @@ async fn switch_running(shared: &EnvShared, live: &[(String, QmpClient)], plans:
     if live.is_empty() {
         return (Vec::new(), Ok(()));
     }
-    let mut started = None;
-    let mut paused = Vec::new();
+    // Outside the window: which machines run (a machine the user paused stays paused).
+    let statuses = join_all(live.iter().map(|(_, q)| q.query_status())).await;
     let mut result = Ok(());
-    for (_, q) in live {
-        // A machine the user paused stays paused afterwards.
-        let running = match q.query_status().await {
-            Ok(s) => s.running,
+    let mut running = Vec::new();
+    for ((_, q), status) in live.iter().zip(statuses) {
+        match status {
+            Ok(s) if s.running => running.push(q),
+            Ok(_) => {}
             Err(e) => {
                 result = Err(e);
                 break;
             }
-        };
-        if !running {
-            continue;
         }
-        match q.stop().await {
-            Ok(()) => {
-                started.get_or_insert_with(Instant::now);
-                paused.push(q)
-            }
-            Err(e) => {
-                result = Err(e);
-                break;
+    }
+    // The window: pause all at once, one transaction per machine at once, resume all at once.
+    let started = Instant::now();
+    let mut paused = Vec::new();
+    if result.is_ok() {
+        for (q, r) in running.iter().zip(join_all(running.iter().map(|q| q.stop())).await) {
+            match r {
+                Ok(()) => paused.push(*q),
+                Err(e) if result.is_ok() => result = Err(e),
+                Err(_) => {}
             }
         }
     }
@@ -132,29 +133,33 @@ async fn switch_running(shared: &EnvShared, live: &[(String, QmpClient)], plans:
     }
     let mut applied = Vec::new();
     if result.is_ok() {
-        for (m, q) in live {
+        let switched = join_all(live.iter().map(|(m, q)| async move {
             match transaction(q, plans.iter().filter(|p| &p.machine == m)).await {
-                Ok(true) => applied.push(m.clone()),
-                Ok(false) => {}
-                Err(e) => {
-                    if took_effect(q, plans.iter().filter(|p| &p.machine == m)).await {
-                        applied.push(m.clone());
-                    }
-                    if result.is_ok() {
-                        result = Err(e);
-                    }
-                }
+                Ok(done) => (done, Ok(())),
+                Err(e) => (took_effect(q, plans.iter().filter(|p| &p.machine == m)).await, Err(e)),
+            }
+        }))
+        .await;
+        for ((m, _), (done, r)) in live.iter().zip(switched) {
+            if done {
+                applied.push(m.clone());
+            }
+            if let Err(e) = r
+                && result.is_ok()
+            {
+                result = Err(e);
             }
         }
     }
-    for q in paused {
-        if let Err(e) = q.cont().await
+    for (q, r) in paused.iter().zip(join_all(paused.iter().map(|q| q.cont())).await) {
+        if let Err(e) = r
             && !q.is_closed()
             && result.is_ok()
         {
             result = Err(e);
         }
     }
+    let started = (!paused.is_empty()).then_some(started);
     let ms = started.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
     tracing::info!(env = %shared.name, machines = live.len(), freeze_ms = ms, ok = result.is_ok(), "disks frozen");
     (applied, result)

@@ -65,3 +65,25 @@ pub(crate) async fn create_empty(path: &Path, size: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// Rewrites the backing-file name in `image`'s header to `backing` (qcow2), without touching
+/// data (`qemu-img rebase -u`): for a backing file that moved (same content, new name). The
+/// image must not be open in a running QEMU.
+pub(crate) async fn set_backing(image: &Path, backing: &Path) -> Result<()> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(backing)
+        .arg(image)
+        .output()
+        .await
+        .map_err(|e| error::binary(Path::new("qemu-img"), &e))?;
+    if !out.status.success() {
+        return Err(error::msg(format!(
+            "qemu-img rebase -u {} onto {} failed: {}",
+            image.display(),
+            backing.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}

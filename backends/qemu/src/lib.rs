@@ -5,7 +5,10 @@
 //! qcow2 layers, per-machine sockets, pid files and logs), and reattaches to running machines
 //! when an environment is opened again. Disks are qcow2 chains handled in-process by
 //! `stagecore-qcow2`: linked clones are overlays, full clones copy allocated data, drift reads
-//! the allocation above the baseline layer. See `docs/backends/qemu.md`.
+//! the allocation above the baseline layer. `Backend::swap` exchanges a production's and a
+//! stage's machines (identities stay) crash-safely, and
+//! [`QemuEnvironment::collapse_layers`] merges layers nothing needs any more so chains stay short.
+//! See `docs/backends/qemu.md`.
 //!
 //! ```no_run
 //! # async fn run() -> stagecore::Result<()> {
@@ -27,6 +30,7 @@
 mod apply;
 mod backend;
 pub mod cmdline;
+mod collapse;
 mod config;
 mod diskio;
 mod env;
@@ -42,7 +46,9 @@ mod shared;
 mod snapshot;
 mod stage;
 mod store;
+mod swap;
 
 pub use backend::QemuBackend;
-pub use config::{Accel, FailHook, FaultHooks, Hook, QemuConfig};
+pub use collapse::{CollapseReport, CollapsedDisk};
+pub use config::{Accel, FailHook, FaultHooks, Hook, PointHook, QemuConfig};
 pub use env::QemuEnvironment;

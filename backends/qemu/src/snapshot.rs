@@ -4,8 +4,9 @@
 //! the frozen layers plus the spec (crash-consistent, no memory state). Revert stops machines that
 //! run, puts a fresh overlay on each snapshot layer as the new top, restores the spec, removes the
 //! layers nothing needs any more, and restarts the machines that ran (and still exist). Delete
-//! removes the record, then only the layer files no chain needs ([`crate::gc`]): layers that later
-//! snapshots, the current tops or baselines chain through stay — every chain stays valid.
+//! removes the record, then only the layer files no chain needs ([`crate::gc`]), then merges the
+//! deleted snapshot's layer away where the current state chains through it ([`crate::collapse`],
+//! every baseline kept; best effort, logged) — every chain stays valid.
 
 use std::path::PathBuf;
 
@@ -107,6 +108,12 @@ impl Snapshot for QemuEnvironment {
             return Err(not_found(&shared.name, name));
         }
         rec.save(&shared.paths)?;
-        crate::gc::collect(shared, rec).await.map(drop)
+        crate::gc::collect(shared, rec).await?;
+        // Merge the deleted snapshot's layer away if the current state chains through it. Best
+        // effort: the snapshot is gone either way, and a failed merge leaves every chain valid.
+        if let Err(e) = crate::collapse::collapse(shared, &mut st, false).await {
+            tracing::warn!(env = %shared.name, snapshot = name, %e, "layers of the deleted snapshot not merged");
+        }
+        Ok(())
     }
 }

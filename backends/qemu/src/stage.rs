@@ -115,6 +115,7 @@ pub(crate) async fn stage(ctx: &Arc<Ctx>, baseline: &Baseline, options: &StageOp
         disks,
         next_layer: n,
         owned_files: Vec::new(),
+        last_swap: None,
     };
     new.commit(ctx, rec)
 }

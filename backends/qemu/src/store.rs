@@ -87,6 +87,10 @@ pub(crate) struct EnvRecord {
     /// removed with the environment.
     #[serde(default)]
     pub(crate) owned_files: Vec<PathBuf>,
+    /// The id of the last swap that made this (production) record: the decision mark of
+    /// [`crate::swap`]'s intent file.
+    #[serde(default)]
+    pub(crate) last_swap: Option<String>,
 }
 
 impl EnvRecord {

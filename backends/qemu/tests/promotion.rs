@@ -1,5 +1,5 @@
-//! The stagecore-testkit promotion functions (replay strategy; swap is not supported) against
-//! real QEMU (TCG): atomic commit or rollback (invariant 4), one `Locked` of two (invariant 5).
+//! The stagecore-testkit promotion functions (replay and swap) against real QEMU (TCG): atomic
+//! commit or rollback (invariant 4), one `Locked` of two (invariant 5).
 
 mod support;
 
@@ -74,4 +74,28 @@ async fn replay_commits_on_running_production() {
 async fn gate_failure_rolls_back_on_running_production() {
     let f = Fixture::new();
     promotion::gate_failure_rolls_back(&running_kit(&f)).await;
+}
+
+#[tokio::test]
+async fn swap_commits() {
+    let f = Fixture::new();
+    promotion::swap_commits(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn swap_rolls_back() {
+    let f = Fixture::new();
+    promotion::swap_rolls_back(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn crash_at_every_step_swap() {
+    let f = Fixture::new();
+    promotion::crash_at_every_step(&kit(&f), Strategy::Swap).await;
+}
+
+#[tokio::test]
+async fn swap_commits_on_running_production() {
+    let f = Fixture::new();
+    promotion::swap_commits(&running_kit(&f)).await;
 }

@@ -249,6 +249,7 @@ mod tests {
             owned_networks: vec!["prod-backend".into()],
             origins: BTreeMap::new(),
             snapshots: Vec::new(),
+            sources: map(&[("disk0", "/images/web.qcow2")]),
         };
         let labels = map(&[("tier", "web")]);
         crate::xml::meta::set(&mut tree, &labels, &record).unwrap();

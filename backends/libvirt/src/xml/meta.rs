@@ -53,6 +53,11 @@ pub(crate) struct MachineRecord {
     /// Whole-environment snapshots, oldest first.
     #[serde(default)]
     pub(crate) snapshots: Vec<SnapshotRecord>,
+    /// Logical disk → the source the spec reports: the file as created, staged or attached. It
+    /// stays put while baselines, snapshots and reverts put new overlays on top, so a spec (and a
+    /// fingerprint) does not change when only the layering did.
+    #[serde(default)]
+    pub(crate) sources: BTreeMap<String, String>,
 }
 
 /// One snapshot as seen from one domain.

@@ -60,6 +60,19 @@ impl QmpClient {
         self.transaction(&actions).await
     }
 
+    /// `block-stream` (QEMU 7.2 arguments `job-id`, `device`, `base-node`): copies into the node
+    /// `device` the data of its backing chain above `base_node` (the whole chain when `None`),
+    /// then makes `base_node` its backing. Returns when the job has *started*; wait for its
+    /// `BLOCK_JOB_COMPLETED` event (data `device` = `job_id`) with [`QmpClient::wait_for_event`],
+    /// subscribing before this call.
+    pub async fn block_stream(&self, job_id: &str, device: &str, base_node: Option<&str>) -> Result<()> {
+        let mut args = json!({ "job-id": job_id, "device": device });
+        if let Some(base) = base_node {
+            args["base-node"] = json!(base);
+        }
+        self.execute("block-stream", args).await.map(drop)
+    }
+
     /// `block-dirty-bitmap-add`.
     pub async fn block_dirty_bitmap_add(&self, bitmap: &BlockDirtyBitmapAdd) -> Result<()> {
         let args = serde_json::to_value(bitmap).map_err(|e| error::protocol(self.socket(), e))?;

@@ -1,0 +1,289 @@
+//! The QEMU backend against the tools a user would otherwise run, side by side in one run:
+//!
+//! - `stage_linked`: a linked stage of a 3-machine environment (overlays, identities, state) vs
+//!   three `qemu-img create -f qcow2 -F qcow2 -b <baseline layer>`;
+//! - `stage_full`: a full stage (allocated data only) vs `cp --sparse=always` and
+//!   `qemu-img convert -O qcow2` of the three baseline layers;
+//! - `drift`: a whole drift report of one machine with a 1 GiB / 8 GiB disk, 1 % changed on the
+//!   stage, vs `qemu-img compare` of the two images;
+//! - `snapshot_running`: a crash-consistent snapshot of a running 3-machine environment (pause all,
+//!   one QMP `transaction` per machine, resume).
+//!
+//! `cargo bench -p stagekit --bench qemu` (needs QEMU; machines run under TCG with no guest OS).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use stagekit::qemu::{Accel, QemuBackend, QemuConfig};
+use stagekit::stagecore::{
+    Backend, BackendExt, Baseline, DiskFormat, DiskSpec, DynEnvironment, EnvironmentSpec, MachineSpec, StageOptions,
+    memory::sample_spec,
+};
+use tokio::runtime::Runtime;
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn backend(root: &Path) -> Arc<QemuBackend> {
+    Arc::new(QemuBackend::new(QemuConfig::new(root).with_accel(Accel::Tcg)))
+}
+
+/// A stopped 3-machine production with `data_mib` MiB written on every disk, and its baseline.
+async fn production(b: &QemuBackend, name: &str, data_mib: u64) -> (DynEnvironment, Baseline) {
+    let prod = b.create(&sample_spec(name)).await.unwrap();
+    let io = prod.disk_io().unwrap();
+    let chunk = vec![0x3c; 1 << 20];
+    for m in ["web", "app", "db"] {
+        for i in 0..data_mib {
+            io.write(m, "disk0", i << 20, &chunk).await.unwrap();
+        }
+    }
+    let baseline = prod.take_baseline().await.unwrap();
+    (prod, baseline)
+}
+
+fn layers(baseline: &Baseline) -> Vec<PathBuf> {
+    baseline.layers.iter().map(|l| PathBuf::from(&l.layer)).collect()
+}
+
+fn stage_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
+    let b = backend(root);
+    let (_prod, baseline) = rt.block_on(production(&b, "prod", 16));
+    let scratch = root.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+
+    let mut group = c.benchmark_group("qemu/stage_linked");
+    group.sample_size(20);
+    group.bench_function("stagecore", |bench| {
+        bench.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let name = unique("l");
+                    let t = Instant::now();
+                    b.stage(&baseline, &StageOptions::linked(&name)).await.unwrap();
+                    total += t.elapsed();
+                    b.destroy(&name).await.unwrap();
+                }
+                total
+            })
+        })
+    });
+    group.bench_function("qemu-img create -b (x3)", |bench| {
+        bench.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let t = Instant::now();
+                let outs: Vec<PathBuf> = layers(&baseline)
+                    .iter()
+                    .map(|layer| {
+                        let out = scratch.join(unique("o"));
+                        run(Command::new("qemu-img")
+                            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                            .arg(layer)
+                            .arg(&out));
+                        out
+                    })
+                    .collect();
+                total += t.elapsed();
+                outs.iter().for_each(|o| std::fs::remove_file(o).unwrap());
+            }
+            total
+        })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("qemu/stage_full_48MiB");
+    group.sample_size(10);
+    group.bench_function("stagecore", |bench| {
+        bench.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let name = unique("f");
+                    let t = Instant::now();
+                    b.stage(&baseline, &StageOptions::full(&name)).await.unwrap();
+                    total += t.elapsed();
+                    b.destroy(&name).await.unwrap();
+                }
+                total
+            })
+        })
+    });
+    for (label, tool) in [("cp --sparse=always (x3)", "cp"), ("qemu-img convert (x3)", "convert")] {
+        group.bench_function(label, |bench| {
+            bench.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = Instant::now();
+                    let outs: Vec<PathBuf> = layers(&baseline)
+                        .iter()
+                        .map(|layer| {
+                            let out = scratch.join(unique("c"));
+                            if tool == "cp" {
+                                run(Command::new("cp").arg("--sparse=always").arg(layer).arg(&out));
+                            } else {
+                                run(Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(layer).arg(&out));
+                            }
+                            out
+                        })
+                        .collect();
+                    // stagecore's copies are durable; make the tools' copies durable too.
+                    run(Command::new("sync").args(outs.iter().map(|o| o.as_os_str())));
+                    total += t.elapsed();
+                    outs.iter().for_each(|o| std::fs::remove_file(o).unwrap());
+                }
+                total
+            })
+        });
+    }
+    group.finish();
+}
+
+fn one_disk_spec(name: &str, size: u64) -> EnvironmentSpec {
+    let mut spec = sample_spec(name);
+    spec.machines.truncate(1);
+    spec.machines[0] = MachineSpec {
+        disks: vec![DiskSpec {
+            name: "disk0".into(),
+            source: format!("{name}/disk0.qcow2"),
+            format: DiskFormat::Qcow2,
+            size_bytes: Some(size),
+            read_only: false,
+        }],
+        ..spec.machines[0].clone()
+    };
+    spec
+}
+
+fn drift_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
+    let b = backend(root);
+    let mut group = c.benchmark_group("qemu/drift_1pct");
+    group.sample_size(20);
+    for (label, size) in [("1GiB", 1u64 << 30), ("8GiB", 8 << 30)] {
+        let (prod, stage) = rt.block_on(async {
+            let prod = b.create(&one_disk_spec(&format!("d{label}"), size)).await.unwrap();
+            // Production holds data, as production does: 256 MiB allocated under the baseline.
+            let pio = prod.disk_io().unwrap();
+            let chunk = vec![0x11; 4 << 20];
+            for i in 0..64u64 {
+                pio.write("web", "disk0", i * (size / 64), &chunk).await.unwrap();
+            }
+            let baseline = prod.take_baseline().await.unwrap();
+            let stage = b.stage(&baseline, &StageOptions::linked(format!("s{label}"))).await.unwrap();
+            let io = stage.disk_io().unwrap();
+            let block = vec![0x7e; 64 << 10];
+            for i in 0..(size / 100 / (64 << 10)) {
+                io.write("web", "disk0", i * 100 * (64 << 10), &block).await.unwrap();
+            }
+            (prod, stage)
+        });
+        group.bench_function(BenchmarkId::new("stagecore", label), |bench| {
+            bench.to_async(rt).iter(|| async { b.drift(&*prod, &*stage).await.unwrap() })
+        });
+        let tops = rt.block_on(async {
+            let p = b.open_qemu(prod.name()).await.unwrap().disk_top("web", "disk0").await.unwrap();
+            let s = b.open_qemu(stage.name()).await.unwrap().disk_top("web", "disk0").await.unwrap();
+            (p, s)
+        });
+        group.bench_function(BenchmarkId::new("qemu-img compare", label), |bench| {
+            bench.iter(|| {
+                let out = Command::new("qemu-img").args(["compare", "-q"]).arg(&tops.0).arg(&tops.1).output().unwrap();
+                assert_eq!(out.status.code(), Some(1), "the images differ");
+            })
+        });
+    }
+    group.finish();
+}
+
+fn snapshot_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
+    let b = backend(root);
+    let prod = rt.block_on(async {
+        let prod = b.create(&sample_spec("running")).await.unwrap();
+        prod.start().await.unwrap();
+        prod
+    });
+    let mut group = c.benchmark_group("qemu/snapshot_running_3_machines");
+    group.sample_size(20);
+    // The freeze window: how long the machines stay paused, as the backend reports it (`freeze_ms`).
+    group.bench_function("freeze_window", |bench| {
+        bench.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let name = unique("snap");
+                    FREEZES.lock().unwrap().clear();
+                    prod.create_snapshot(&name).await.unwrap();
+                    let ms: f64 = FREEZES.lock().unwrap().iter().sum();
+                    total += Duration::from_secs_f64(ms / 1e3);
+                    prod.delete_snapshot(&name).await.unwrap();
+                }
+                total
+            })
+        })
+    });
+    group.bench_function("create_snapshot", |bench| {
+        bench.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let name = unique("snap");
+                    let t = Instant::now();
+                    prod.create_snapshot(&name).await.unwrap();
+                    total += t.elapsed();
+                    prod.delete_snapshot(&name).await.unwrap();
+                }
+                total
+            })
+        })
+    });
+    group.finish();
+    rt.block_on(prod.stop()).unwrap();
+}
+
+/// `freeze_ms` values of the backend's "disks frozen" events.
+static FREEZES: std::sync::Mutex<Vec<f64>> = std::sync::Mutex::new(Vec::new());
+
+/// A tracing layer that records `freeze_ms` fields into [`FREEZES`].
+struct FreezeRecorder;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for FreezeRecorder {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Visit;
+        impl tracing::field::Visit for Visit {
+            fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+                if field.name() == "freeze_ms" {
+                    FREEZES.lock().unwrap().push(value);
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        event.record(&mut Visit);
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    use tracing_subscriber::layer::SubscriberExt;
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(FreezeRecorder)).unwrap();
+    let rt = Runtime::new().unwrap();
+    let dir =
+        tempfile::tempdir_in(std::env::var_os("STAGECORE_BENCH_DIR").unwrap_or_else(|| "/var/tmp".into())).unwrap();
+    stage_benches(c, &rt, &dir.path().join("stage"));
+    drift_benches(c, &rt, &dir.path().join("drift"));
+    snapshot_benches(c, &rt, &dir.path().join("snap"));
+}
+
+criterion_group!(qemu, benches);
+criterion_main!(qemu);
