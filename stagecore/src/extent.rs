@@ -89,6 +89,18 @@ pub fn subtract(a: &[Extent], b: &[Extent]) -> Vec<Extent> {
     out
 }
 
+/// Checks that `length` bytes at `offset` lie within a disk of `size` bytes; the error names
+/// `env/machine/disk`.
+pub fn check_range(env: &str, machine: &str, disk: &str, size: u64, offset: u64, length: u64) -> crate::Result<()> {
+    if offset.checked_add(length).is_none_or(|end| end > size) {
+        return Err(crate::Error::invalid(
+            format!("{env}/{machine}/{disk}"),
+            format!("range {offset}+{length} lies beyond the disk's {size} bytes"),
+        ));
+    }
+    Ok(())
+}
+
 /// What changed on one disk since a baseline, as reported by a backend.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskChanges {

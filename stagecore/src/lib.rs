@@ -44,8 +44,8 @@ pub use error::{BoxError, Error, Result, Secret};
 pub use ext::{BackendExt, EnvironmentExt, Fingerprint};
 pub use extent::{ChangeMap, DiskChanges, Extent};
 pub use spec::{
-    DiskFormat, DiskSpec, EnvironmentSpec, Firmware, MachineSpec, NetworkSpec, NicSpec, SpecFormat, check_mac,
-    random_mac,
+    DiskFormat, DiskSpec, EnvironmentSpec, Firmware, Identities, MachineSpec, NetworkSpec, NicSpec, SpecFormat,
+    check_mac, random_mac,
 };
 pub use state::{
     Baseline, BaselineLayer, CloneKind, Consistency, EnvironmentInfo, MachineInstance, MachineStatus, PowerState, Role,

@@ -275,3 +275,36 @@ pub fn random_mac() -> String {
     let b = uuid::Uuid::new_v4().into_bytes();
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
+
+/// The identities of an environment's machines — UUID and NIC MACs per logical machine name —
+/// which stay with their side when a swap exchanges machines.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identities(BTreeMap<String, MachineIdentity>);
+
+/// A machine's UUID and its NICs' MACs by NIC name.
+type MachineIdentity = (Option<String>, BTreeMap<String, Option<String>>);
+
+impl Identities {
+    /// The identities in `spec`.
+    pub fn of(spec: &EnvironmentSpec) -> Self {
+        Identities(
+            spec.machines
+                .iter()
+                .map(|m| {
+                    (m.name.clone(), (m.uuid.clone(), m.nics.iter().map(|n| (n.name.clone(), n.mac.clone())).collect()))
+                })
+                .collect(),
+        )
+    }
+
+    /// Gives `spec`'s machines these identities; machines and NICs without one get new ones.
+    pub fn apply_to(&self, spec: &mut EnvironmentSpec) {
+        for m in &mut spec.machines {
+            let (uuid, macs) = self.0.get(&m.name).cloned().unwrap_or_default();
+            m.uuid = uuid.or_else(|| Some(uuid::Uuid::new_v4().to_string()));
+            for n in &mut m.nics {
+                n.mac = macs.get(&n.name).cloned().flatten().or_else(|| Some(random_mac()));
+            }
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! A remote URI: `qemu+tcp://127.0.0.1:<port>/system` against the live libvirtd, where the backend
-//! must not assume the disk files are reachable.
+//! must not assume the disk files are reachable: what works (inspect, power, config changes, attach,
+//! swap), drift with disks NOT_CHECKED and the reason, and typed refusals for the rest.
 //!
 //! The daemon's own TCP listener cannot be switched on for one test: `listen_tcp` is read only when
 //! libvirtd starts (no runtime way in libvirt 9.0, no systemd `libvirtd-tcp.socket` here), and
@@ -104,6 +105,12 @@ async fn remote_uri_works_without_local_files_and_says_not_checked() {
     assert!(report.disk.records.iter().all(|r| r.status == Status::NotChecked && r.reason.is_some()), "{report:?}");
     assert!(report.config.records.iter().all(|r| r.intended), "config drift still works: {report:?}");
     assert_ne!(report.status, Status::InSync, "never a silent zero: {report:?}");
+
+    // Swap only exchanges definitions, so it works over the wire too.
+    remote.swap(&pname, &sname).await.expect("swap over TCP");
+    assert_eq!(rprod.spec().await.unwrap().machine("app").unwrap().memory_mib, 96, "production runs the stage");
+    remote.swap(&pname, &sname).await.expect("swap back over TCP");
+    assert_eq!(rprod.spec().await.unwrap(), prod.spec().await.unwrap());
 
     // What needs local files is refused with a typed error.
     let not_supported = |r: Result<(), Error>| matches!(r, Err(Error::NotSupported { .. }));

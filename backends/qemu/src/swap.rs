@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use stagecore::{EnvironmentSpec, Error, Result, Role, random_mac};
+use stagecore::{Error, Identities, Result, Role};
 
 use crate::env::stop_all;
 use crate::error;
@@ -63,35 +63,16 @@ fn intent_path(root: &Path, production: &str) -> PathBuf {
     EnvPaths::new(root, production).dir.join(INTENT)
 }
 
-type Identities = BTreeMap<String, (Option<String>, BTreeMap<String, Option<String>>)>;
-
-fn identities(spec: &EnvironmentSpec) -> Identities {
-    spec.machines
-        .iter()
-        .map(|m| (m.name.clone(), (m.uuid.clone(), m.nics.iter().map(|n| (n.name.clone(), n.mac.clone())).collect())))
-        .collect()
-}
-
-fn apply_identities(spec: &mut EnvironmentSpec, ids: &Identities) {
-    for m in &mut spec.machines {
-        let (uuid, macs) = ids.get(&m.name).cloned().unwrap_or_default();
-        m.uuid = uuid.or_else(|| Some(uuid::Uuid::new_v4().to_string()));
-        for n in &mut m.nics {
-            n.mac = macs.get(&n.name).cloned().flatten().or_else(|| Some(random_mac()));
-        }
-    }
-}
-
 /// Exchanges machines, tops and the stage baseline's origins; identities stay with each side.
 fn exchange_records(p: &mut EnvRecord, s: &mut EnvRecord, baseline_id: &str) {
-    let (p_ids, s_ids) = (identities(&p.spec), identities(&s.spec));
+    let (p_ids, s_ids) = (Identities::of(&p.spec), Identities::of(&s.spec));
     std::mem::swap(&mut p.spec.machines, &mut s.spec.machines);
     std::mem::swap(&mut p.disks, &mut s.disks);
     let (po, so) = (p.origins.remove(baseline_id), s.origins.remove(baseline_id));
     p.origins.extend(so.map(|o| (baseline_id.to_string(), o)));
     s.origins.extend(po.map(|o| (baseline_id.to_string(), o)));
-    apply_identities(&mut p.spec, &p_ids);
-    apply_identities(&mut s.spec, &s_ids);
+    p_ids.apply_to(&mut p.spec);
+    s_ids.apply_to(&mut s.spec);
 }
 
 /// Replaces every path of `rec` that is (canonically) a moved file by its new name.

@@ -136,7 +136,7 @@ impl Environment for MemoryEnvironment {
                 }
                 Change::WriteDisk { disk, offset, data, .. } => {
                     let d = env.disk(change.machine(), disk)?;
-                    check_range(&env_name, change.machine(), disk, d.size, *offset, data.len() as u64)?;
+                    crate::extent::check_range(&env_name, change.machine(), disk, d.size, *offset, data.len() as u64)?;
                     layers.write(d.top, *offset, data);
                 }
                 Change::ReplaceDiskImage { disk, image, .. } => {
@@ -175,16 +175,6 @@ impl Environment for MemoryEnvironment {
     fn guest(&self) -> Option<&dyn GuestChannel> {
         None
     }
-}
-
-fn check_range(env: &str, machine: &str, disk: &str, size: u64, offset: u64, len: u64) -> Result<()> {
-    if offset.checked_add(len).is_none_or(|end| end > size) {
-        return Err(Error::invalid(
-            format!("{env}/{machine}/{disk}"),
-            format!("range {offset}+{len} lies beyond the disk's {size} bytes"),
-        ));
-    }
-    Ok(())
 }
 
 #[async_trait]
@@ -260,7 +250,7 @@ impl DiskIo for MemoryEnvironment {
     async fn read(&self, machine: &str, disk: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
         self.with(|env, layers| {
             let d = env.disk(machine, disk)?;
-            check_range(&env.name, machine, disk, d.size, offset, length)?;
+            crate::extent::check_range(&env.name, machine, disk, d.size, offset, length)?;
             Ok(layers.read(d.top, offset, length))
         })
     }
@@ -269,7 +259,7 @@ impl DiskIo for MemoryEnvironment {
         self.shared.faults.check("write")?;
         self.with(|env, layers| {
             let d = env.disk(machine, disk)?;
-            check_range(&env.name, machine, disk, d.size, offset, data.len() as u64)?;
+            crate::extent::check_range(&env.name, machine, disk, d.size, offset, data.len() as u64)?;
             layers.write(d.top, offset, data);
             Ok(())
         })

@@ -6,8 +6,8 @@ use time::OffsetDateTime;
 
 use super::disk::{LayerId, LayerStore};
 use crate::{
-    Baseline, BaselineLayer, CloneKind, EnvironmentInfo, EnvironmentSpec, Error, MachineInstance, PowerState, Result,
-    Role, SnapshotInfo, StageInfo, StageOptions, random_mac,
+    Baseline, BaselineLayer, CloneKind, EnvironmentInfo, EnvironmentSpec, Error, Identities, MachineInstance,
+    PowerState, Result, Role, SnapshotInfo, StageInfo, StageOptions, random_mac,
 };
 
 /// One disk: its writable top layer and virtual size.
@@ -68,35 +68,16 @@ impl State {
             self.envs.insert(production.into(), p);
             return Err(Error::not_found("environment", stage));
         };
-        let (p_ids, s_ids) = (identities(&p.spec), identities(&s.spec));
+        let (p_ids, s_ids) = (Identities::of(&p.spec), Identities::of(&s.spec));
         std::mem::swap(&mut p.spec.machines, &mut s.spec.machines);
         std::mem::swap(&mut p.disks, &mut s.disks);
         std::mem::swap(&mut p.power, &mut s.power);
-        apply_identities(&mut p.spec, &p_ids);
-        apply_identities(&mut s.spec, &s_ids);
+        p_ids.apply_to(&mut p.spec);
+        s_ids.apply_to(&mut s.spec);
         s.set_power_all(PowerState::Stopped);
         self.envs.insert(production.into(), p);
         self.envs.insert(stage.into(), s);
         Ok(())
-    }
-}
-
-type Identities = BTreeMap<String, (Option<String>, BTreeMap<String, Option<String>>)>;
-
-fn identities(spec: &EnvironmentSpec) -> Identities {
-    spec.machines
-        .iter()
-        .map(|m| (m.name.clone(), (m.uuid.clone(), m.nics.iter().map(|n| (n.name.clone(), n.mac.clone())).collect())))
-        .collect()
-}
-
-fn apply_identities(spec: &mut EnvironmentSpec, ids: &Identities) {
-    for m in &mut spec.machines {
-        let (uuid, macs) = ids.get(&m.name).cloned().unwrap_or_default();
-        m.uuid = uuid.or_else(|| Some(uuid::Uuid::new_v4().to_string()));
-        for n in &mut m.nics {
-            n.mac = macs.get(&n.name).cloned().flatten().or_else(|| Some(random_mac()));
-        }
     }
 }
 
