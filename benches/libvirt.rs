@@ -7,15 +7,8 @@
 //! qemu-img; takes about two minutes). Everything it makes carries a unique tag and is removed at
 //! the end, also after a panic.
 
-#[cfg(not(feature = "libvirt"))]
-fn main() {
-    eprintln!("this bench needs the libvirt feature: cargo bench -p stagekit --features libvirt --bench libvirt");
-}
-
-#[cfg(feature = "libvirt")]
 criterion::criterion_main!(bench::benches);
 
-#[cfg(feature = "libvirt")]
 mod bench {
     use std::path::PathBuf;
     use std::process::Command;

@@ -10,23 +10,14 @@
 //! linked, fenced stage; the second domain gets 64 MiB more memory on the stage, which is then
 //! promoted to production with a snapshot to roll back to.
 
-#[cfg(not(feature = "libvirt"))]
-fn main() {
-    eprintln!("this example needs the libvirt feature: cargo run -p stagekit --features libvirt --example libvirt");
-    std::process::exit(2);
-}
-
-#[cfg(feature = "libvirt")]
 #[allow(dead_code)]
 mod common;
 
-#[cfg(feature = "libvirt")]
 #[tokio::main]
 async fn main() -> stagekit::stagecore::Result<()> {
     run::main().await
 }
 
-#[cfg(feature = "libvirt")]
 mod run {
     use std::process::Command;
     use std::sync::Arc;
