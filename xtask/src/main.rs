@@ -2,7 +2,7 @@
 //! (the alias lives in `.cargo/config.toml`).
 //!
 //! - `setup` — install QEMU and libvirt if missing (root on Debian) and start the daemons.
-//! - `test` — setup, then fmt, clippy, nextest, doctests and docs: what CI runs.
+//! - `test` — setup, then fmt, clippy, nextest, doctests, the quickstart (debug) and docs: what CI runs.
 //! - `demo [ARGS]` — setup, then the `quickstart` example with `ARGS`.
 //! - `bench [ARGS]` — `cargo bench -p stagekit ARGS`.
 //!

@@ -57,11 +57,13 @@ fn test_steps(nextest: bool) -> Vec<Step> {
         Step::new("clippy", &["clippy", "--workspace", "--all-targets", "--all-features", "--", "-D", "warnings"]),
         tests.env("STAGECORE_LIVE", "1"),
         Step::new("doctests", &["test", "--workspace", "--all-features", "--doc"]).env("STAGECORE_LIVE", "1"),
+        // The README's first command, as a debug build: the main job must work on every CI run.
+        Step::new("quickstart", &["run", "-p", "stagekit", "--example", "quickstart"]),
         Step::new("doc", &["doc", "--workspace", "--no-deps", "--all-features"]).env("RUSTDOCFLAGS", "-D warnings"),
     ]
 }
 
-/// `cargo xtask test`: setup, then fmt, clippy, tests, doctests and docs.
+/// `cargo xtask test`: setup, then fmt, clippy, tests, doctests, the quickstart and docs.
 pub(crate) fn test() -> Result<()> {
     setup()?;
     let nextest = nextest_available();
@@ -104,10 +106,10 @@ mod tests {
     fn test_steps_run_in_ci_order_with_live_env_on_tests_only() {
         let steps = test_steps(true);
         let names: Vec<_> = steps.iter().map(|s| s.name).collect();
-        assert_eq!(names, ["fmt", "clippy", "nextest", "doctests", "doc"]);
+        assert_eq!(names, ["fmt", "clippy", "nextest", "doctests", "quickstart", "doc"]);
         assert_eq!(steps[2].env, [("STAGECORE_LIVE", "1")]);
         assert_eq!(steps[3].env, [("STAGECORE_LIVE", "1")]);
-        assert_eq!(steps[4].env, [("RUSTDOCFLAGS", "-D warnings")]);
+        assert_eq!(steps[5].env, [("RUSTDOCFLAGS", "-D warnings")]);
         assert!(steps[0].env.is_empty() && steps[1].env.is_empty());
         assert_eq!(steps[1].args[steps[1].args.len() - 2..], ["-D", "warnings"]);
     }
