@@ -185,7 +185,18 @@ pub(crate) fn nic_device(nic: &NicSpec, network: &str) -> Element {
 pub(crate) fn isolated_network(name: &str) -> String {
     let mut n = el("network", &[]);
     push(&mut n, text("name", name, &[]));
+    push(&mut n, el("bridge", &[("name", &bridge_name(name))]));
     n.render()
+}
+
+/// A bridge name of our own for a network (`sc` + 10 hex digits of a hash of its name; Linux
+/// allows 15 characters). Left to itself, libvirt picks the next free `virbrN`, and two networks
+/// defined at once can race for the same one ("error creating bridge interface: File exists").
+pub(crate) fn bridge_name(network: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    network.hash(&mut h);
+    format!("sc{:010x}", h.finish() & 0xff_ffff_ffff)
 }
 
 #[cfg(test)]
