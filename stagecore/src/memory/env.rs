@@ -57,6 +57,7 @@ impl Environment for MemoryEnvironment {
         })
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(environment = %self.name))]
     async fn start(&self) -> Result<()> {
         self.shared.faults.check("start")?;
         self.with(|env, _| {
@@ -65,6 +66,7 @@ impl Environment for MemoryEnvironment {
         })
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(environment = %self.name))]
     async fn stop(&self) -> Result<()> {
         self.shared.faults.check("stop")?;
         self.with(|env, _| {
@@ -73,6 +75,7 @@ impl Environment for MemoryEnvironment {
         })
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(environment = %self.name))]
     async fn take_baseline(&self) -> Result<Baseline> {
         self.shared.faults.check("take_baseline")?;
         self.with(|env, layers| {
@@ -83,6 +86,7 @@ impl Environment for MemoryEnvironment {
         })
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(environment = %self.name))]
     async fn disk_changes(&self, baseline: &Baseline) -> Result<Vec<DiskChanges>> {
         self.shared.faults.check("disk_changes")?;
         self.with(|env, layers| {
@@ -111,6 +115,7 @@ impl Environment for MemoryEnvironment {
         })
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(environment = %self.name))]
     async fn apply(&self, change: &Change) -> Result<()> {
         self.shared.faults.check("apply")?;
         let env_name = self.name.clone();
@@ -179,6 +184,7 @@ impl Environment for MemoryEnvironment {
 
 #[async_trait]
 impl Snapshot for MemoryEnvironment {
+    #[tracing::instrument(level = "debug", skip_all, fields(environment = %self.name))]
     async fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo> {
         crate::name::validate("snapshot", name)?;
         self.shared.faults.check("create_snapshot")?;
@@ -204,6 +210,7 @@ impl Snapshot for MemoryEnvironment {
         self.with(|env, _| Ok(env.snapshots.iter().map(|s| s.info.clone()).collect()))
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(environment = %self.name))]
     async fn revert_snapshot(&self, name: &str) -> Result<()> {
         crate::name::validate("snapshot", name)?;
         self.shared.faults.check("revert_snapshot")?;
@@ -231,6 +238,7 @@ impl Snapshot for MemoryEnvironment {
         })
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(environment = %self.name))]
     async fn delete_snapshot(&self, name: &str) -> Result<()> {
         crate::name::validate("snapshot", name)?;
         self.shared.faults.check("delete_snapshot")?;

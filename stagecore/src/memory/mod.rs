@@ -92,6 +92,7 @@ impl Backend for MemoryBackend {
         }
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(environment = %spec.name))]
     async fn create(&self, spec: &EnvironmentSpec) -> Result<Arc<dyn Environment>> {
         self.shared.faults.check("create")?;
         spec.validate()?;
@@ -109,6 +110,7 @@ impl Backend for MemoryBackend {
         }
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(environment = %options.name, production = %baseline.environment))]
     async fn stage(&self, baseline: &Baseline, options: &StageOptions) -> Result<Arc<dyn Environment>> {
         options.validate()?;
         self.shared.faults.check("stage")?;
@@ -144,6 +146,7 @@ impl Backend for MemoryBackend {
         Ok(state.envs.values().map(EnvState::info).collect())
     }
 
+    #[tracing::instrument(level = "debug", skip(self))]
     async fn destroy(&self, name: &str) -> Result<()> {
         crate::name::validate("environment", name)?;
         self.shared.faults.check("destroy")?;
@@ -161,6 +164,7 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip(self))]
     async fn swap(&self, production: &str, stage: &str) -> Result<()> {
         self.shared.faults.check("swap")?;
         self.shared.state.lock().expect("state lock").swap(production, stage)
