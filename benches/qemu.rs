@@ -4,8 +4,8 @@
 //!   three `qemu-img create -f qcow2 -F qcow2 -b <baseline layer>`;
 //! - `stage_full`: a full stage (allocated data only) vs `cp --sparse=always` and
 //!   `qemu-img convert -O qcow2` of the three baseline layers;
-//! - `drift`: a whole drift report of one machine with a 1 GiB / 8 GiB disk, 1 % changed on the
-//!   stage, vs `qemu-img compare` of the two images;
+//! - `drift`: a whole drift report of one machine with a 1 GiB / 8 GiB disk (256 MiB of production
+//!   data), 1 % changed on a linked or a full stage, vs `qemu-img compare` of the two images;
 //! - `snapshot_running`: a crash-consistent snapshot of a running 3-machine environment (pause all,
 //!   one QMP `transaction` per machine, resume).
 //!
@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use stagekit::qemu::{Accel, QemuBackend, QemuConfig};
 use stagekit::stagecore::{
-    Backend, BackendExt, Baseline, DiskFormat, DiskSpec, DynEnvironment, EnvironmentSpec, MachineSpec, StageOptions,
-    memory::sample_spec,
+    Backend, BackendExt, Baseline, CloneKind, DiskFormat, DiskSpec, DynEnvironment, EnvironmentSpec, MachineSpec,
+    StageOptions, memory::sample_spec,
 };
 use tokio::runtime::Runtime;
 
@@ -169,8 +169,14 @@ fn one_disk_spec(name: &str, size: u64) -> EnvironmentSpec {
 }
 
 fn drift_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
+    for kind in [CloneKind::Linked, CloneKind::Full] {
+        drift_group(c, rt, &root.join(format!("{kind:?}")), kind);
+    }
+}
+
+fn drift_group(c: &mut Criterion, rt: &Runtime, root: &Path, kind: CloneKind) {
     let b = backend(root);
-    let mut group = c.benchmark_group("qemu/drift_1pct");
+    let mut group = c.benchmark_group(format!("qemu/drift_1pct_{kind:?}_stage").to_lowercase());
     group.sample_size(20);
     for (label, size) in [("1GiB", 1u64 << 30), ("8GiB", 8 << 30)] {
         let (prod, stage) = rt.block_on(async {
@@ -182,7 +188,8 @@ fn drift_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
                 pio.write("web", "disk0", i * (size / 64), &chunk).await.unwrap();
             }
             let baseline = prod.take_baseline().await.unwrap();
-            let stage = b.stage(&baseline, &StageOptions::linked(format!("s{label}"))).await.unwrap();
+            let opts = StageOptions { clone: kind, ..StageOptions::linked(format!("s{label}")) };
+            let stage = b.stage(&baseline, &opts).await.unwrap();
             let io = stage.disk_io().unwrap();
             let block = vec![0x7e; 64 << 10];
             for i in 0..(size / 100 / (64 << 10)) {
