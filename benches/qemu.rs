@@ -58,6 +58,27 @@ fn layers(baseline: &Baseline) -> Vec<PathBuf> {
     baseline.layers.iter().map(|l| PathBuf::from(&l.layer)).collect()
 }
 
+/// Time of `iters` stages made with `options` (each destroyed again, untimed).
+fn time_stages(
+    rt: &Runtime,
+    b: &QemuBackend,
+    baseline: &Baseline,
+    iters: u64,
+    options: fn(String) -> StageOptions,
+) -> Duration {
+    rt.block_on(async {
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            let name = unique("st");
+            let t = Instant::now();
+            b.stage(baseline, &options(name.clone())).await.unwrap();
+            total += t.elapsed();
+            b.destroy(&name).await.unwrap();
+        }
+        total
+    })
+}
+
 fn stage_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
     let b = backend(root);
     let (_prod, baseline) = rt.block_on(production(&b, "prod", 16));
@@ -67,19 +88,7 @@ fn stage_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
     let mut group = c.benchmark_group("qemu/stage_linked");
     group.sample_size(20);
     group.bench_function("stagecore", |bench| {
-        bench.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let name = unique("l");
-                    let t = Instant::now();
-                    b.stage(&baseline, &StageOptions::linked(&name)).await.unwrap();
-                    total += t.elapsed();
-                    b.destroy(&name).await.unwrap();
-                }
-                total
-            })
-        })
+        bench.iter_custom(|iters| time_stages(rt, &b, &baseline, iters, StageOptions::linked))
     });
     group.bench_function("qemu-img create -b (x3)", |bench| {
         bench.iter_custom(|iters| {
@@ -108,19 +117,7 @@ fn stage_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
     let mut group = c.benchmark_group("qemu/stage_full_48MiB");
     group.sample_size(10);
     group.bench_function("stagecore", |bench| {
-        bench.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let name = unique("f");
-                    let t = Instant::now();
-                    b.stage(&baseline, &StageOptions::full(&name)).await.unwrap();
-                    total += t.elapsed();
-                    b.destroy(&name).await.unwrap();
-                }
-                total
-            })
-        })
+        bench.iter_custom(|iters| time_stages(rt, &b, &baseline, iters, StageOptions::full))
     });
     for (label, tool) in [("cp --sparse=always (x3)", "cp"), ("qemu-img convert (x3)", "convert")] {
         group.bench_function(label, |bench| {

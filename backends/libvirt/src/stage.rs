@@ -89,13 +89,7 @@ async fn build(
             owned.push(name);
         }
     }
-    let info = StageInfo {
-        source: baseline.environment.clone(),
-        baseline: baseline.clone(),
-        clone: options.clone,
-        fenced: options.fenced,
-        change_sets: Vec::new(),
-    };
+    let info = StageInfo::new(baseline, options);
     let mut xmls = Vec::new();
     for m in &baseline.spec.machines {
         let p = prod.iter().find(|p| p.name() == m.name).expect("checked");

@@ -95,13 +95,7 @@ pub(crate) async fn stage(ctx: &Arc<Ctx>, baseline: &Baseline, options: &StageOp
         jobs.iter().map(|j| (j.key.clone(), j.copy.clone().unwrap_or_else(|| j.layer.clone()))).collect();
     let disks: BTreeMap<String, PathBuf> = jobs.iter().map(|j| (j.key.clone(), j.top.clone())).collect();
     blocking(move || clone_disks(&jobs)).await?;
-    let info = StageInfo {
-        source: baseline.environment.clone(),
-        baseline: baseline.clone(),
-        clone: options.clone,
-        fenced: options.fenced,
-        change_sets: Vec::new(),
-    };
+    let info = StageInfo::new(baseline, options);
     let rec = EnvRecord {
         name: options.name.clone(),
         role: Role::Stage(Box::new(info)),
