@@ -79,6 +79,35 @@ fn time_stages(
     })
 }
 
+/// Time of `iters` rounds of running `tool(layer, output)` once per baseline layer (plus `sync` of
+/// the outputs when `durable`); the outputs are removed again, untimed.
+fn time_tool(
+    iters: u64,
+    baseline: &Baseline,
+    scratch: &Path,
+    durable: bool,
+    tool: impl Fn(&Path, &Path) -> Command,
+) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let t = Instant::now();
+        let outs: Vec<PathBuf> = layers(baseline)
+            .iter()
+            .map(|layer| {
+                let out = scratch.join(unique("o"));
+                run(&mut tool(layer, &out));
+                out
+            })
+            .collect();
+        if durable {
+            run(Command::new("sync").args(outs.iter().map(|o| o.as_os_str())));
+        }
+        total += t.elapsed();
+        outs.iter().for_each(|o| std::fs::remove_file(o).unwrap());
+    }
+    total
+}
+
 fn stage_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
     let b = backend(root);
     let (_prod, baseline) = rt.block_on(production(&b, "prod", 16));
@@ -92,24 +121,11 @@ fn stage_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
     });
     group.bench_function("qemu-img create -b (x3)", |bench| {
         bench.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let t = Instant::now();
-                let outs: Vec<PathBuf> = layers(&baseline)
-                    .iter()
-                    .map(|layer| {
-                        let out = scratch.join(unique("o"));
-                        run(Command::new("qemu-img")
-                            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-                            .arg(layer)
-                            .arg(&out));
-                        out
-                    })
-                    .collect();
-                total += t.elapsed();
-                outs.iter().for_each(|o| std::fs::remove_file(o).unwrap());
-            }
-            total
+            time_tool(iters, &baseline, &scratch, false, |layer, out| {
+                let mut cmd = Command::new("qemu-img");
+                cmd.args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(layer).arg(out);
+                cmd
+            })
         })
     });
     group.finish();
@@ -119,33 +135,25 @@ fn stage_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
     group.bench_function("stagecore", |bench| {
         bench.iter_custom(|iters| time_stages(rt, &b, &baseline, iters, StageOptions::full))
     });
-    for (label, tool) in [("cp --sparse=always (x3)", "cp"), ("qemu-img convert (x3)", "convert")] {
-        group.bench_function(label, |bench| {
-            bench.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let t = Instant::now();
-                    let outs: Vec<PathBuf> = layers(&baseline)
-                        .iter()
-                        .map(|layer| {
-                            let out = scratch.join(unique("c"));
-                            if tool == "cp" {
-                                run(Command::new("cp").arg("--sparse=always").arg(layer).arg(&out));
-                            } else {
-                                run(Command::new("qemu-img").args(["convert", "-O", "qcow2"]).arg(layer).arg(&out));
-                            }
-                            out
-                        })
-                        .collect();
-                    // stagecore's copies are durable; make the tools' copies durable too.
-                    run(Command::new("sync").args(outs.iter().map(|o| o.as_os_str())));
-                    total += t.elapsed();
-                    outs.iter().for_each(|o| std::fs::remove_file(o).unwrap());
-                }
-                total
+    // stagecore's copies are durable; the tools' copies are synced too (`durable = true`).
+    group.bench_function("cp --sparse=always (x3)", |bench| {
+        bench.iter_custom(|iters| {
+            time_tool(iters, &baseline, &scratch, true, |layer, out| {
+                let mut cmd = Command::new("cp");
+                cmd.arg("--sparse=always").arg(layer).arg(out);
+                cmd
             })
-        });
-    }
+        })
+    });
+    group.bench_function("qemu-img convert (x3)", |bench| {
+        bench.iter_custom(|iters| {
+            time_tool(iters, &baseline, &scratch, true, |layer, out| {
+                let mut cmd = Command::new("qemu-img");
+                cmd.args(["convert", "-O", "qcow2"]).arg(layer).arg(out);
+                cmd
+            })
+        })
+    });
     group.finish();
 }
 

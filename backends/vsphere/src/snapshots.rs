@@ -14,10 +14,21 @@ use tracing::Instrument;
 
 use crate::MoRef;
 use crate::env::VsphereEnvironment;
-use crate::registry::SnapshotRecord;
+use crate::registry::{EnvRecord, SnapshotRecord};
 
 fn snap_ref(id: &str) -> MoRef {
     MoRef::new("VirtualMachineSnapshot", id)
+}
+
+impl VsphereEnvironment {
+    /// The recorded snapshot called `name`, or `NotFound` naming `environment/name`.
+    fn find_snapshot<'a>(&self, record: &'a EnvRecord, name: &str) -> Result<&'a SnapshotRecord> {
+        record
+            .snapshots
+            .iter()
+            .find(|s| s.info.name == name)
+            .ok_or_else(|| Error::not_found("snapshot", format!("{}/{name}", self.name())))
+    }
 }
 
 #[async_trait]
@@ -62,11 +73,7 @@ impl Snapshot for VsphereEnvironment {
         let span = tracing::info_span!("vsphere.revert_snapshot", environment = %self.name(), snapshot = name);
         async {
             let record = self.record()?;
-            let snap = record
-                .snapshots
-                .iter()
-                .find(|s| s.info.name == name)
-                .ok_or_else(|| Error::not_found("snapshot", format!("{}/{name}", self.name())))?;
+            let snap = self.find_snapshot(&record, name)?;
             let client = &self.shared.client;
             let mut running = Vec::new();
             for m in &record.machines {
@@ -91,11 +98,7 @@ impl Snapshot for VsphereEnvironment {
         let span = tracing::info_span!("vsphere.delete_snapshot", environment = %self.name(), snapshot = name);
         async {
             let record = self.record()?;
-            let snap = record
-                .snapshots
-                .iter()
-                .find(|s| s.info.name == name)
-                .ok_or_else(|| Error::not_found("snapshot", format!("{}/{name}", self.name())))?;
+            let snap = self.find_snapshot(&record, name)?;
             for p in &snap.points {
                 match self.shared.client.remove_snapshot(&snap_ref(&p.snapshot), false).await {
                     Ok(()) | Err(Error::NotFound { .. }) => {}
