@@ -41,6 +41,8 @@ fn spec(disk_size: u64) -> EnvironmentSpec {
                     .collect(),
                 nics: vec![],
                 labels: Default::default(),
+                boot: None,
+                after: Vec::new(),
             })
             .collect(),
         networks: vec![],

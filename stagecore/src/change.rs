@@ -87,6 +87,9 @@ pub enum Change {
         machine: String,
         /// argv.
         command: Vec<String>,
+        /// How long the command may run, in seconds (default: [`crate::GuestExec::DEFAULT_TIMEOUT`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u64>,
     },
     /// Write a file in the guest (needs a guest channel).
     GuestFile {
@@ -96,6 +99,9 @@ pub enum Change {
         path: String,
         /// File content.
         content: Vec<u8>,
+        /// Permission bits (e.g. `0o644`); `None` keeps an existing file's mode.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<u32>,
     },
     /// Replace a stateless machine's disk with another image (its guest-visible content).
     ReplaceDiskImage {
@@ -273,7 +279,22 @@ impl Change {
                     return Err(Error::not_found("disk", format!("{env}/{}/{disk}", machine.name)));
                 }
             }
-            Change::GuestCommand { .. } | Change::GuestFile { .. } => {}
+            Change::GuestCommand { command, timeout_secs, .. } => {
+                if command.first().is_none_or(|c| c.is_empty()) {
+                    return Err(Error::invalid(at("command"), "a guest command needs a program"));
+                }
+                if *timeout_secs == Some(0) {
+                    return Err(Error::invalid(at("timeout_secs"), "must be at least 1"));
+                }
+            }
+            Change::GuestFile { path, mode, .. } => {
+                if !path.starts_with('/') || path.contains('\0') || path.split('/').any(|p| p == "..") {
+                    return Err(Error::invalid(at("path"), "a guest file path must be absolute, without `..`"));
+                }
+                if mode.is_some_and(|m| m > 0o7777) {
+                    return Err(Error::invalid(at("mode"), "permission bits must be at most 0o7777"));
+                }
+            }
         }
         Ok(())
     }

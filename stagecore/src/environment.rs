@@ -2,6 +2,7 @@
 //! abilities reached from it ([`Snapshot`], [`DiskIo`], [`GuestChannel`]).
 
 use std::fmt::Debug;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -96,21 +97,112 @@ pub trait DiskIo: Send + Sync + Debug {
 /// The output of a guest command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestOutput {
-    /// Exit code.
+    /// Exit code (a command killed by a signal reports `128 + signal`, as a shell does).
     pub exit_code: i32,
-    /// Standard output.
+    /// Standard output (at most the channel's output cap; see [`GuestOutput::truncated`]).
     pub stdout: Vec<u8>,
-    /// Standard error.
+    /// Standard error (at most the channel's output cap).
     pub stderr: Vec<u8>,
+    /// Whether stdout or stderr was cut at the channel's output cap.
+    pub truncated: bool,
 }
 
-/// Commands and files inside a guest (e.g. through qemu-guest-agent or VMware Tools).
+impl GuestOutput {
+    /// Whether the command exited with code 0.
+    pub fn success(&self) -> bool {
+        self.exit_code == 0
+    }
+
+    /// Standard output as text (lossy UTF-8).
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// Standard error as text (lossy UTF-8).
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// A command to run in a guest: argv, optional standard input and environment, and a timeout.
+///
+/// ```
+/// use std::time::Duration;
+/// let req = stagecore::GuestExec::new(["/bin/sh", "-c", "cat"]).stdin(b"hi".to_vec()).timeout(Duration::from_secs(5));
+/// assert_eq!(req.argv[0], "/bin/sh");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestExec {
+    /// The program (absolute path or found on the guest's `PATH`) and its arguments.
+    pub argv: Vec<String>,
+    /// Bytes fed to the command's standard input.
+    pub stdin: Option<Vec<u8>>,
+    /// Environment variables as `KEY=VALUE`; when empty the agent's default environment is used.
+    pub env: Vec<String>,
+    /// How long the command may run before the call fails with [`crate::Error::Timeout`].
+    pub timeout: Duration,
+}
+
+impl GuestExec {
+    /// The default timeout of a guest command.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+    /// A command with no stdin, the default environment and [`GuestExec::DEFAULT_TIMEOUT`].
+    pub fn new<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        GuestExec {
+            argv: argv.into_iter().map(Into::into).collect(),
+            stdin: None,
+            env: Vec::new(),
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Sets standard input.
+    pub fn stdin(mut self, data: Vec<u8>) -> Self {
+        self.stdin = Some(data);
+        self
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push(format!("{key}={value}"));
+        self
+    }
+
+    /// Sets the timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The argv as one line for logs and errors (never contains stdin or environment values).
+    pub fn display(&self) -> String {
+        self.argv.join(" ")
+    }
+}
+
+/// Commands and files inside a guest (qemu-guest-agent on QEMU and libvirt, VMware Tools guest
+/// operations on vSphere).
+///
+/// # Contract
+/// - Machines are logical names; a stage's channel reaches the stage's guest, never production's.
+/// - A machine whose agent does not answer gives a typed error naming the machine and what was
+///   tried ([`crate::Error::Unreachable`] or [`crate::Error::Timeout`]), never a hang.
+/// - `exec` returns the exit code even when it is not 0: callers decide. Changes that run
+///   commands ([`crate::Change::GuestCommand`]) fail with [`crate::Error::GuestCommand`] then.
 #[async_trait]
 pub trait GuestChannel: Send + Sync + Debug {
-    /// Runs a command in `machine`.
-    async fn exec(&self, machine: &str, command: &[String]) -> Result<GuestOutput>;
-    /// Writes a file in `machine`.
-    async fn write_file(&self, machine: &str, path: &str, content: &[u8]) -> Result<()>;
-    /// Reads a file in `machine`.
+    /// Runs a command in `machine` and waits (up to its timeout) for it to exit.
+    async fn exec(&self, machine: &str, request: &GuestExec) -> Result<GuestOutput>;
+    /// Writes a whole file in `machine`; `mode` sets its permission bits (e.g. `0o644`), `None`
+    /// keeps an existing file's mode (new files get the agent's default).
+    async fn write_file(&self, machine: &str, path: &str, content: &[u8], mode: Option<u32>) -> Result<()>;
+    /// Reads a whole file in `machine`.
     async fn read_file(&self, machine: &str, path: &str) -> Result<Vec<u8>>;
+    /// Waits until the agent of `machine` answers, at most `timeout`.
+    async fn wait_ready(&self, machine: &str, timeout: Duration) -> Result<()>;
 }

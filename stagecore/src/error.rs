@@ -85,6 +85,18 @@ pub enum Error {
         /// How long was waited.
         seconds: f64,
     },
+    /// A guest command of a change (or gate) exited non-zero.
+    #[error("guest command `{command}` in {machine} exited with {exit_code}: {stderr}")]
+    GuestCommand {
+        /// `environment/machine` it ran in.
+        machine: String,
+        /// The argv as one line (no stdin, no environment values).
+        command: String,
+        /// Its exit code.
+        exit_code: i32,
+        /// Its standard error (trimmed, at most 4 KiB).
+        stderr: String,
+    },
     /// A backend-specific failure, with its source.
     #[error("{backend} backend: {source}")]
     Backend {
@@ -125,6 +137,21 @@ impl Error {
     /// Builds [`Error::Backend`] from a message.
     pub fn backend_msg(backend: &'static str, message: impl fmt::Display) -> Self {
         Error::Backend { backend, source: message.to_string().into() }
+    }
+
+    /// Builds [`Error::GuestCommand`] from a command's output; stderr is trimmed and capped at 4 KiB.
+    pub fn guest_command(machine: impl Into<String>, command: impl Into<String>, output: &crate::GuestOutput) -> Self {
+        let text = String::from_utf8_lossy(&output.stderr);
+        let mut stderr = text.trim().to_string();
+        if stderr.len() > 4096 {
+            let mut cut = 4096;
+            while !stderr.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            stderr.truncate(cut);
+            stderr.push('…');
+        }
+        Error::GuestCommand { machine: machine.into(), command: command.into(), exit_code: output.exit_code, stderr }
     }
 
     /// Whether retrying the same call later may succeed (unreachable hosts, timeouts, locks).

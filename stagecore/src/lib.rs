@@ -30,24 +30,26 @@ mod environment;
 mod error;
 mod ext;
 pub mod extent;
+pub mod guest;
 pub mod memory;
 pub mod name;
 pub mod promotion;
 mod spec;
+mod start_order;
 mod state;
 
 pub use backend::{Backend, DynEnvironment};
 pub use capabilities::Capabilities;
 pub use change::{Change, ChangeSet, DiskScope};
-pub use environment::{DiskIo, Environment, GuestChannel, GuestOutput, Snapshot};
+pub use environment::{DiskIo, Environment, GuestChannel, GuestExec, GuestOutput, Snapshot};
 pub use error::{BoxError, Error, Result, Secret};
 pub use ext::{BackendExt, EnvironmentExt, Fingerprint};
 pub use extent::{ChangeMap, DiskChanges, Extent};
 pub use spec::{
-    DiskFormat, DiskSpec, EnvironmentSpec, Firmware, Identities, MachineSpec, NetworkSpec, NicSpec, SpecFormat,
-    check_mac, random_mac,
+    BootSpec, DiskFormat, DiskSpec, EnvironmentSpec, Firmware, Identities, MachineSpec, NetworkSpec, NicSpec,
+    SpecFormat, check_mac, random_mac,
 };
 pub use state::{
-    Baseline, BaselineLayer, CloneKind, Consistency, EnvironmentInfo, MachineInstance, MachineStatus, PowerState, Role,
-    Selector, SnapshotInfo, StageInfo, StageOptions,
+    Baseline, BaselineLayer, CloneKind, Consistency, ConsistencyLevel, EnvironmentInfo, MachineConsistency,
+    MachineInstance, MachineStatus, PowerState, Role, Selector, SnapshotInfo, StageInfo, StageOptions,
 };

@@ -58,6 +58,29 @@ pub struct MachineSpec {
     /// Free-form labels (`tier = "web"`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Direct kernel boot (kernel, initrd, command line on the host), if the machine boots that way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootSpec>,
+    /// Machines (logical names) this one starts after: [`crate::Environment::start`] starts them
+    /// first and waits until their guest agents answer (see [`EnvironmentSpec::start_waves`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+}
+
+/// Direct kernel boot: the hypervisor loads a kernel and initrd from the host and passes a command
+/// line, while the root filesystem stays on the machine's first disk. Both files are read-only
+/// inputs shared by production and its stages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSpec {
+    /// The kernel image on the host (absolute path).
+    pub kernel: String,
+    /// The initrd on the host (absolute path), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// The kernel command line (`root=/dev/vda console=ttyS0`).
+    #[serde(default)]
+    pub cmdline: String,
 }
 
 /// Firmware a machine boots with.
@@ -202,6 +225,7 @@ impl EnvironmentSpec {
             }
             m.validate(&path, &networks)?;
         }
+        self.start_waves()?;
         Ok(())
     }
 }
@@ -257,6 +281,17 @@ impl MachineSpec {
             }
             if let Some(mac) = &n.mac {
                 check_mac(mac).map_err(|reason| Error::invalid(format!("{npath}.mac"), reason))?;
+            }
+        }
+        if let Some(boot) = &self.boot {
+            for (field, value) in [("kernel", Some(&boot.kernel)), ("initrd", boot.initrd.as_ref())] {
+                let Some(value) = value else { continue };
+                if !value.starts_with('/') || value.chars().any(char::is_control) {
+                    return Err(Error::invalid(format!("{path}.boot.{field}"), "must be an absolute host path"));
+                }
+            }
+            if boot.cmdline.chars().any(char::is_control) {
+                return Err(Error::invalid(format!("{path}.boot.cmdline"), "contains a control character"));
             }
         }
         Ok(())

@@ -1,6 +1,8 @@
 //! What backends report about environments: roles, baselines, snapshots, power state, and the
 //! options a stage is cloned with.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -21,6 +23,9 @@ pub struct Baseline {
     pub spec: EnvironmentSpec,
     /// One read-only layer per disk.
     pub layers: Vec<BaselineLayer>,
+    /// The consistency each machine's layers reached (logical machine name → level).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub consistency: BTreeMap<String, MachineConsistency>,
 }
 
 /// The frozen layer of one disk in a [`Baseline`].
@@ -67,6 +72,44 @@ pub struct SnapshotInfo {
     pub consistency: Consistency,
     /// Whether memory state was captured.
     pub memory: bool,
+    /// The consistency each machine's disks reached (logical machine name → level).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub machines: BTreeMap<String, MachineConsistency>,
+}
+
+/// How consistent one machine's disks are in a snapshot or baseline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConsistency {
+    /// The level reached.
+    pub level: ConsistencyLevel,
+    /// Why a higher level was not reached (no agent, freeze failed), if it was tried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl MachineConsistency {
+    /// A level without a note.
+    pub fn new(level: ConsistencyLevel) -> Self {
+        MachineConsistency { level, detail: None }
+    }
+
+    /// A level with a note saying why no higher one was reached.
+    pub fn with_detail(level: ConsistencyLevel, detail: impl Into<String>) -> Self {
+        MachineConsistency { level, detail: Some(detail.into()) }
+    }
+}
+
+/// The consistency levels of one machine's disks, weakest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsistencyLevel {
+    /// Captured while running, as after a power loss (no guest cooperation).
+    Crash,
+    /// The guest agent froze the guest's filesystems around the capture (`guest-fsfreeze-freeze`):
+    /// everything written before is on disk, journals are checkpointed.
+    Application,
+    /// The machine was not running: its disks were at rest.
+    Stopped,
 }
 
 /// Whether an environment is a production or a stage.

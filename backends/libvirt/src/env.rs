@@ -140,7 +140,14 @@ impl Environment for LibvirtEnvironment {
                 disks.into_iter().map(|(disk, layer)| BaselineLayer { machine: m.name().into(), disk, layer })
             })
             .collect();
-        Ok(Baseline { id, environment: self.name.clone(), taken_at: OffsetDateTime::now_utc(), spec, layers })
+        Ok(Baseline {
+            id,
+            environment: self.name.clone(),
+            taken_at: OffsetDateTime::now_utc(),
+            spec,
+            layers,
+            consistency: Default::default(),
+        })
     }
 
     #[tracing::instrument(skip(self, baseline), fields(environment = %self.name, baseline = %baseline.id))]

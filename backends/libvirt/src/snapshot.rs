@@ -44,6 +44,7 @@ impl Snapshot for LibvirtEnvironment {
             spec,
             consistency: Consistency::CrashConsistent,
             memory: false,
+            machines: Default::default(),
         };
         let fresh = self.machines().await?;
         for ((m, layers), now) in ms.iter_mut().zip(frozen).zip(fresh) {

@@ -118,6 +118,8 @@ fn raw_spec(name: &str) -> EnvironmentSpec {
             }],
             nics: Vec::new(),
             labels: Default::default(),
+            boot: None,
+            after: Vec::new(),
         }],
         networks: Vec::new(),
         labels: Default::default(),

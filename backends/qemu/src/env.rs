@@ -191,6 +191,7 @@ impl Environment for QemuEnvironment {
             taken_at: OffsetDateTime::now_utc(),
             spec: rec.spec.clone(),
             layers,
+            consistency: Default::default(),
         };
         rec.origins.insert(id, frozen);
         rec.baselines.push(baseline.clone());

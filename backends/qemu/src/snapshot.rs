@@ -80,6 +80,7 @@ impl Snapshot for QemuEnvironment {
             spec: rec.spec.clone(),
             consistency: Consistency::CrashConsistent,
             memory: false,
+            machines: Default::default(),
         };
         rec.snapshots.push(SnapshotRecord { info: info.clone(), layers });
         rec.save(&shared.paths)?;

@@ -173,8 +173,14 @@ impl Environment for VsphereEnvironment {
                     })
                 })
                 .collect();
-            let baseline =
-                Baseline { id, environment: self.name.clone(), taken_at: OffsetDateTime::now_utc(), spec, layers };
+            let baseline = Baseline {
+                id,
+                environment: self.name.clone(),
+                taken_at: OffsetDateTime::now_utc(),
+                spec,
+                layers,
+                consistency: Default::default(),
+            };
             let rec = BaselineRecord { baseline: baseline.clone(), points };
             self.update(|r| {
                 r.baselines.push(rec);

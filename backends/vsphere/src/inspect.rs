@@ -89,6 +89,8 @@ pub(crate) fn machine_spec(machine: &str, info: &VmInfo, fencing: Option<&Fencin
         disks,
         nics,
         labels: Default::default(),
+        boot: None,
+        after: Vec::new(),
     }
 }
 

@@ -51,6 +51,7 @@ impl Snapshot for VsphereEnvironment {
                 spec,
                 consistency: Consistency::PerMachine,
                 memory: false,
+                machines: Default::default(),
             };
             let rec = SnapshotRecord { info: info.clone(), points };
             self.update(|r| {

@@ -200,6 +200,7 @@ impl Snapshot for MemoryEnvironment {
                 spec: env.spec.clone(),
                 consistency: Consistency::CrashConsistent,
                 memory: false,
+                machines: Default::default(),
             };
             env.snapshots.push(SnapshotState { info: info.clone(), layers: frozen });
             Ok(info)

@@ -25,6 +25,8 @@ pub fn sample_spec(name: &str) -> EnvironmentSpec {
             .map(|(i, n)| NicSpec { name: format!("eth{i}"), network: (*n).into(), mac: None, model: "virtio".into() })
             .collect(),
         labels: [("tier".to_string(), m.to_string())].into(),
+        boot: None,
+        after: Vec::new(),
     };
     EnvironmentSpec {
         name: name.into(),

@@ -239,6 +239,7 @@ impl EnvState {
                     layer: format!("layer:{}", s.top),
                 })
                 .collect(),
+            consistency: Default::default(),
         };
         self.origins.insert(id, frozen.into_iter().map(|(k, s)| (k, s.top)).collect());
         self.baselines.push(baseline.clone());

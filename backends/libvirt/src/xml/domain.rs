@@ -230,6 +230,8 @@ impl DomainXml {
             disks,
             nics,
             labels: Default::default(),
+            boot: None,
+            after: Vec::new(),
         }
     }
 }

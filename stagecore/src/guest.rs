@@ -1,0 +1,31 @@
+//! Guest changes through a [`GuestChannel`], once for every backend.
+//!
+//! A backend's [`crate::Environment::apply`] hands [`Change::GuestCommand`] and
+//! [`Change::GuestFile`] to [`apply_guest_change`]: a command that exits non-zero fails the change
+//! with [`Error::GuestCommand`] (exit code and stderr), a file is written whole with its mode.
+
+use std::time::Duration;
+
+use crate::{Change, Error, GuestChannel, GuestExec, Result};
+
+/// Applies a guest change in `machine` of environment `env` through `guest`.
+///
+/// Non-guest changes are a caller bug and give [`Error::Precondition`].
+pub async fn apply_guest_change(env: &str, guest: &dyn GuestChannel, change: &Change) -> Result<()> {
+    match change {
+        Change::GuestCommand { machine, command, timeout_secs } => {
+            let mut request = GuestExec::new(command.iter().cloned());
+            if let Some(secs) = timeout_secs {
+                request = request.timeout(Duration::from_secs(*secs));
+            }
+            let output = guest.exec(machine, &request).await?;
+            if output.success() {
+                Ok(())
+            } else {
+                Err(Error::guest_command(format!("{env}/{machine}"), request.display(), &output))
+            }
+        }
+        Change::GuestFile { machine, path, content, mode } => guest.write_file(machine, path, content, *mode).await,
+        other => Err(Error::Precondition(format!("{} is not a guest change", other.kind()))),
+    }
+}
