@@ -3,15 +3,23 @@
 //! A backend's [`crate::Environment::apply`] hands [`Change::GuestCommand`] and
 //! [`Change::GuestFile`] to [`apply_guest_change`]: a command that exits non-zero fails the change
 //! with [`Error::GuestCommand`] (exit code and stderr), a file is written whole with its mode.
+//! Before either, the machine's agent is waited for (at most [`AGENT_READY`]): a change right
+//! after a start or a config change that restarted the machine meets a guest that is booting.
 
 use std::time::Duration;
 
 use crate::{Change, Error, GuestChannel, GuestExec, Result};
 
+/// How long a guest change waits for the machine's agent to answer.
+pub const AGENT_READY: Duration = Duration::from_secs(120);
+
 /// Applies a guest change in `machine` of environment `env` through `guest`.
 ///
 /// Non-guest changes are a caller bug and give [`Error::Precondition`].
 pub async fn apply_guest_change(env: &str, guest: &dyn GuestChannel, change: &Change) -> Result<()> {
+    if matches!(change, Change::GuestCommand { .. } | Change::GuestFile { .. }) {
+        guest.wait_ready(change.machine(), AGENT_READY).await?;
+    }
     match change {
         Change::GuestCommand { machine, command, timeout_secs } => {
             let mut request = GuestExec::new(command.iter().cloned());
