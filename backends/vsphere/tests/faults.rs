@@ -53,6 +53,34 @@ async fn burst_of_503_is_retried_then_gives_up() {
 }
 
 #[tokio::test]
+async fn a_lost_answer_to_a_post_that_acts_is_not_retried() {
+    let (sim, client) = setup().await;
+    client.vm_config("vm-101").await.unwrap(); // the VI/JSON session exists
+    sim.lose_next_answer("CreateSnapshotEx_Task");
+    let e = client.create_snapshot("vm-101", "once", "", false).await.unwrap_err();
+    assert!(e.to_string().contains("not retried"), "the error says it was not repeated: {e}");
+    // The server carried the task out: its snapshot appears once the task finishes.
+    let mut vm = sim.vm("vm-101").unwrap();
+    for _ in 0..200 {
+        if !vm.root_snapshots.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        vm = sim.vm("vm-101").unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await; // room for a (wrong) second task to finish
+    let vm = sim.vm("vm-101").unwrap();
+    assert_eq!(vm.root_snapshots.len(), 1, "the snapshot was made once: {vm:?}");
+    let first = sim.snapshot(&vm.root_snapshots[0]).unwrap();
+    assert!(first.children.is_empty(), "a retry made a second snapshot under the first: {first:?}");
+
+    // A read whose answer is lost is simply asked again.
+    sim.lose_next_answer("/api/vcenter/vm");
+    assert!(!client.list_vms(&[], &[]).await.unwrap().is_empty());
+    assert_no_violations(&sim);
+}
+
+#[tokio::test]
 async fn failed_task_keeps_fault_type_and_message() {
     let (sim, client) = setup().await;
     sim.fail_next_task("InsufficientResourcesFault", "not enough datastore space");

@@ -70,6 +70,8 @@ pub(crate) struct Faults {
     pub(crate) reject_logins: bool,
     pub(crate) task_delay: Duration,
     pub(crate) fail_next_tasks: Vec<Fault>,
+    /// Path endings whose next request is carried out and then answered with a broken body.
+    pub(crate) lose_answers: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -192,6 +194,13 @@ impl Simulator {
     /// Fault: tasks take this long (half queued, half running) before they finish.
     pub fn set_task_delay(&self, delay: Duration) {
         lock(&self.shared.faults).task_delay = delay;
+    }
+
+    /// Fault: the next request whose path ends with `path_end` (e.g. `CreateSnapshotEx_Task`) is
+    /// carried out, but its answer is lost: the connection breaks in the middle of the body, as when
+    /// a network path fails after the server acted.
+    pub fn lose_next_answer(&self, path_end: &str) {
+        lock(&self.shared.faults).lose_answers.push(path_end.to_string());
     }
 
     /// Fault: the next task started ends in error with this fault (`_typeName`, message).

@@ -96,7 +96,46 @@ async fn dispatch(
     } else {
         Reply::empty(404)
     };
+    let lose = {
+        let mut f = lock(&shared.faults);
+        let hit = f.lose_answers.iter().position(|end| req.path.ends_with(end.as_str()));
+        hit.map(|i| f.lose_answers.remove(i)).is_some()
+    };
+    if lose {
+        return broken_response();
+    }
     to_response(reply)
+}
+
+/// A response whose body breaks off after its first bytes: the client sees the connection fail
+/// mid-answer (after the request was carried out).
+fn broken_response() -> Response {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(Body::new(BrokenBody { sent: false }))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+/// A body that yields one fragment of JSON, then an I/O error.
+struct BrokenBody {
+    sent: bool,
+}
+
+impl http_body::Body for BrokenBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        if self.sent {
+            return std::task::Poll::Ready(Some(Err(std::io::Error::other("answer lost (injected)"))));
+        }
+        self.sent = true;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(b"{\"_typeName\":")))))
+    }
 }
 
 fn decode(s: &str) -> String {

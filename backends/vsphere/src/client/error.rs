@@ -134,6 +134,16 @@ pub(crate) fn transport(e: &reqwest::Error, endpoint: &str, context: &str) -> (E
     (Error::Unreachable { endpoint: endpoint.to_string(), reason: chain }, retryable)
 }
 
+/// A request that is not safe to repeat failed after it may have reached the server (timeout,
+/// connection lost mid-request): it is not retried, and the error says so.
+pub(crate) fn maybe_applied(e: &reqwest::Error, endpoint: &str, context: &str) -> Error {
+    let note = "not retried: the server may already have carried it out; check before repeating";
+    if e.is_timeout() {
+        return Error::Timeout { operation: format!("{context} ({note})"), seconds: 0.0 };
+    }
+    Error::Unreachable { endpoint: endpoint.to_string(), reason: format!("{context}: {} ({note})", error_chain(e)) }
+}
+
 fn error_chain(e: &reqwest::Error) -> String {
     let mut parts = vec![e.to_string()];
     let mut source = std::error::Error::source(e);

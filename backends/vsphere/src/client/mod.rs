@@ -1,13 +1,15 @@
 //! [`VsphereClient`]: sessions, deadlines, retries and the raw call path shared by REST and VI/JSON.
 //!
 //! Contract: every call runs within `config.deadline` (retries included); temporary failures (503,
-//! connection errors, timeouts) are retried with exponential backoff while the deadline allows; a
+//! connection errors, timeouts) are retried with jittered exponential backoff while the deadline
+//! allows — but only where repeating cannot do something twice ([`retry`]); a
 //! 401 (or a VI/JSON `NotAuthenticated` fault) triggers exactly one re-login, after which a second
 //! rejection is `Error::Unauthenticated`. Tokens are kept as [`Secret`]s and never logged.
 
 pub(crate) mod config;
 pub(crate) mod error;
 pub(crate) mod rest;
+pub(crate) mod retry;
 pub(crate) mod task;
 pub(crate) mod vim;
 
@@ -213,6 +215,7 @@ impl VsphereClient {
             url.query_pairs_mut().extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
         }
         let policy = &self.config.retry;
+        let repeatable = retry::repeatable(&method, path, context);
         let mut backoff = policy.initial_backoff;
         let mut attempt = 1;
         loop {
@@ -241,13 +244,16 @@ impl VsphereClient {
                     (err, true)
                 }
                 Ok(raw) => return Ok(raw),
-                Err(e) => error::transport(&e, &self.endpoint, context),
+                Err(e) if e.is_connect() || repeatable => error::transport(&e, &self.endpoint, context),
+                // The request may have reached the server and been carried out: never send it again.
+                Err(e) => return Err(error::maybe_applied(&e, &self.endpoint, context)),
             };
             if !retryable || attempt >= policy.max_attempts || Instant::now() + backoff >= deadline {
                 return Err(err);
             }
-            tracing::warn!(attempt, backoff_ms = backoff.as_millis() as u64, error = %err, "temporary failure; retrying");
-            tokio::time::sleep(backoff).await;
+            let wait = retry::jittered(backoff);
+            tracing::warn!(attempt, backoff_ms = wait.as_millis() as u64, error = %err, "temporary failure; retrying");
+            tokio::time::sleep(wait).await;
             backoff = (backoff * 2).min(policy.max_backoff);
             attempt += 1;
         }
