@@ -3,8 +3,10 @@
 //! Contract: the change is checked against the spec first (`Change::apply_to_spec`: unknown
 //! machines, disks and NICs are `NotFound`, bad values `InvalidSpec`) and nothing happens when it
 //! fails. Config changes and image replacement stop the machine if it runs, edit the record, and
-//! start it again. `WriteDisk` writes like a guest ([`crate::diskio`]). Guest changes are
-//! `NotSupported` (no guest channel).
+//! start it again. `WriteDisk` writes like a guest ([`crate::diskio`]). Guest changes
+//! (`GuestCommand`, `GuestFile`) go through the machine's guest agent
+//! ([`stagecore::guest::apply_guest_change`]: a non-zero exit is `Error::GuestCommand`); a machine
+//! that does not run gives `Precondition`.
 
 use std::path::PathBuf;
 
@@ -25,7 +27,10 @@ pub(crate) async fn apply(shared: &EnvShared, st: &mut EnvState, change: &Change
     let machine = change.machine().to_string();
     match change {
         Change::GuestCommand { .. } | Change::GuestFile { .. } => {
-            return Err(Error::not_supported("guest changes", BACKEND));
+            crate::freeze::recover(shared, st).await;
+            let agent = crate::guest::agent(shared, st, &machine).await?;
+            let channel = crate::guest::Resolved { env: shared.name.clone(), machine, agent };
+            return stagecore::guest::apply_guest_change(&shared.name, &channel, change).await;
         }
         Change::WriteDisk { disk, offset, data, .. } => {
             return crate::diskio::write(shared, st, &machine, disk, *offset, data).await;

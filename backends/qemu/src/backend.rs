@@ -42,7 +42,15 @@ impl QemuBackend {
             ready_timeout: Duration::from_secs(30),
             ..Launcher::default()
         };
-        QemuBackend { ctx: Arc::new(Ctx { root, accel: config.accel, launcher, hooks: config.hooks }) }
+        let ctx = Ctx {
+            root,
+            accel: config.accel,
+            launcher,
+            hooks: config.hooks,
+            agent_timeout: config.agent_timeout,
+            quiesce: config.quiesce,
+        };
+        QemuBackend { ctx: Arc::new(ctx) }
     }
 
     /// The state root.
@@ -54,7 +62,9 @@ impl QemuBackend {
     pub async fn open_qemu(&self, name: &str) -> Result<QemuEnvironment> {
         stagecore::name::validate("environment", name)?;
         self.settle_swap(name).await?;
-        Ok(QemuEnvironment::new(open_shared(&self.ctx, name)?))
+        let env = QemuEnvironment::new(open_shared(&self.ctx, name)?);
+        env.recover().await;
+        Ok(env)
     }
 
     /// Finishes or undoes a swap a crash interrupted that involves `name` (see `crate::swap`).
@@ -185,6 +195,7 @@ impl Backend for QemuBackend {
         c.config_changes = true;
         c.persistent = true;
         c.swap = true;
+        c.guest_channel = true;
         c
     }
 
@@ -223,8 +234,7 @@ impl Backend for QemuBackend {
 
     async fn open(&self, name: &str) -> Result<Arc<dyn Environment>> {
         stagecore::name::validate("environment", name)?;
-        self.settle_swap(name).await?;
-        Ok(Self::handle(open_shared(&self.ctx, name)?))
+        Ok(Arc::new(self.open_qemu(name).await?))
     }
 
     async fn list(&self) -> Result<Vec<EnvironmentInfo>> {

@@ -76,6 +76,20 @@ pub struct NicConfig {
     pub segment: String,
 }
 
+/// Direct kernel boot: QEMU loads a kernel (and initrd) from the host and passes a command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelBoot {
+    /// The kernel image (absolute path; `-kernel`).
+    pub kernel: PathBuf,
+    /// The initrd (absolute path; `-initrd`).
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line (`-append`; one line).
+    pub cmdline: String,
+}
+
+/// The name of the virtio-serial port qemu-guest-agent listens on.
+pub const AGENT_PORT: &str = "org.qemu.guest_agent.0";
+
 /// Everything needed to start one machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineConfig {
@@ -101,6 +115,13 @@ pub struct MachineConfig {
     pub pidfile: PathBuf,
     /// Where QEMU's stdout/stderr go.
     pub log: PathBuf,
+    /// Direct kernel boot; `None` boots from the first disk through the firmware.
+    pub boot: Option<KernelBoot>,
+    /// The unix socket QEMU listens on for the guest agent, wired to a virtio-serial port named
+    /// [`AGENT_PORT`] (absolute path, < 108 bytes); `None`: no agent channel.
+    pub agent_socket: Option<PathBuf>,
+    /// The file the guest's serial console (ttyS0) is written to; `None`: no serial port.
+    pub console_log: Option<PathBuf>,
 }
 
 /// The node name of a disk's qcow2 (format) node, e.g. `disk0-fmt`.
@@ -189,6 +210,24 @@ impl MachineConfig {
         }
         check_abs("pidfile", &self.pidfile)?;
         check_abs("log", &self.log)?;
+        if let Some(sock) = &self.agent_socket {
+            check_abs("agent_socket", sock)?;
+            if sock.as_os_str().len() >= 108 {
+                return Err(Error::invalid("agent_socket", "a unix socket path must be shorter than 108 bytes"));
+            }
+        }
+        if let Some(console) = &self.console_log {
+            check_abs("console_log", console)?;
+        }
+        if let Some(boot) = &self.boot {
+            check_abs("boot.kernel", &boot.kernel)?;
+            if let Some(initrd) = &boot.initrd {
+                check_abs("boot.initrd", initrd)?;
+            }
+            if boot.cmdline.contains(['\n', '\r', '\0']) {
+                return Err(Error::invalid("boot.cmdline", "the kernel command line must be one line"));
+            }
+        }
         let mut ids = std::collections::HashSet::new();
         for (i, d) in self.disks.iter().enumerate() {
             check_name(&format!("disks[{i}].id"), &d.id, &['-', '_'], 26)?;
@@ -231,6 +270,24 @@ impl MachineConfig {
         a.push(opt("socket,id=qmp,server=on,wait=off,path=", &self.qmp_socket, ""));
         a.extend(["-mon", "chardev=qmp,mode=control", "-pidfile"].map(OsString::from));
         a.push(self.pidfile.clone().into_os_string());
+        if let Some(boot) = &self.boot {
+            a.extend([OsString::from("-kernel"), boot.kernel.clone().into_os_string()]);
+            if let Some(initrd) = &boot.initrd {
+                a.extend([OsString::from("-initrd"), initrd.clone().into_os_string()]);
+            }
+            a.extend([OsString::from("-append"), OsString::from(&boot.cmdline)]);
+        }
+        if let Some(console) = &self.console_log {
+            a.push("-chardev".into());
+            a.push(opt("file,id=console0,path=", console, ""));
+            a.extend(["-serial", "chardev:console0"].map(OsString::from));
+        }
+        if let Some(sock) = &self.agent_socket {
+            a.push("-chardev".into());
+            a.push(opt("socket,id=qga0,server=on,wait=off,path=", sock, ""));
+            a.extend(["-device", "virtio-serial-pci,id=vser0", "-device"].map(OsString::from));
+            a.push(format!("virtserialport,bus=vser0.0,chardev=qga0,name={AGENT_PORT}").into());
+        }
         for d in &self.disks {
             let ro = if d.read_only { "on" } else { "off" };
             a.push("-blockdev".into());

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use crate::cmdline::Accel;
 
@@ -20,9 +21,12 @@ pub struct FaultHooks {
     /// call fail with a backend error carrying the message, before anything changes.
     pub before_apply: Option<FailHook>,
     /// Runs at named points of multi-step operations — `swap:linked` (layers linked and
-    /// rebased, production's record not yet saved) and `swap:decided` (production's record
-    /// saved, the stage's not); returning `true` stops the operation right there with an error,
-    /// leaving everything as a process that died at that point would.
+    /// rebased, production's record not yet saved), `swap:decided` (production's record
+    /// saved, the stage's not), `freeze:frozen` (a baseline/snapshot froze the guests'
+    /// filesystems, nothing paused yet) and `freeze:paused` (guests frozen and paused, no
+    /// disk switched); returning `true` stops the operation right there with an error,
+    /// leaving everything as a process that died at that point would (guests stay frozen or
+    /// paused until the environment is opened again). A hook may also end the process.
     pub crash_at: Option<PointHook>,
 }
 
@@ -54,12 +58,35 @@ pub struct QemuConfig {
     pub binary: Option<PathBuf>,
     /// Fault-injection hooks (tests only).
     pub hooks: FaultHooks,
+    /// How long `start` waits for the guest agent of a machine that others start after
+    /// ([`stagecore::MachineSpec::after`]) before it fails (default 90 s).
+    pub agent_timeout: Duration,
+    /// Whether baselines and snapshots freeze the filesystems of guests whose agent answers
+    /// (`guest-fsfreeze-freeze` around the pause; default `true`). `false` keeps every capture
+    /// crash-consistent (for comparisons).
+    pub quiesce: bool,
 }
+
+/// The default [`QemuConfig::agent_timeout`].
+pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(90);
 
 impl QemuConfig {
     /// State under `root`, acceleration `Auto`, QEMU from `PATH`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        QemuConfig { root: root.into(), accel: Accel::Auto, binary: None, hooks: FaultHooks::default() }
+        QemuConfig {
+            root: root.into(),
+            accel: Accel::Auto,
+            binary: None,
+            hooks: FaultHooks::default(),
+            agent_timeout: DEFAULT_AGENT_TIMEOUT,
+            quiesce: true,
+        }
+    }
+
+    /// The same config with `agent_timeout`.
+    pub fn with_agent_timeout(mut self, timeout: Duration) -> Self {
+        self.agent_timeout = timeout;
+        self
     }
 
     /// The same config with `accel`.

@@ -53,6 +53,28 @@ impl QemuEnvironment {
         Ok(crate::process::QemuProcess::find(&paths).await?.map(|p| p.pid()))
     }
 
+    /// The guest agent client of running `machine` (the one the backend uses: calls are
+    /// serialised with the backend's own), e.g. for `fsfreeze_status` or `osinfo`.
+    /// `Precondition` when the machine does not run.
+    pub async fn guest_agent(&self, machine: &str) -> Result<stagecore_qga::Agent> {
+        let mut st = self.shared.state.lock().await;
+        crate::freeze::recover(&self.shared, &mut st).await;
+        crate::guest::agent(&self.shared, &mut st, machine).await
+    }
+
+    /// The serial console log of `machine` (every boot appends to it).
+    pub fn console_log(&self, machine: &str) -> std::path::PathBuf {
+        machines::console_log(&self.shared, machine)
+    }
+
+    /// Settles what a process that died inside a baseline/snapshot left: machines it paused
+    /// are resumed, guests it froze are thawed (runs by itself when the environment is opened;
+    /// problems are logged and retried on the next operation).
+    pub(crate) async fn recover(&self) {
+        let mut st = self.shared.state.lock().await;
+        crate::freeze::recover(&self.shared, &mut st).await;
+    }
+
     /// Runs an HMP command line on `machine`'s running QEMU (through the environment's own QMP
     /// session) and returns its output. For tools and tests; `Precondition` when it does not run.
     pub async fn human_monitor_command(&self, machine: &str, command_line: &str) -> Result<String> {
@@ -81,25 +103,103 @@ impl QemuEnvironment {
     }
 }
 
-/// Starts every machine of the environment that does not run.
-/// Machines are launched concurrently; when some fail, the others keep running and the first
-/// error is returned.
+/// Starts every machine of the environment that does not run, in start order (see
+/// [`start_some`]).
 pub(crate) async fn start_all(shared: &EnvShared, st: &mut EnvState) -> Result<()> {
-    let names: Vec<String> = st.rec(&shared.name)?.spec.machines.iter().map(|m| m.name.clone()).collect();
-    let mut launches = tokio::task::JoinSet::new();
-    for m in names {
-        if machines::live_or_down(shared, st, &m).await?.is_some() {
+    start_some(shared, st, None).await
+}
+
+/// Starts the machines of `only` (all when `None`) that do not run, wave by wave
+/// ([`stagecore::EnvironmentSpec::start_waves`]): before a wave is launched, every machine its
+/// machines start `after` that runs must have a guest agent that answers (bounded by
+/// `QemuConfig::agent_timeout`); machines nothing starts after are never waited for. Machines of
+/// one wave are launched concurrently; when some fail, the others keep running, later waves are
+/// not started, and the first error is returned.
+pub(crate) async fn start_some(shared: &EnvShared, st: &mut EnvState, only: Option<&[String]>) -> Result<()> {
+    crate::freeze::recover(shared, st).await;
+    let spec = st.rec(&shared.name)?.spec.clone();
+    let waves = spec.start_waves()?;
+    for (i, wave) in waves.iter().enumerate() {
+        let wanted: Vec<String> = wave.iter().filter(|m| only.is_none_or(|o| o.contains(m))).cloned().collect();
+        let mut launch = Vec::new();
+        for m in wanted {
+            if machines::live_or_down(shared, st, &m).await?.is_none() {
+                launch.push(m);
+            }
+        }
+        if launch.is_empty() {
             continue;
         }
-        let config = machines::prepare(shared, st, &m)?;
+        wait_for_dependencies(shared, st, &spec, &launch).await?;
+        launch_wave(shared, st, &launch, i).await?;
+    }
+    Ok(())
+}
+
+/// Waits (all at once) until the agent of every running machine that a machine of `launch`
+/// starts after answers.
+async fn wait_for_dependencies(
+    shared: &EnvShared,
+    st: &mut EnvState,
+    spec: &EnvironmentSpec,
+    launch: &[String],
+) -> Result<()> {
+    let mut deps: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for m in launch {
+        for dep in spec.machine(m).map(|x| x.after.clone()).unwrap_or_default() {
+            deps.entry(dep).or_default().push(m.clone());
+        }
+    }
+    let mut waits = Vec::new();
+    for (dep, dependents) in deps {
+        if machines::live_or_down(shared, st, &dep).await?.is_none() {
+            tracing::info!(env = %shared.name, machine = %dep, "not running: its dependents start without waiting for it");
+            continue;
+        }
+        let agent = crate::guest::running_agent(shared, st, &dep);
+        waits.push((dep, dependents, agent));
+    }
+    let limit = shared.ctx.agent_timeout;
+    let results = futures::future::join_all(
+        waits.iter().map(|(dep, _, agent)| crate::guest::wait_ready(shared, agent, dep, limit)),
+    )
+    .await;
+    for ((dep, dependents, _), r) in waits.iter().zip(results) {
+        if let Err(e) = r {
+            let env = &shared.name;
+            let socket = machines::agent_socket(shared, dep);
+            let operation = format!(
+                "starting {env}/{} after {env}/{dep}: waiting for the guest agent of {env}/{dep} (guest-ping on {}): {e}",
+                dependents.join(", "),
+                socket.display()
+            );
+            return Err(match e {
+                Error::Unreachable { .. } | Error::Timeout { .. } => {
+                    Error::Timeout { operation, seconds: limit.as_secs_f64() }
+                }
+                other => other,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Launches the machines of one wave concurrently.
+async fn launch_wave(shared: &EnvShared, st: &mut EnvState, names: &[String], wave: usize) -> Result<()> {
+    let mut launches = tokio::task::JoinSet::new();
+    for m in names {
+        let config = machines::prepare(shared, st, m)?;
         let launcher = shared.ctx.launcher.clone();
-        let span = tracing::info_span!("qemu.start", env = %shared.name, machine = %m);
+        let span = tracing::info_span!("qemu.start", env = %shared.name, machine = %m, wave);
+        let m = m.clone();
         launches.spawn(async move { (m, launcher.launch(&config).await) }.instrument(span));
     }
     let mut result = Ok(());
     while let Some(joined) = launches.join_next().await {
         match joined {
             Ok((m, Ok(launched))) => {
+                tracing::info!(env = %shared.name, machine = %m, wave, "machine started");
+                st.forget_agent(&m);
                 st.qmp.insert(m, launched.qmp);
             }
             Ok((_, Err(e))) => result = result.and(Err(e)),
@@ -171,7 +271,8 @@ impl Environment for QemuEnvironment {
         if st.rec(&shared.name)?.role != Role::Production {
             return Err(Error::Precondition(format!("{} is a stage; baselines are taken of production", shared.name)));
         }
-        let frozen = crate::freeze::freeze_all(shared, &mut st).instrument(self.span("take_baseline")).await?;
+        let crate::freeze::Frozen { layers: frozen, consistency } =
+            crate::freeze::freeze_all(shared, &mut st).instrument(self.span("take_baseline")).await?;
         let rec = st.rec_mut(&shared.name)?;
         let id = format!("bl-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let mut layers = Vec::new();
@@ -191,7 +292,7 @@ impl Environment for QemuEnvironment {
             taken_at: OffsetDateTime::now_utc(),
             spec: rec.spec.clone(),
             layers,
-            consistency: Default::default(),
+            consistency,
         };
         rec.origins.insert(id, frozen);
         rec.baselines.push(baseline.clone());
@@ -225,7 +326,7 @@ impl Environment for QemuEnvironment {
     }
 
     fn guest(&self) -> Option<&dyn GuestChannel> {
-        None
+        Some(self)
     }
 }
 

@@ -37,6 +37,7 @@ mod env;
 mod error;
 mod freeze;
 mod gc;
+mod guest;
 mod images;
 mod lock;
 mod machines;
@@ -50,5 +51,5 @@ mod swap;
 
 pub use backend::QemuBackend;
 pub use collapse::{CollapseReport, CollapsedDisk};
-pub use config::{Accel, FailHook, FaultHooks, Hook, PointHook, QemuConfig};
+pub use config::{Accel, DEFAULT_AGENT_TIMEOUT, FailHook, FaultHooks, Hook, PointHook, QemuConfig};
 pub use env::QemuEnvironment;

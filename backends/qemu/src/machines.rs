@@ -14,7 +14,7 @@ use std::time::Duration;
 use stagecore::{Error, MachineSpec, Result};
 use tracing::Instrument;
 
-use crate::cmdline::{DiskConfig, MachineConfig, NicConfig};
+use crate::cmdline::{DiskConfig, KernelBoot, MachineConfig, NicConfig};
 use crate::error;
 use crate::process::{ProcessState, QemuPaths, QemuProcess, inspect};
 use crate::qmp::QmpClient;
@@ -47,16 +47,30 @@ pub(crate) fn qemu_paths(shared: &EnvShared, machine: &str) -> QemuPaths {
     QemuPaths { qmp_socket: dir.join("qmp.sock"), pidfile: dir.join("pid"), log: dir.join("log") }
 }
 
+/// The guest agent socket of a machine, in its own environment's machine directory.
+pub(crate) fn agent_socket(shared: &EnvShared, machine: &str) -> PathBuf {
+    shared.paths.machine_dir(machine).join("qga.sock")
+}
+
+/// The serial console log of a machine (appended to by every boot).
+pub(crate) fn console_log(shared: &EnvShared, machine: &str) -> PathBuf {
+    shared.paths.machine_dir(machine).join("console.log")
+}
+
 /// Finds out what runs for `machine`, reusing (or opening) its QMP session.
 pub(crate) async fn liveness(shared: &EnvShared, st: &mut EnvState, machine: &str) -> Result<Liveness> {
     if let Some(q) = st.qmp.get(machine) {
         if !q.is_closed() {
             return Ok(Liveness::Live(q.clone()));
         }
-        st.qmp.remove(machine);
+        st.forget(machine);
     }
     let paths = qemu_paths(shared, machine);
-    Ok(match inspect(&paths).await? {
+    let found = inspect(&paths).await?;
+    if !matches!(found, ProcessState::Running { .. }) {
+        st.forget_agent(machine);
+    }
+    Ok(match found {
         ProcessState::NotRunning => Liveness::Down(None),
         ProcessState::StalePidfile { pid } => Liveness::Down(Some(format!("stale pid file: qemu pid {pid} is gone"))),
         ProcessState::ForeignProcess { pid } => {
@@ -135,6 +149,13 @@ pub(crate) fn machine_config(shared: &EnvShared, rec: &EnvRecord, m: &MachineSpe
         qmp_socket: paths.qmp_socket,
         pidfile: paths.pidfile,
         log: paths.log,
+        boot: m.boot.as_ref().map(|b| KernelBoot {
+            kernel: b.kernel.clone().into(),
+            initrd: b.initrd.clone().map(Into::into),
+            cmdline: b.cmdline.clone(),
+        }),
+        agent_socket: Some(agent_socket(shared, &m.name)),
+        console_log: Some(console_log(shared, &m.name)),
     })
 }
 
@@ -144,6 +165,9 @@ pub(crate) fn prepare(shared: &EnvShared, st: &EnvState, machine: &str) -> Resul
     let config = machine_config(shared, rec, rec.spec.require_machine(machine)?)?;
     let dir = shared.paths.machine_dir(machine);
     std::fs::create_dir_all(&dir).map_err(|e| error::io("creating", &dir, &e))?;
+    // A fresh boot is neither frozen nor paused; an old agent socket file is QEMU's to replace.
+    crate::freeze::clear_markers(shared, machine);
+    let _ = std::fs::remove_file(agent_socket(shared, machine));
     Ok(config)
 }
 
@@ -155,7 +179,9 @@ pub(crate) async fn start_machine(shared: &EnvShared, st: &mut EnvState, machine
     let config = prepare(shared, st, machine)?;
     let span = tracing::info_span!("qemu.start", env = %shared.name, machine);
     let launched = shared.ctx.launcher.launch(&config).instrument(span).await?;
+    st.forget_agent(machine);
     st.qmp.insert(machine.to_string(), launched.qmp);
+    tracing::info!(env = %shared.name, machine, "machine started");
     Ok(())
 }
 
@@ -163,7 +189,9 @@ pub(crate) async fn start_machine(shared: &EnvShared, st: &mut EnvState, machine
 pub(crate) async fn stop_machine(shared: &EnvShared, st: &mut EnvState, machine: &str) -> Result<bool> {
     let paths = qemu_paths(shared, machine);
     let live = st.qmp.remove(machine);
+    st.forget_agent(machine);
     let Some(process) = QemuProcess::find(&paths).await? else {
+        crate::freeze::clear_markers(shared, machine);
         return Ok(false);
     };
     let span = tracing::info_span!("qemu.stop", env = %shared.name, machine, pid = process.pid());
@@ -175,6 +203,7 @@ pub(crate) async fn stop_machine(shared: &EnvShared, st: &mut EnvState, machine:
     }
     .instrument(span)
     .await?;
+    crate::freeze::clear_markers(shared, machine);
     Ok(true)
 }
 

@@ -6,7 +6,7 @@
 //! its cross-process lock: `Error::Locked` when another process holds it). [`NewEnv`] creates a
 //! fresh environment directory and removes it again unless [`NewEnv::commit`] is called.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
@@ -27,6 +27,8 @@ pub(crate) struct Ctx {
     pub(crate) accel: crate::cmdline::Accel,
     pub(crate) launcher: Launcher,
     pub(crate) hooks: FaultHooks,
+    pub(crate) agent_timeout: std::time::Duration,
+    pub(crate) quiesce: bool,
 }
 
 /// The mutable part of an open environment.
@@ -36,6 +38,15 @@ pub(crate) struct EnvState {
     pub(crate) rec: Option<EnvRecord>,
     /// The QMP session of each running machine (QEMU serves one at a time).
     pub(crate) qmp: HashMap<String, QmpClient>,
+    /// The guest agent client of each running machine (its socket serves one client at a
+    /// time too); dropped when the machine stops or restarts.
+    pub(crate) agents: HashMap<String, stagecore_qga::Agent>,
+    /// Running machines whose agent did not answer a freeze probe: not probed again until
+    /// they restart (or `wait_ready` reaches their agent).
+    pub(crate) agentless: HashSet<String>,
+    /// Whether freeze/pause markers a dead process left were settled since this state was
+    /// loaded.
+    pub(crate) recovered: bool,
 }
 
 /// One open environment, shared by all its handles in this process.
@@ -64,6 +75,18 @@ impl EnvState {
     pub(crate) fn rec_mut(&mut self, env: &str) -> Result<&mut EnvRecord> {
         self.rec.as_mut().ok_or_else(|| Error::not_found("environment", env))
     }
+
+    /// Forgets the QMP session and agent of `machine` (it stopped, restarts or went away).
+    pub(crate) fn forget(&mut self, machine: &str) {
+        self.qmp.remove(machine);
+        self.forget_agent(machine);
+    }
+
+    /// Forgets the agent client of `machine` and whether it had one.
+    pub(crate) fn forget_agent(&mut self, machine: &str) {
+        self.agents.remove(machine);
+        self.agentless.remove(machine);
+    }
 }
 
 type Registry = Mutex<HashMap<PathBuf, Weak<EnvShared>>>;
@@ -78,7 +101,13 @@ fn make(ctx: &Arc<Ctx>, paths: EnvPaths, name: &str, lock: EnvLock, rec: EnvReco
         name: name.to_string(),
         paths,
         ctx: ctx.clone(),
-        state: tokio::sync::Mutex::new(EnvState { rec: Some(rec), qmp: HashMap::new() }),
+        state: tokio::sync::Mutex::new(EnvState {
+            rec: Some(rec),
+            qmp: HashMap::new(),
+            agents: HashMap::new(),
+            agentless: HashSet::new(),
+            recovered: false,
+        }),
         destroyed: AtomicBool::new(false),
         _lock: lock,
     })

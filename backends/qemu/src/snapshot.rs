@@ -17,7 +17,6 @@ use time::OffsetDateTime;
 use tracing::Instrument;
 
 use crate::env::{QemuEnvironment, stop_all};
-use crate::machines;
 use crate::shared::{EnvShared, EnvState, blocking};
 use crate::store::SnapshotRecord;
 
@@ -55,10 +54,7 @@ async fn revert(shared: &EnvShared, st: &mut EnvState, name: &str) -> Result<()>
     rec.save(&shared.paths)?;
     crate::gc::collect(shared, rec).await?;
     let again: Vec<String> = running.into_iter().filter(|m| rec.spec.machine(m).is_some()).collect();
-    for m in again {
-        machines::start_machine(shared, st, &m).await?;
-    }
-    Ok(())
+    crate::env::start_some(shared, st, Some(&again)).await
 }
 
 #[async_trait]
@@ -71,7 +67,8 @@ impl Snapshot for QemuEnvironment {
         if rec.snapshots.iter().any(|s| s.info.name == name) {
             return Err(Error::already_exists("snapshot", format!("{}/{name}", shared.name)));
         }
-        let layers = crate::freeze::freeze_all(shared, &mut st).instrument(self.span("create_snapshot")).await?;
+        let crate::freeze::Frozen { layers, consistency } =
+            crate::freeze::freeze_all(shared, &mut st).instrument(self.span("create_snapshot")).await?;
         let rec = st.rec_mut(&shared.name)?;
         let info = SnapshotInfo {
             name: name.into(),
@@ -80,7 +77,7 @@ impl Snapshot for QemuEnvironment {
             spec: rec.spec.clone(),
             consistency: Consistency::CrashConsistent,
             memory: false,
-            machines: Default::default(),
+            machines: consistency,
         };
         rec.snapshots.push(SnapshotRecord { info: info.clone(), layers });
         rec.save(&shared.paths)?;

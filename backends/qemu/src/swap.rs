@@ -31,7 +31,6 @@ use stagecore::{Error, Identities, Result, Role};
 use crate::env::stop_all;
 use crate::error;
 use crate::gc::{canonical, chain_files, layer_files, needed_by_others, roots};
-use crate::machines;
 use crate::shared::{Ctx, EnvShared, EnvState, blocking, open_shared};
 use crate::store::{EnvPaths, EnvRecord, write_atomic};
 
@@ -156,12 +155,8 @@ pub(crate) async fn swap(ctx: &Arc<Ctx>, production: &str, stage: &str) -> Resul
         return result;
     }
     let spec = pst.rec(production)?.spec.clone();
-    let mut started = Ok(());
-    for m in running.iter().filter(|m| spec.machine(m).is_some()) {
-        if let Err(e) = machines::start_machine(&p, &mut pst, m).await {
-            started = started.and(Err(e));
-        }
-    }
+    let again: Vec<String> = running.into_iter().filter(|m| spec.machine(m).is_some()).collect();
+    let started = crate::env::start_some(&p, &mut pst, Some(&again)).await;
     result.and(started)
 }
 

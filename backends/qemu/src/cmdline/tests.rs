@@ -21,6 +21,9 @@ fn config() -> MachineConfig {
         qmp_socket: "/state/qmp.sock".into(),
         pidfile: "/state/qemu.pid".into(),
         log: "/state/qemu.log".into(),
+        boot: None,
+        agent_socket: None,
+        console_log: None,
     }
 }
 
@@ -168,4 +171,45 @@ fn bad_fields_are_named() {
 #[test]
 fn option_values_escape_commas() {
     assert_eq!(escape_opt(OsStr::new("/a,b,,c")), "/a,,b,,,,c");
+}
+
+#[test]
+fn kernel_boot_agent_channel_and_console_are_in_the_argv() {
+    let mut c = config();
+    c.boot = Some(KernelBoot {
+        kernel: "/img/vmlinuz".into(),
+        initrd: Some("/img/initrd.img".into()),
+        cmdline: "root=/dev/vda console=ttyS0 quiet".into(),
+    });
+    c.agent_socket = Some("/state/m,1/qga.sock".into());
+    c.console_log = Some("/state/console.log".into());
+    let argv = strings(&c.argv().unwrap());
+    assert_eq!(values(&argv, "-kernel"), ["/img/vmlinuz"]);
+    assert_eq!(values(&argv, "-initrd"), ["/img/initrd.img"]);
+    assert_eq!(values(&argv, "-append"), ["root=/dev/vda console=ttyS0 quiet"]);
+    let chardevs = values(&argv, "-chardev");
+    assert!(chardevs.contains(&"socket,id=qga0,server=on,wait=off,path=/state/m,,1/qga.sock".into()), "{chardevs:?}");
+    assert!(chardevs.contains(&"file,id=console0,path=/state/console.log".into()), "{chardevs:?}");
+    assert_eq!(values(&argv, "-serial"), ["chardev:console0"]);
+    let devices = values(&argv, "-device");
+    assert!(devices.contains(&"virtio-serial-pci,id=vser0".into()), "{devices:?}");
+    assert!(devices.contains(&format!("virtserialport,bus=vser0.0,chardev=qga0,name={AGENT_PORT}")), "{devices:?}");
+
+    let plain = strings(&config().argv().unwrap());
+    for flag in ["-kernel", "-initrd", "-append", "-serial"] {
+        assert!(!plain.contains(&flag.to_string()), "{flag} without boot/console: {plain:?}");
+    }
+
+    let mut bad = c.clone();
+    bad.agent_socket = Some(PathBuf::from(format!("/{}", "s".repeat(120))));
+    assert_eq!(invalid_path(&bad), "agent_socket");
+    let mut bad = c.clone();
+    bad.boot.as_mut().unwrap().kernel = "vmlinuz".into();
+    assert_eq!(invalid_path(&bad), "boot.kernel");
+    let mut bad = c.clone();
+    bad.boot.as_mut().unwrap().cmdline = "root=/dev/vda\ninit=/bin/sh".into();
+    assert_eq!(invalid_path(&bad), "boot.cmdline");
+    let mut bad = c;
+    bad.console_log = Some("console.log".into());
+    assert_eq!(invalid_path(&bad), "console_log");
 }

@@ -89,6 +89,13 @@ impl Launcher {
                 return Err(Error::not_found("disk image", disk.path.display().to_string()));
             }
         }
+        if let Some(boot) = &config.boot {
+            for (what, file) in [("kernel", Some(&boot.kernel)), ("initrd", boot.initrd.as_ref())] {
+                if let Some(file) = file.filter(|f| !f.is_file()) {
+                    return Err(Error::not_found(what, file.display().to_string()));
+                }
+            }
+        }
         self.launch_argv(&QemuPaths::of(config), &argv).await
     }
 

@@ -81,6 +81,9 @@ pub fn config_in(dir: &Path, disks: usize) -> MachineConfig {
         qmp_socket: dir.join("qmp.sock"),
         pidfile: dir.join("qemu.pid"),
         log: dir.join("qemu.log"),
+        boot: None,
+        agent_socket: None,
+        console_log: None,
     }
 }
 
