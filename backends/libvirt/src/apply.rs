@@ -1,7 +1,8 @@
 //! Config changes through libvirt: memory and vCPUs with `setMemoryFlags` / `setVcpusFlags`
 //! (config, plus live when running), NICs and disks with attach/detach (config, plus live when
-//! running), raw disk writes through [`stagecore::DiskIo`]. Guest changes and image replacement
-//! are not supported yet.
+//! running), raw disk writes through [`stagecore::DiskIo`], guest commands and files through the
+//! guest agent ([`stagecore::guest::apply_guest_change`] over [`crate::agent`]). Image replacement
+//! is not supported yet.
 
 use stagecore::{Change, DiskIo, Error, Result, Role, random_mac};
 use virt::sys;
@@ -99,7 +100,9 @@ pub(crate) async fn apply(env: &LibvirtEnvironment, change: &Change) -> Result<(
             attach(env, &m, xml.expect("apply_to_spec checked the disk"), config | live, false).await
         }
         Change::WriteDisk { disk, offset, data, .. } => env.write(m.name(), disk, *offset, data).await,
-        Change::GuestCommand { .. } | Change::GuestFile { .. } => Err(Error::not_supported("guest changes", NAME)),
+        Change::GuestCommand { .. } | Change::GuestFile { .. } => {
+            stagecore::guest::apply_guest_change(&env.name, env, change).await
+        }
         Change::ReplaceDiskImage { .. } => Err(Error::not_supported("replace_disk_image", NAME)),
     }
 }

@@ -38,13 +38,29 @@ impl LibvirtBackend {
         let dir = std::fs::canonicalize(dir).map_err(|e| crate::error::io(dir, e))?;
         let conn = Conn::open(uri).await?;
         let domain_type = if uri.starts_with("test:") { "test" } else { "qemu" }.to_string();
-        Ok(LibvirtBackend { shared: Arc::new(Shared { conn, dir, domain_type }) })
+        let start_wait = crate::shared::DEFAULT_START_WAIT;
+        Ok(LibvirtBackend { shared: Arc::new(Shared { conn, dir, domain_type, start_wait }) })
     }
 
     /// Sets `<domain type=…>` for domains created from a spec: `qemu` (TCG, the default), `kvm`.
     pub fn with_domain_type(self, domain_type: &str) -> Self {
         let s = &self.shared;
-        let shared = Shared { conn: s.conn.clone(), dir: s.dir.clone(), domain_type: domain_type.into() };
+        let shared = Shared {
+            conn: s.conn.clone(),
+            dir: s.dir.clone(),
+            domain_type: domain_type.into(),
+            start_wait: s.start_wait,
+        };
+        LibvirtBackend { shared: Arc::new(shared) }
+    }
+
+    /// Sets how long [`stagecore::Environment::start`] waits for the guest agents of one start wave
+    /// (machines others start [`after`](stagecore::MachineSpec::after)) before it gives up with
+    /// `Timeout`; default 90 s.
+    pub fn with_start_wait(self, wait: std::time::Duration) -> Self {
+        let s = &self.shared;
+        let shared =
+            Shared { conn: s.conn.clone(), dir: s.dir.clone(), domain_type: s.domain_type.clone(), start_wait: wait };
         LibvirtBackend { shared: Arc::new(shared) }
     }
 
@@ -58,10 +74,13 @@ impl LibvirtBackend {
         &self.shared.dir
     }
 
-    /// Opens an environment handle with its concrete type.
+    /// Opens an environment handle with its concrete type. A guest left frozen by a process that
+    /// died between freeze and thaw (its marker is in the state directory) is thawed here.
     pub async fn open_libvirt(&self, name: &str) -> Result<LibvirtEnvironment> {
-        self.shared.machines(name).await?;
-        Ok(self.handle(name))
+        let ms = self.shared.machines(name).await?;
+        let env = self.handle(name);
+        crate::quiesce::thaw_leftovers(&env, &ms).await;
+        Ok(env)
     }
 
     fn handle(&self, name: &str) -> LibvirtEnvironment {
@@ -137,6 +156,8 @@ impl LibvirtBackend {
                 origins: BTreeMap::new(),
                 snapshots: Vec::new(),
                 sources: std::mem::take(&mut sources[i]),
+                after: Vec::new(),
+                host_paths: BTreeMap::new(),
             };
             entries.push(registry::Entry { instance: inst.clone(), record });
         }
@@ -165,6 +186,7 @@ impl Backend for LibvirtBackend {
         c.config_changes = true;
         c.persistent = true;
         c.swap = true;
+        c.guest_channel = true;
         c
     }
 

@@ -84,7 +84,8 @@ async fn build(shared: &Shared, spec: &EnvironmentSpec, instances: &[String], un
         }
         let disks: BTreeMap<String, String> =
             m.disks.iter().map(|d| (d.name.clone(), files[&(m.name.clone(), d.name.clone())].clone())).collect();
-        let mut tree = edit::new_domain(&machine, instance, &shared.domain_type, &disks, &networks);
+        let serial_log = dir.join(format!("{}.serial.log", m.name)).display().to_string();
+        let mut tree = edit::new_domain(&machine, instance, &shared.domain_type, &disks, &networks, &serial_log);
         let record = meta::MachineRecord {
             environment: spec.name.clone(),
             machine: m.name.clone(),
@@ -96,6 +97,8 @@ async fn build(shared: &Shared, spec: &EnvironmentSpec, instances: &[String], un
             origins: BTreeMap::new(),
             snapshots: Vec::new(),
             sources: disks.clone(),
+            after: m.after.clone(),
+            host_paths: BTreeMap::new(),
         };
         meta::set(&mut tree, &m.labels, &record)?;
         xmls.push((instance.clone(), tree.render()));

@@ -29,6 +29,20 @@ impl LibvirtEnvironment {
         self.shared.machines(&self.name).await
     }
 
+    /// Starts the named domains.
+    async fn start_domains(&self, names: Vec<String>) -> Result<()> {
+        self.shared
+            .conn
+            .run(move |c, uri| {
+                for n in &names {
+                    let dom = crate::conn::lv(uri, "domain", n, c.lookup_domain_by_name(n))?;
+                    crate::conn::lv(uri, "domain", n, dom.create().map(drop))?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
     /// Runs a per-domain libvirt call on every machine selected by `pick`.
     async fn each(&self, pick: fn(&Machine) -> bool, op: &'static str) -> Result<()> {
         let names: Vec<String> = self.machines().await?.into_iter().filter(pick).map(|m| m.instance).collect();
@@ -106,8 +120,45 @@ impl Environment for LibvirtEnvironment {
     }
 
     #[tracing::instrument(skip(self), fields(environment = %self.name))]
+    /// Starts the machines wave by wave ([`EnvironmentSpec::start_waves`]): before a wave starts,
+    /// the guest agents of the earlier machines it starts after must answer (at most the
+    /// backend's start wait, default 90 s; machines without an agent channel are not waited for,
+    /// nor are machines nothing starts after).
     async fn start(&self) -> Result<()> {
-        self.each(|m| !m.active(), "start").await
+        let ms = self.machines().await?;
+        let spec = self.shared.spec_of(&self.name, &ms).await?;
+        let waves = spec.start_waves()?;
+        let awaited: std::collections::BTreeSet<&str> =
+            spec.machines.iter().flat_map(|m| m.after.iter().map(String::as_str)).collect();
+        for (i, wave) in waves.iter().enumerate() {
+            let members: Vec<&Machine> = ms.iter().filter(|m| wave.iter().any(|w| w == m.name())).collect();
+            let names: Vec<String> = members.iter().filter(|m| !m.active()).map(|m| m.instance.clone()).collect();
+            self.start_domains(names).await?;
+            if i + 1 == waves.len() {
+                break;
+            }
+            let mut waits = tokio::task::JoinSet::new();
+            for m in members {
+                if !awaited.contains(m.name()) || !crate::xml::edit::has_agent_channel(&m.tree) {
+                    continue;
+                }
+                let (agent, wait) = (self.agent_of(m), self.shared.start_wait);
+                waits.spawn(async move { agent.wait_ready(wait).await });
+            }
+            while let Some(joined) = waits.join_next().await {
+                joined.map_err(|e| Error::backend_msg(NAME, format!("start wait failed: {e}")))?.map_err(|e| {
+                    Error::Timeout {
+                        operation: format!(
+                            "start of {} wave {}: waiting for a guest agent the next wave starts after ({e})",
+                            self.name,
+                            i + 1
+                        ),
+                        seconds: self.shared.start_wait.as_secs_f64(),
+                    }
+                })?;
+            }
+        }
+        Ok(())
     }
 
     #[tracing::instrument(skip(self), fields(environment = %self.name))]
@@ -132,7 +183,7 @@ impl Environment for LibvirtEnvironment {
             let path = xml_dir.join(format!("{}.xml", m.name()));
             std::fs::write(&path, tree.render()).map_err(|e| crate::error::io(&path, e))?;
         }
-        let frozen = freeze(&self.shared, &self.name, &ms, &id).await?;
+        let (frozen, consistency) = freeze(self, &ms, &id).await?;
         let layers = ms
             .iter()
             .zip(frozen)
@@ -146,7 +197,7 @@ impl Environment for LibvirtEnvironment {
             taken_at: OffsetDateTime::now_utc(),
             spec,
             layers,
-            consistency: Default::default(),
+            consistency,
         })
     }
 
@@ -214,8 +265,9 @@ impl Environment for LibvirtEnvironment {
         if self.shared.local() { Some(self) } else { None }
     }
 
+    /// Always: agent commands go through libvirt, for local and remote URIs alike.
     fn guest(&self) -> Option<&dyn GuestChannel> {
-        None
+        Some(self)
     }
 }
 

@@ -40,6 +40,10 @@ pub(crate) fn map(e: &virt::error::Error, ctx: Ctx<'_>) -> Error {
         ErrorNumber::AuthFailed | ErrorNumber::AuthCancelled | ErrorNumber::AuthUnavailable => {
             Error::Unauthenticated { endpoint: ctx.uri.to_string(), reason: msg }
         }
+        ErrorNumber::AgentUnresponsive | ErrorNumber::AgentUnsynced => Error::Unreachable {
+            endpoint: format!("guest agent of {} {} ({})", ctx.kind, ctx.name, ctx.uri),
+            reason: msg,
+        },
         ErrorNumber::NoConnect | ErrorNumber::InvalidConn | ErrorNumber::Rpc | ErrorNumber::UnknownHost => {
             Error::Unreachable { endpoint: ctx.uri.to_string(), reason: msg }
         }
@@ -57,6 +61,30 @@ pub(crate) fn map(e: &virt::error::Error, ctx: Ctx<'_>) -> Error {
             Error::invalid(format!("{} {}", ctx.kind, ctx.name), msg)
         }
         _ => Error::backend_msg(NAME, format!("{} {}: {msg}", ctx.kind, ctx.name)),
+    }
+}
+
+/// Maps the failure of one guest agent command sent through libvirt to `domain` `ctx.name`.
+///
+/// "Guest agent is not responding" / "not connected" → `Unreachable` naming the domain; a command
+/// that ran out of `seconds` → `Timeout`; an error reply of the agent itself (libvirt reports it as
+/// "unable to execute QEMU agent command '…': <desc>") → [`stagecore_qga::AgentFailure`] labelled
+/// `label` (`env/machine`), so callers see what the agent said; the rest as [`map`].
+pub(crate) fn agent(e: &virt::error::Error, ctx: Ctx<'_>, label: &str, command: &str, seconds: i32) -> Error {
+    let code = e.code().unwrap_or(ErrorNumber::InternalError);
+    let msg = e.message().to_string();
+    match code {
+        ErrorNumber::AgentCommandTimeout | ErrorNumber::OperationTimeout => Error::Timeout {
+            operation: format!("guest agent command `{command}` in {label} (domain {})", ctx.name),
+            seconds: f64::from(seconds),
+        },
+        ErrorNumber::AgentCommandFailed | ErrorNumber::InternalError
+            if msg.contains("unable to execute QEMU agent command") =>
+        {
+            let desc = msg.split_once("': ").map(|(_, d)| d.to_string()).unwrap_or(msg);
+            stagecore_qga::AgentFailure::new(label, command, "", desc).into()
+        }
+        _ => map(e, ctx),
     }
 }
 

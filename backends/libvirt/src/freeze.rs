@@ -1,7 +1,8 @@
-//! Freezing every disk of an environment at one instant: suspend all running domains, put a new
-//! qcow2 overlay on every disk (an external disk-only atomic snapshot per running domain; by hand
-//! plus a redefinition for shut-off ones), resume. The previous top files become read-only
-//! layers: a baseline's or a snapshot's.
+//! Freezing every disk of an environment at one instant: quiesce the guests whose agent answers
+//! ([`crate::quiesce`]: `guest-fsfreeze-freeze`), suspend all running domains, put a new qcow2
+//! overlay on every disk (an external disk-only atomic snapshot per running domain; by hand plus a
+//! redefinition for shut-off ones), resume, thaw. The previous top files become read-only layers:
+//! a baseline's or a snapshot's.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,9 +11,11 @@ use stagecore::{Error, PowerState, Result};
 use virt::sys;
 
 use crate::conn::lv;
+use crate::env::LibvirtEnvironment;
 use crate::error::NAME;
 use crate::layers;
 use crate::machines::Machine;
+use crate::quiesce::{self, Consistencies};
 use crate::shared::{Shared, make_dir};
 use crate::xml::edit;
 use crate::xml::tree::Element;
@@ -68,8 +71,21 @@ fn snapshot_xml(tag: &str, plans: &[Plan], tree: &Element) -> String {
     format!("<domainsnapshot><name>{tag}</name><memory snapshot='no'/><disks>{disks}</disks></domainsnapshot>")
 }
 
-/// Freezes every disk of `ms`; `tag` makes file names unique (`bl-…`, `snap-…`).
-pub(crate) async fn freeze(shared: &Shared, env: &str, ms: &[Machine], tag: &str) -> Result<Frozen> {
+/// Captures every disk of `ms` at one instant, application-consistent where the guest agent
+/// answers; `tag` makes file names unique (`bl-…`, `snap-…`). Returns the frozen layers and the
+/// consistency each machine reached (see [`crate::quiesce`]).
+///
+/// The work runs in a task of its own, so a caller that gives up (drops this future) cannot leave
+/// a guest frozen: the thaw still runs.
+pub(crate) async fn freeze(env: &LibvirtEnvironment, ms: &[Machine], tag: &str) -> Result<(Frozen, Consistencies)> {
+    let (env, ms, tag) = (env.clone(), ms.to_vec(), tag.to_string());
+    tokio::spawn(async move { quiesce::around(&env, &ms, || capture(&env.shared, &env.name, &ms, &tag)).await })
+        .await
+        .map_err(|e| Error::backend_msg(NAME, format!("freeze worker failed: {e}")))?
+}
+
+/// Puts a new layer on every disk of `ms` at one instant (crash-consistent on its own).
+async fn capture(shared: &Shared, env: &str, ms: &[Machine], tag: &str) -> Result<Frozen> {
     let all: Vec<Vec<Plan>> = ms.iter().map(|m| plans(shared, env, m, tag)).collect::<Result<_>>()?;
     make_dir(&shared.env_dir(env).join("layers"))?;
     let work: Vec<(String, bool, Element, Vec<Plan>)> =

@@ -29,6 +29,7 @@
 //!
 //! See `docs/backends/libvirt.md` for the layout on disk and what is not supported yet.
 
+mod agent;
 mod apply;
 mod backend;
 mod conn;
@@ -38,6 +39,7 @@ mod error;
 mod freeze;
 mod layers;
 mod machines;
+mod quiesce;
 mod registry;
 mod shared;
 mod snapshot;

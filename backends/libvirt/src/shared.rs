@@ -20,7 +20,12 @@ pub(crate) struct Shared {
     pub(crate) dir: PathBuf,
     /// `<domain type=…>` for domains created from a spec (`qemu` = TCG, `kvm`, `test`).
     pub(crate) domain_type: String,
+    /// How long `start` waits for the guest agents of one wave before starting the next.
+    pub(crate) start_wait: std::time::Duration,
 }
+
+/// The default of [`Shared::start_wait`].
+pub(crate) const DEFAULT_START_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
 
 impl Shared {
     /// Whether disk files are reachable from this process (a URI without a host).
@@ -127,6 +132,7 @@ pub(crate) fn spec_from(env: &str, ms: &[Machine], sizes: &Sizes) -> Environment
             }
         }
         spec.labels = m.labels.clone();
+        spec.after.clone_from(&m.record.after);
         networks.extend(spec.nics.iter().map(|n| n.network.clone()));
         labels.extend(m.record.env_labels.clone());
         cidrs.extend(m.record.cidrs.clone());

@@ -1,6 +1,7 @@
 //! Whole-environment snapshots of libvirt domains.
 //!
-//! Create: [`crate::freeze`] (suspend all, external disk-only atomic snapshot per domain, resume);
+//! Create: [`crate::freeze`] (freeze answering guests, suspend all, external disk-only atomic
+//! snapshot per domain, resume, thaw); per-machine consistency is in `SnapshotInfo::machines`;
 //! the frozen files and each domain's XML are recorded in our metadata (or the registry).
 //! libvirt 9.0 cannot revert external snapshots, so revert is by hand: destroy, a fresh overlay on
 //! the snapshot's layer per disk, redefine from the recorded XML, start what was running. Delete
@@ -36,7 +37,7 @@ impl Snapshot for LibvirtEnvironment {
             return Err(Error::already_exists("snapshot", format!("{}/{name}", self.name)));
         }
         let spec = self.shared.spec_of(&self.name, &ms).await?;
-        let frozen = freeze(&self.shared, &self.name, &ms, &format!("snap-{name}-{}", tag())).await?;
+        let (frozen, machines) = freeze(self, &ms, &format!("snap-{name}-{}", tag())).await?;
         let info = SnapshotInfo {
             name: name.into(),
             environment: self.name.clone(),
@@ -44,7 +45,7 @@ impl Snapshot for LibvirtEnvironment {
             spec,
             consistency: Consistency::CrashConsistent,
             memory: false,
-            machines: Default::default(),
+            machines,
         };
         let fresh = self.machines().await?;
         for ((m, layers), now) in ms.iter_mut().zip(frozen).zip(fresh) {

@@ -120,6 +120,12 @@ async fn build(
         edit::set_disk_sources(&mut tree, &paths);
         let macs = m.nics.iter().map(|n| (n.name.clone(), random_mac())).collect();
         edit::set_macs(&mut tree, &macs);
+        // Never keep production's sockets and log files: libvirt assigns new agent sockets, the
+        // rest moves into the stage's own directory (removed with the stage).
+        let host_paths = edit::own_host_paths(&mut tree, &dir, &m.name);
+        if !host_paths.is_empty() {
+            tracing::info!(machine = %m.name, changed = ?host_paths, "stage got its own chardev paths");
+        }
         if options.fenced {
             let reverse: BTreeMap<String, String> = prod_nets.iter().map(|(l, n)| (n.clone(), l.clone())).collect();
             edit::set_networks(&mut tree, &networks, |n| reverse.get(n).cloned().unwrap_or_else(|| n.to_string()));
@@ -135,6 +141,8 @@ async fn build(
             origins,
             snapshots: Vec::new(),
             sources: paths,
+            after: m.after.clone(),
+            host_paths,
         };
         meta::set(&mut tree, &meta::labels(&p.tree), &record)?;
         xmls.push((instance, tree.render()));

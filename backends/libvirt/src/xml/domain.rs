@@ -1,13 +1,13 @@
 //! Typed reading of libvirt domain XML with serde (quick-xml), and turning it into a
 //! [`MachineSpec`].
 //!
-//! Only what the spec models is read: name, uuid, vCPUs, memory, firmware, disks (`device='disk'`:
+//! Only what the spec models is read: name, uuid, vCPUs, memory, firmware, direct kernel boot, disks (`device='disk'`:
 //! target, source file, driver type, read-only, `ua-` alias) and interfaces (MAC, source
 //! network/bridge, model, `ua-` alias). Everything else stays in the original XML, which is kept
 //! and edited ([`super::edit`]), never rebuilt.
 
 use serde::Deserialize;
-use stagecore::{DiskFormat, DiskSpec, Error, Firmware, MachineSpec, NicSpec, Result};
+use stagecore::{BootSpec, DiskFormat, DiskSpec, Error, Firmware, MachineSpec, NicSpec, Result};
 
 /// The parts of `<domain>` the spec needs.
 #[derive(Debug, Clone, Deserialize)]
@@ -50,6 +50,15 @@ pub(crate) struct Os {
     firmware: Option<String>,
     #[serde(default)]
     loader: Option<Loader>,
+    /// `<kernel>` (direct kernel boot).
+    #[serde(default)]
+    kernel: Option<String>,
+    /// `<initrd>`.
+    #[serde(default)]
+    initrd: Option<String>,
+    /// `<cmdline>`.
+    #[serde(default)]
+    cmdline: Option<String>,
 }
 
 /// `<os><loader>`.
@@ -181,6 +190,17 @@ impl DomainXml {
         if efi { Firmware::Uefi } else { Firmware::Bios }
     }
 
+    /// Direct kernel boot, when `<os>` names a kernel.
+    pub(crate) fn boot(&self) -> Option<BootSpec> {
+        let os = self.os.as_ref()?;
+        let kernel = os.kernel.clone().filter(|k| !k.is_empty())?;
+        Some(BootSpec {
+            kernel,
+            initrd: os.initrd.clone().filter(|i| !i.is_empty()),
+            cmdline: os.cmdline.clone().unwrap_or_default(),
+        })
+    }
+
     /// The disks the spec models (`device='disk'`), with their logical names.
     pub(crate) fn disks(&self) -> impl Iterator<Item = (String, &Disk)> {
         self.devices.disks.iter().filter(|d| d.device.as_deref().unwrap_or("disk") == "disk").map(|d| (d.logical(), d))
@@ -230,7 +250,7 @@ impl DomainXml {
             disks,
             nics,
             labels: Default::default(),
-            boot: None,
+            boot: self.boot(),
             after: Vec::new(),
         }
     }

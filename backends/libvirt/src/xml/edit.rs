@@ -3,6 +3,7 @@
 //! attach/detach.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use stagecore::{DiskFormat, DiskSpec, Firmware, MachineSpec, NicSpec};
 
@@ -110,14 +111,23 @@ pub(crate) fn set_networks(
     }
 }
 
+/// The name of the virtio-serial port qemu-guest-agent listens on.
+pub(crate) const AGENT_PORT: &str = "org.qemu.guest_agent.0";
+
 /// A new TCG/KVM domain for a spec machine. `disks` gives each disk's file, `networks` maps
-/// logical networks to libvirt networks.
+/// logical networks to libvirt networks, `serial_log` is the host file the serial console is
+/// written to (in the environment's own directory).
+///
+/// Every such domain gets the guest agent's channel (a virtio-serial port with *no* source path:
+/// libvirt makes a socket per domain and owns it), no video device, and a file serial console.
+/// `machine.boot` becomes `<os><kernel>/<initrd>/<cmdline>` (direct kernel boot).
 pub(crate) fn new_domain(
     machine: &MachineSpec,
     instance: &str,
     domain_type: &str,
     disks: &BTreeMap<String, String>,
     networks: &BTreeMap<String, String>,
+    serial_log: &str,
 ) -> Element {
     let mut d = el("domain", &[("type", domain_type)]);
     push(&mut d, text("name", instance, &[]));
@@ -129,6 +139,13 @@ pub(crate) fn new_domain(
         os.set_attr("firmware", "efi");
     }
     push(&mut os, text("type", "hvm", &[("arch", "x86_64")]));
+    if let Some(boot) = &machine.boot {
+        push(&mut os, text("kernel", &boot.kernel, &[]));
+        if let Some(initrd) = &boot.initrd {
+            push(&mut os, text("initrd", initrd, &[]));
+        }
+        push(&mut os, text("cmdline", &boot.cmdline, &[]));
+    }
     push(&mut d, os);
     let mut devices = el("devices", &[]);
     for (i, disk) in machine.disks.iter().enumerate() {
@@ -139,11 +156,86 @@ pub(crate) fn new_domain(
         let net = networks.get(&nic.network).cloned().unwrap_or_else(|| nic.network.clone());
         push(&mut devices, nic_device(nic, &net));
     }
+    push(&mut devices, el("controller", &[("type", "virtio-serial"), ("index", "0")]));
+    let mut channel = el("channel", &[("type", "unix")]);
+    push(&mut channel, el("target", &[("type", "virtio"), ("name", AGENT_PORT)]));
+    push(&mut devices, channel);
+    let mut serial = el("serial", &[("type", "file")]);
+    push(&mut serial, el("source", &[("path", serial_log)]));
+    push(&mut serial, el("target", &[("port", "0")]));
+    push(&mut devices, serial);
+    let mut video = el("video", &[]);
+    push(&mut video, el("model", &[("type", "none")]));
+    push(&mut devices, video);
     push(&mut d, devices);
     if machine.uuid.is_none() {
         d.remove_children(|c| c.name == "uuid");
     }
     d
+}
+
+/// Whether the domain has the guest agent's virtio-serial channel.
+pub(crate) fn has_agent_channel(domain: &Element) -> bool {
+    domain.child("devices").is_some_and(|devices| {
+        devices
+            .elements()
+            .any(|e| e.name == "channel" && e.child("target").is_some_and(|t| t.attr("name") == Some(AGENT_PORT)))
+    })
+}
+
+/// Character devices whose host-side paths belong to one domain.
+const CHARDEVS: [&str; 4] = ["serial", "console", "channel", "parallel"];
+
+/// Gives a domain derived from another one host-side paths of its own, so two domains never share
+/// a socket or a log file: a virtio channel's `<source path>` is dropped (libvirt then makes a
+/// socket per domain), and every other file, socket or pipe path of a serial, console, channel or
+/// parallel device and every `<log file>` is moved into `dir` (named `<machine>.<file name>`).
+/// Host devices (`type='dev'`) and network chardevs are left alone. Returns what was changed: old
+/// path → new path, or "" when the source was dropped for libvirt to assign.
+pub(crate) fn own_host_paths(domain: &mut Element, dir: &Path, machine: &str) -> BTreeMap<String, String> {
+    let mut changed: BTreeMap<String, String> = BTreeMap::new();
+    let Some(devices) = domain.child_mut("devices") else { return changed };
+    let relocate = |old: &str, changed: &mut BTreeMap<String, String>| -> String {
+        if let Some(new) = changed.get(old).filter(|n| !n.is_empty()) {
+            return new.clone();
+        }
+        let file =
+            Path::new(old).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "chardev".into());
+        let mut new = dir.join(format!("{machine}.{file}"));
+        let mut i = 1;
+        while changed.values().any(|v| Path::new(v) == new) {
+            new = dir.join(format!("{machine}.{i}.{file}"));
+            i += 1;
+        }
+        let new = new.display().to_string();
+        changed.insert(old.to_string(), new.clone());
+        new
+    };
+    for dev in devices.elements_mut().filter(|e| CHARDEVS.contains(&e.name.as_str())) {
+        let kind = dev.attr("type").unwrap_or_default().to_string();
+        let virtio_channel = dev.name == "channel"
+            && dev.child("target").is_some_and(|t| t.attr("type") == Some("virtio") && t.attr("name").is_some());
+        if virtio_channel && kind == "unix" {
+            if let Some(old) = dev.child("source").and_then(|s| s.attr("path")).map(str::to_string) {
+                dev.remove_children(|c| c.name == "source");
+                changed.insert(old, String::new());
+            }
+        } else if matches!(kind.as_str(), "file" | "unix" | "pipe") {
+            for source in dev.elements_mut().filter(|c| c.name == "source") {
+                if let Some(old) = source.attr("path").map(str::to_string) {
+                    let new = relocate(&old, &mut changed);
+                    source.set_attr("path", &new);
+                }
+            }
+        }
+        for log in dev.elements_mut().filter(|c| c.name == "log") {
+            if let Some(old) = log.attr("file").map(str::to_string) {
+                let new = relocate(&old, &mut changed);
+                log.set_attr("file", &new);
+            }
+        }
+    }
+    changed
 }
 
 /// The virtio target device name for disk index `i` (`vda`, `vdb`, …).
@@ -236,6 +328,55 @@ mod tests {
     }
 
     #[test]
+    fn new_domains_boot_a_kernel_and_have_an_agent_channel_and_a_file_serial() {
+        let mut spec = stagecore::memory::sample_spec("prod").machines.remove(0);
+        spec.boot = Some(stagecore::BootSpec {
+            kernel: "/img/vmlinuz".into(),
+            initrd: Some("/img/initrd.img".into()),
+            cmdline: "root=/dev/vda console=ttyS0 quiet".into(),
+        });
+        let disks = map(&[("disk0", "/state/prod/web.qcow2")]);
+        let tree = new_domain(&spec, "prod-web", "qemu", &disks, &BTreeMap::new(), "/state/prod/web.serial.log");
+        let xml = tree.render();
+        let d = DomainXml::parse(&xml, "new").unwrap();
+        assert_eq!(d.machine_spec("web", |n| n.to_string(), |_| None).boot, spec.boot, "boot round trip");
+        assert!(has_agent_channel(&tree), "{xml}");
+        assert!(xml.contains("<target type=\"virtio\" name=\"org.qemu.guest_agent.0\"/>"), "{xml}");
+        let channel = tree.child("devices").unwrap().elements().find(|e| e.name == "channel").unwrap();
+        assert!(channel.child("source").is_none(), "libvirt assigns the agent socket");
+        assert!(xml.contains("<serial type=\"file\"><source path=\"/state/prod/web.serial.log\"/>"), "{xml}");
+        assert!(xml.contains("<video><model type=\"none\"/></video>"), "{xml}");
+        spec.boot = None;
+        let tree = new_domain(&spec, "prod-web", "qemu", &disks, &BTreeMap::new(), "/l");
+        assert!(!tree.render().contains("<kernel"), "no boot, no kernel");
+    }
+
+    #[test]
+    fn derived_domains_get_their_own_chardev_paths() {
+        let prod = r#"<domain type='qemu'><name>prod-web</name><devices>
+            <serial type='file'><source path='/var/log/prod/web.log'/><target port='0'/></serial>
+            <console type='file'><source path='/var/log/prod/web.log'/><target type='serial' port='0'/></console>
+            <serial type='pty'><log file='/var/log/prod/pty.log' append='on'/><target port='1'/></serial>
+            <serial type='dev'><source path='/dev/ttyS0'/><target port='2'/></serial>
+            <channel type='unix'><source mode='bind' path='/run/prod/qga.sock'/>
+              <target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+            <channel type='unix'><source mode='bind' path='/run/prod/other.log'/><target type='guestfwd' address='10.0.2.1' port='4600'/></channel>
+            </devices></domain>"#;
+        let mut tree = Element::parse(prod, "prod").unwrap();
+        let changed = own_host_paths(&mut tree, Path::new("/state/s1"), "web");
+        let xml = tree.render();
+        assert_eq!(changed.get("/run/prod/qga.sock").map(String::as_str), Some(""), "agent socket dropped");
+        assert_eq!(changed.get("/var/log/prod/web.log").map(String::as_str), Some("/state/s1/web.web.log"));
+        assert_eq!(changed.get("/var/log/prod/pty.log").map(String::as_str), Some("/state/s1/web.pty.log"));
+        assert_eq!(changed.get("/run/prod/other.log").map(String::as_str), Some("/state/s1/web.other.log"));
+        assert_eq!(changed.len(), 4, "{changed:?}");
+        assert_eq!(xml.matches("/state/s1/web.web.log").count(), 2, "serial and its console stay one file");
+        assert!(xml.contains("/dev/ttyS0"), "host devices are not ours to move");
+        assert!(!xml.contains("/var/log/prod") && !xml.contains("/run/prod"), "{xml}");
+        assert!(has_agent_channel(&tree));
+    }
+
+    #[test]
     fn parsed_view_builds_a_machine_spec() {
         let d = DomainXml::parse(SAMPLE, "sample").unwrap();
         let m = d.machine_spec("web", |n| format!("net-{n}"), |_| Some(1 << 30));
@@ -261,6 +402,8 @@ mod tests {
             origins: BTreeMap::new(),
             snapshots: Vec::new(),
             sources: map(&[("disk0", "/images/web.qcow2")]),
+            after: vec!["db".into()],
+            host_paths: map(&[("/var/log/a.log", "/stage/web.a.log")]),
         };
         let labels = map(&[("tier", "web")]);
         crate::xml::meta::set(&mut tree, &labels, &record).unwrap();

@@ -58,6 +58,13 @@ pub(crate) struct MachineRecord {
     /// fingerprint) does not change when only the layering did.
     #[serde(default)]
     pub(crate) sources: BTreeMap<String, String>,
+    /// The machines this one starts after (the spec's `after`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) after: Vec<String>,
+    /// For a stage: the host-side chardev paths of production's definition that were changed
+    /// (old path → the stage's own path, or "" when libvirt assigns a new socket).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) host_paths: BTreeMap<String, String>,
 }
 
 /// One snapshot as seen from one domain.
