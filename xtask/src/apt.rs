@@ -14,6 +14,9 @@ pub(crate) const PACKAGES: &[&str] = &[
     "libvirt-clients",
     "libvirt-dev",
     "pkg-config",
+    // the guest image build: mmdebstrap for the rootfs, e2fsprogs for `mke2fs -d`
+    "mmdebstrap",
+    "e2fsprogs",
 ];
 
 /// A process to run: program, arguments and extra environment variables.
@@ -121,6 +124,8 @@ mod tests {
                 "libvirt-clients",
                 "libvirt-dev",
                 "pkg-config",
+                "mmdebstrap",
+                "e2fsprogs",
             ]
         );
         assert_eq!(cmd.env, [("DEBIAN_FRONTEND".to_string(), "noninteractive".to_string())]);
@@ -128,7 +133,8 @@ mod tests {
             cmd.display(),
             "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
              --allow-downgrades qemu-system-x86 qemu-utils=1:7.2+dfsg-7+deb12u18+b3 \
-             libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config"
+             libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config \
+             mmdebstrap e2fsprogs"
         );
     }
 

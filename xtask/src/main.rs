@@ -2,13 +2,16 @@
 //! (the alias lives in `.cargo/config.toml`).
 //!
 //! - `setup` — install QEMU and libvirt if missing (root on Debian) and start the daemons.
-//! - `test` — setup, then fmt, clippy, nextest, doctests, the quickstart (debug) and docs: what CI runs.
+//! - `test` — setup, the guest image, then fmt, clippy, nextest, doctests, the quickstart (debug) and docs:
+//!   what CI runs.
 //! - `demo [ARGS]` — setup, then the `quickstart` example with `ARGS`.
+//! - `guest-image` — build (or find cached) the test guest image and print its directory.
 //! - `bench [ARGS]` — `cargo bench -p stagekit ARGS`.
 //!
 //! Exits non-zero with a message naming the failed step.
 
 mod apt;
+mod guest;
 mod run;
 mod setup;
 mod tasks;
@@ -20,8 +23,9 @@ usage: cargo xtask <command> [args]
 
 commands:
   setup          install QEMU + libvirt if missing (root on Debian) and start virtlogd/libvirtd
-  test           setup, then fmt --check, clippy -D warnings, nextest, doctests, doc -D warnings
-  demo [ARGS]    setup, then `cargo run --release -p stagekit --example quickstart -- ARGS`
+  test           setup, guest image, then fmt --check, clippy -D warnings, nextest, doctests, doc -D warnings
+  demo [ARGS]    setup, guest image, then `cargo run --release -p stagekit --example quickstart -- ARGS`
+  guest-image    build (or find cached) the test guest image; prints its directory
   bench [ARGS]   `cargo bench -p stagekit ARGS`
   help           show this text
 ";
@@ -35,7 +39,8 @@ fn main() -> ExitCode {
     let result = match command {
         "setup" if rest.is_empty() => setup::setup(),
         "test" if rest.is_empty() => tasks::test(),
-        "setup" | "test" => {
+        "guest-image" if rest.is_empty() => guest::command(),
+        "setup" | "test" | "guest-image" => {
             eprintln!("xtask: `{command}` takes no arguments\n\n{USAGE}");
             return ExitCode::from(2);
         }

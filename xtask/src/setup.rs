@@ -1,4 +1,4 @@
-//! `cargo xtask setup`: make sure QEMU and libvirt are installed (installing them with apt
+//! `cargo xtask setup`: make sure QEMU, libvirt and the guest-image tools (mmdebstrap, e2fsprogs) are installed (installing them with apt
 //! when root on Debian), that `qemu-img` and the system emulator are the same version, and
 //! that `virtlogd` and `libvirtd` are running and answering. Idempotent: on a ready machine
 //! it only reports.
@@ -11,7 +11,18 @@ use crate::apt;
 use crate::run::{Failure, Result, command, find_program, run, stdout_of, succeeds_within};
 
 /// Programs the tests and examples need.
-const PROGRAMS: &[&str] = &["qemu-system-x86_64", "qemu-img", "qemu-io", "virsh", "libvirtd", "virtlogd", "pkg-config"];
+const PROGRAMS: &[&str] = &[
+    "qemu-system-x86_64",
+    "qemu-img",
+    "qemu-io",
+    "virsh",
+    "libvirtd",
+    "virtlogd",
+    "pkg-config",
+    // the guest image build (`cargo xtask guest-image`)
+    "mmdebstrap",
+    "mke2fs",
+];
 
 /// How long to wait for `virsh -c qemu:///system version` after starting the daemons.
 const DAEMON_WAIT: Duration = Duration::from_secs(10);
@@ -82,7 +93,8 @@ fn is_root_on_debian() -> bool {
     std::path::Path::new("/etc/debian_version").exists() && is_root()
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root.
+pub(crate) fn is_root() -> bool {
     stdout_of(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0")
 }
 

@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::guest;
 use crate::run::{Result, run};
 use crate::setup::setup;
 
@@ -63,9 +64,11 @@ fn test_steps(nextest: bool) -> Vec<Step> {
     ]
 }
 
-/// `cargo xtask test`: setup, then fmt, clippy, tests, doctests, the quickstart and docs.
+/// `cargo xtask test`: setup, the guest image, then fmt, clippy, tests, doctests, the quickstart
+/// and docs. Every cargo step gets `STAGECORE_GUEST_IMAGE=<image dir>`.
 pub(crate) fn test() -> Result<()> {
     setup()?;
+    let image = guest::for_tasks()?;
     let nextest = nextest_available();
     if !nextest {
         println!("xtask: cargo-nextest not found, falling back to `cargo test`");
@@ -73,17 +76,20 @@ pub(crate) fn test() -> Result<()> {
     for step in test_steps(nextest) {
         println!("xtask: step {}: cargo {}", step.name, step.args.join(" "));
         let mut cmd = cargo();
-        cmd.args(&step.args).envs(step.env.iter().copied());
+        cmd.args(&step.args).envs(step.env.iter().copied()).env(guest::ENV_VAR, &image);
         run(&format!("test step `{}`", step.name), &mut cmd)?;
     }
     println!("xtask: all test steps passed");
     Ok(())
 }
 
-/// `cargo xtask demo [ARGS...]`: setup, then the quickstart example with `ARGS`.
+/// `cargo xtask demo [ARGS...]`: setup, the guest image, then the quickstart example with `ARGS`
+/// (with `STAGECORE_GUEST_IMAGE=<image dir>`).
 pub(crate) fn demo(args: &[String]) -> Result<()> {
     setup()?;
+    let image = guest::for_tasks()?;
     let mut cmd = cargo();
+    cmd.env(guest::ENV_VAR, &image);
     cmd.args(["run", "--release", "-p", "stagekit", "--example", "quickstart"]);
     if !args.is_empty() {
         cmd.arg("--").args(args);
