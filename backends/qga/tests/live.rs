@@ -130,6 +130,17 @@ async fn late_replies_after_timeouts_never_reach_later_calls_on_a_real_guest() {
         let info = t.call("guest-info", None, Duration::from_secs(30)).await.unwrap();
         assert!(info.get("version").is_some(), "{info}");
     }
+    // A reply that is surely late: 8 MiB from /dev/urandom, base64-encoded by the agent under TCG. The
+    // re-sync must skip that whole ~11 MB line.
+    let long = Duration::from_secs(30);
+    let handle = t.call("guest-file-open", Some(json!({"path": "/dev/urandom", "mode": "r"})), long).await.unwrap();
+    let read = json!({"handle": handle, "count": 8 << 20});
+    let e = t.call("guest-file-read", Some(read), Duration::from_millis(1)).await.unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    assert_eq!(t.call("guest-ping", None, long).await.unwrap(), json!({}));
+    let small = t.call("guest-file-read", Some(json!({"handle": handle, "count": 5})), long).await.unwrap();
+    assert_eq!(small["count"], 5, "{small}");
+    t.call("guest-file-close", Some(json!({"handle": handle})), long).await.unwrap();
     // A reset (as after a guest restart) reconnects and re-syncs.
     t.reset().await;
     guest.agent.ping(Duration::from_secs(30)).await.unwrap();
