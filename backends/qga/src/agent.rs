@@ -314,6 +314,16 @@ impl Agent {
         let args = json!({"path": "/bin/sh", "arg": ["-c", format!("kill -9 {pid}")], "capture-output": false});
         if let Err(e) = self.call("guest-exec", Some(args)).await {
             tracing::debug!(pid, error = %e, "could not kill a timed-out guest command");
+            return;
+        }
+        // The agent keeps an exited command's status until it is asked once: ask (a few tries).
+        let mut delay = self.limits.poll_min;
+        for _ in 0..6 {
+            tokio::time::sleep(delay).await;
+            match self.call_as::<ExecStatus>("guest-exec-status", Some(json!({"pid": pid}))).await {
+                Ok(status) if !status.exited => delay = (delay * 2).min(self.limits.poll_max),
+                _ => return,
+            }
         }
     }
 

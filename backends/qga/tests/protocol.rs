@@ -265,6 +265,12 @@ fn answer(st: &mut State, line: &[u8]) -> (Option<Vec<u8>>, bool) {
         }
         "guest-exec" => {
             let path = args["path"].as_str().unwrap().to_string();
+            // `sh -c "kill -9 N"` kills a scripted command.
+            if let Some(pid) = args["arg"][1].as_str().and_then(|a| a.strip_prefix("kill -9 "))
+                && let Some((script, _)) = st.execs.get_mut(&pid.parse::<i64>().unwrap())
+            {
+                *script = ExecScript { signal: Some(9), ..ExecScript::default() };
+            }
             match st.script.get(&path).cloned() {
                 None => err(&format!(
                     "Guest agent command failed, error was 'Failed to execute child process “{path}” (No such file or directory)'"
@@ -522,6 +528,7 @@ async fn exec_that_never_exits_times_out_and_is_killed() {
     }
     let kill = fake.state().log.iter().rev().find(|(c, _)| c == "guest-exec").unwrap().1.clone();
     assert_eq!(kill["arg"], json!(["-c", "kill -9 501"]));
+    assert!(!fake.state().execs.contains_key(&501), "the killed command's status was collected");
 }
 
 #[tokio::test]
