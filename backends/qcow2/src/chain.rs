@@ -2,17 +2,15 @@
 //! qemu's rules for relative backing names, and descriptions of each layer.
 //!
 //! Contract: [`Chain::open`] returns the layers top first; a missing backing file is `NotFound`
-//! naming the resolved path, a loop is `InvalidSpec` naming the file that closes it, and the top
-//! must be a qcow2 image.
+//! (kind `"backing file"`) naming the resolved path, a loop is `Corrupt` naming the file that
+//! closes it, and the top must be a qcow2 image.
 
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use stagecore::{Error, Result};
-
-use crate::error::{corrupt, ctx, unsupported};
+use crate::error::{Error, Feature, Result, corrupt, ctx, unsupported};
 use crate::header::{Header, is_qcow2};
 use crate::layer::{Layer, Qcow2Layer, open_file};
 use crate::types::ImageFormat;
@@ -84,7 +82,7 @@ impl Chain {
                 return Err(corrupt(top, format!("backing chain deeper than {MAX_DEPTH}")));
             }
             let layer = Layer::open(&next, fmt, false).map_err(|e| match e {
-                Error::NotFound { .. } => Error::not_found("backing file", format!("{}", next.display())),
+                Error::NotFound { path, .. } => Error::NotFound { kind: "backing file", path },
                 other => other,
             })?;
             if let Layer::Raw(r) = &layer
@@ -105,7 +103,7 @@ impl Chain {
         }
     }
 
-    /// Index of the layer that is the same file as `base`; `InvalidSpec` if none is.
+    /// Index of the layer that is the same file as `base`; `BaseNotInChain` if none is.
     pub(crate) fn index_of(&self, base: &Path) -> Result<usize> {
         let file = open_file(base, false)?;
         let id = identity(&file, base)?;
@@ -118,10 +116,7 @@ impl Chain {
                 return Ok(i);
             }
         }
-        Err(Error::invalid(
-            "base",
-            format!("{} is not in the backing chain of {}", base.display(), self.layers[0].path().display()),
-        ))
+        Err(Error::BaseNotInChain { base: base.to_path_buf(), top: self.layers[0].path().to_path_buf() })
     }
 
     /// Describes every layer, top first.
@@ -146,23 +141,21 @@ impl Chain {
 /// Size of a would-be backing file declared as `format`, checking that a qcow2 one is qcow2.
 pub(crate) fn backing_size(path: &Path, format: ImageFormat) -> Result<u64> {
     let file = open_file(path, false).map_err(|e| match e {
-        Error::NotFound { .. } => Error::not_found("backing file", path.display().to_string()),
+        Error::NotFound { path, .. } => Error::NotFound { kind: "backing file", path },
         other => other,
     })?;
     let len = file.metadata().map_err(ctx("stat", path))?.len();
     match format {
         ImageFormat::Raw => Ok(len),
-        ImageFormat::Qcow2 if !is_qcow2(&file) => {
-            Err(corrupt(path, "declared as qcow2 backing file but is not a qcow2 image"))
-        }
+        ImageFormat::Qcow2 if !is_qcow2(&file) => Err(crate::error::not_qcow2(path, "declared as qcow2 backing file")),
         ImageFormat::Qcow2 => Ok(Header::read(&file, path, len)?.size),
     }
 }
 
-/// Fails with `NotSupported` if the layer's data cannot be read by this crate.
+/// Fails with `UnsupportedFeature` if the layer's data cannot be read by this crate.
 pub(crate) fn check_readable(q: &Qcow2Layer) -> Result<()> {
     if q.header.crypt_method != 0 {
-        return Err(unsupported("reading encrypted qcow2"));
+        return Err(unsupported(&q.path, Feature::Encryption));
     }
     Ok(())
 }

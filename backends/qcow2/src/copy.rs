@@ -14,11 +14,9 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use stagecore::{Error, Result};
-
 use crate::chain::Chain;
 use crate::create::{CLUSTER_BITS, l1_entries_for};
-use crate::error::{corrupt, ctx};
+use crate::error::{Result, corrupt, ctx, invalid};
 use crate::header::{COPIED, NewHeader, encode_v3};
 use crate::layer::Layer;
 use crate::publish::Staged;
@@ -70,7 +68,7 @@ pub(crate) fn copy_allocated(src: &Path, stop_at: Option<&Path>, dest: &Path) ->
         None => all,
     };
     if floor == 0 {
-        return Err(Error::invalid("stop_at", "is the source top itself: nothing to copy"));
+        return Err(invalid(src, "stop_at", "is the source top itself: nothing to copy"));
     }
     let backing = match stop_at {
         Some(_) => Some(backing_of(&chain.layers[floor])?),
@@ -171,7 +169,7 @@ fn write_image(
     staged: &Staged,
 ) -> Result<CopyStats> {
     let size = chain.layers[0].virtual_size();
-    let l1_size = l1_entries_for(size.next_multiple_of(512))?;
+    let l1_size = l1_entries_for(staged.tmp_path(), size.next_multiple_of(512))?;
     let per_l2 = CS / 8;
     let mut tables: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     for (gc, _) in &plan.slots {

@@ -9,10 +9,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use stagecore::{Error, Result};
-
 use crate::chain::backing_size;
-use crate::error::ctx;
+use crate::error::{Result, ctx, invalid};
 use crate::header::{NewHeader, encode_v3};
 use crate::publish::Staged;
 use crate::types::ImageFormat;
@@ -24,9 +22,10 @@ pub(crate) const CLUSTER_BITS: u32 = 16;
 const MAX_SIZE: u64 = 1 << 46;
 
 /// Checks a virtual size and returns the number of L1 entries it needs.
-pub(crate) fn l1_entries_for(size: u64) -> Result<u64> {
+pub(crate) fn l1_entries_for(path: &Path, size: u64) -> Result<u64> {
     if size == 0 || !size.is_multiple_of(512) || size > MAX_SIZE {
-        return Err(Error::invalid(
+        return Err(invalid(
+            path,
             "virtual_size",
             format!("{size} must be a non-zero multiple of 512 up to {MAX_SIZE}"),
         ));
@@ -43,17 +42,17 @@ pub(crate) fn create_overlay(
     virtual_size: Option<u64>,
 ) -> Result<()> {
     if !backing.is_absolute() {
-        return Err(Error::invalid("backing", format!("{} is not an absolute path", backing.display())));
+        return Err(invalid(path, "backing", format!("{} is not an absolute path", backing.display())));
     }
     let name = backing.as_os_str().as_bytes();
     if name.len() > 1023 {
-        return Err(Error::invalid("backing", "path longer than 1023 bytes"));
+        return Err(invalid(path, "backing", "path longer than 1023 bytes"));
     }
     let size = match virtual_size {
         Some(s) => s,
         None => backing_size(backing, backing_format)?.next_multiple_of(512),
     };
-    let l1_size = l1_entries_for(size)?;
+    let l1_size = l1_entries_for(path, size)?;
     let cs = 1u64 << CLUSTER_BITS;
     let header = encode_v3(&NewHeader {
         cluster_bits: CLUSTER_BITS,

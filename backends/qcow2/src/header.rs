@@ -1,8 +1,9 @@
 //! The qcow2 header: parsing with validation, and serialising a fresh v3 header.
 //!
 //! Contract: [`Header::read`] either returns a header whose tables lie inside the file and whose
-//! features this crate understands well enough to read metadata, or an `InvalidSpec` naming the
-//! file and the first problem found. [`encode_v3`] produces cluster 0 of a new image.
+//! features this crate understands well enough to read metadata, or an error naming the file:
+//! `NotQcow2` (short, wrong magic, unknown version), `UnsupportedFeature` (unknown incompatible
+//! bits) or `Corrupt` with the first problem found. [`encode_v3`] produces cluster 0 of a new image.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -10,9 +11,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use stagecore::Result;
-
-use crate::error::{corrupt, ctx};
+use crate::error::{Feature, Result, corrupt, ctx, not_qcow2, unsupported};
 use crate::types::ImageFormat;
 
 /// `QFI\xfb`.
@@ -81,24 +80,34 @@ impl Header {
         1 << self.cluster_bits
     }
 
-    /// Number of 8-byte entries in one L2 table.
+    /// Whether L2 entries are extended (128 bits: descriptor + subcluster bitmap).
+    pub(crate) fn extended_l2(&self) -> bool {
+        self.incompatible & INCOMPAT_EXTENDED_L2 != 0
+    }
+
+    /// log2 of the number of L2 entries in one L2 table.
+    pub(crate) fn l2_bits(&self) -> u32 {
+        self.cluster_bits - if self.extended_l2() { 4 } else { 3 }
+    }
+
+    /// Number of entries (8 or 16 bytes each) in one L2 table.
     pub(crate) fn l2_entries(&self) -> u64 {
-        self.cluster_size() / 8
+        1 << self.l2_bits()
     }
 
     /// Reads and validates the header of `file` (`file_len` bytes long).
     pub(crate) fn read(file: &File, path: &Path, file_len: u64) -> Result<Header> {
         if file_len < 72 {
-            return Err(corrupt(path, format!("not a qcow2 image: file is {file_len} bytes, a qcow2 header needs 72")));
+            return Err(not_qcow2(path, format!("file is {file_len} bytes, a qcow2 header needs 72")));
         }
         let mut b = read_prefix(file, path, file_len.min(4096))?;
         let magic = be32(&b, 0);
         if magic != MAGIC {
-            return Err(corrupt(path, format!("not a qcow2 image (magic {magic:#010x})")));
+            return Err(not_qcow2(path, format!("magic {magic:#010x}")));
         }
         let version = be32(&b, 4);
         if version != 2 && version != 3 {
-            return Err(corrupt(path, format!("unsupported qcow2 version {version}")));
+            return Err(not_qcow2(path, format!("unsupported qcow2 version {version}")));
         }
         let cluster_bits = be32(&b, 20);
         if !(9..=21).contains(&cluster_bits) {
@@ -117,7 +126,10 @@ impl Header {
             return Err(corrupt(path, format!("header_length {header_len} invalid")));
         }
         if incompatible & !INCOMPAT_KNOWN != 0 {
-            return Err(corrupt(path, format!("unknown incompatible features {:#x}", incompatible & !INCOMPAT_KNOWN)));
+            return Err(unsupported(path, Feature::UnknownIncompatible(incompatible & !INCOMPAT_KNOWN)));
+        }
+        if incompatible & INCOMPAT_EXTENDED_L2 != 0 && cluster_bits < 14 {
+            return Err(corrupt(path, format!("extended L2 entries need clusters of 16 KiB or more, not {cs}")));
         }
         if refcount_order > 6 {
             return Err(corrupt(path, format!("refcount_order {refcount_order} > 6")));

@@ -3,7 +3,9 @@
 //!
 //! Contract: [`Qcow2Layer::allocated`] reads the L1 table and only the L2 tables it references,
 //! so its cost grows with the allocated part of the layer, not with the virtual size. Every
-//! metadata offset is checked against the file before it is used.
+//! metadata offset is checked against the file before it is used. Extended L2 entries
+//! (subclusters, 1/32 of a cluster each) are decoded into [`Mapping::Sub`] unless the whole
+//! cluster is in one state; allocation maps then have subcluster granularity, as qemu's.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -12,10 +14,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use stagecore::Result;
-
-use crate::error::{corrupt, ctx, unsupported};
-use crate::header::{COMPRESSED, Header, INCOMPAT_DATA_FILE, INCOMPAT_EXTENDED_L2, OFFSET_MASK, is_qcow2};
+use crate::error::{Feature, Result, corrupt, ctx, unsupported};
+use crate::header::{COMPRESSED, Header, INCOMPAT_DATA_FILE, OFFSET_MASK, is_qcow2};
 use crate::types::{Extent, ImageFormat, push_extent};
 
 /// Where the content of one guest cluster of a qcow2 layer lives.
@@ -27,9 +27,16 @@ pub(crate) enum Mapping {
     Zero { host: u64 },
     /// Plain data at this host offset; `copied` = refcount is exactly one.
     Data { host: u64, copied: bool },
-    /// Deflate-compressed data: `len` bytes at `host`.
+    /// Compressed data (deflate or zstd, per the header): `len` bytes at `host`.
     Compressed { host: u64, len: u64 },
+    /// Extended L2 entry whose subclusters differ: bit `i` of `alloc` = subcluster `i` holds data
+    /// at `host + i * subcluster size`; bit `i` of `zero` = it reads as zeros; neither = read
+    /// the backing file.
+    Sub { host: u64, alloc: u32, zero: u32 },
 }
+
+/// Number of subclusters in a cluster with extended L2 entries.
+pub(crate) const SUBCLUSTERS: u64 = 32;
 
 /// An opened qcow2 file.
 pub(crate) struct Qcow2Layer {
@@ -135,10 +142,7 @@ impl Qcow2Layer {
         let file_len = file_len(&file, path)?;
         let header = Header::read(&file, path, file_len)?;
         if header.incompatible & INCOMPAT_DATA_FILE != 0 {
-            return Err(unsupported("qcow2 with an external data file"));
-        }
-        if header.incompatible & INCOMPAT_EXTENDED_L2 != 0 {
-            return Err(unsupported("qcow2 with extended L2 entries (subclusters)"));
+            return Err(unsupported(path, Feature::ExternalDataFile));
         }
         let mut raw = vec![0u8; header.l1_size as usize * 8];
         file.read_exact_at(&mut raw, header.l1_table_offset).map_err(ctx("read L1 of", path))?;
@@ -176,35 +180,63 @@ impl Qcow2Layer {
         }
     }
 
-    /// Decodes one L2 entry.
-    pub(crate) fn decode(&self, e: u64) -> Mapping {
+    /// Entry `idx` of an L2 table: the descriptor and (extended L2 only, else 0) the bitmap.
+    pub(crate) fn entry(&self, table: &[u64], idx: usize) -> (u64, u64) {
+        if self.header.extended_l2() { (table[2 * idx], table[2 * idx + 1]) } else { (table[idx], 0) }
+    }
+
+    /// Decodes one L2 entry (`bitmap`: the subcluster bitmap of an extended entry, else 0).
+    pub(crate) fn decode(&self, e: u64, bitmap: u64) -> Result<Mapping> {
         if e & COMPRESSED != 0 {
             let x = 62 - (self.header.cluster_bits - 8);
             let host = e & ((1u64 << x) - 1);
             let sectors = (e & !(COMPRESSED | (1 << 63))) >> x;
-            return Mapping::Compressed { host, len: (sectors + 1) * 512 - (host & 511) };
+            return Ok(Mapping::Compressed { host, len: (sectors + 1) * 512 - (host & 511) });
         }
         let host = e & OFFSET_MASK;
-        if self.header.version >= 3 && e & 1 != 0 {
-            Mapping::Zero { host }
-        } else if host != 0 {
-            Mapping::Data { host, copied: e & (1 << 63) != 0 }
-        } else {
-            Mapping::Unallocated
+        if !self.header.extended_l2() {
+            return Ok(if self.header.version >= 3 && e & 1 != 0 {
+                Mapping::Zero { host }
+            } else if host != 0 {
+                Mapping::Data { host, copied: e & (1 << 63) != 0 }
+            } else {
+                Mapping::Unallocated
+            });
         }
+        // Extended L2: bit 0 of the descriptor is unused; the bitmap says it all.
+        let (alloc, zero) = (bitmap as u32, (bitmap >> 32) as u32);
+        if alloc & zero != 0 {
+            return Err(corrupt(
+                &self.path,
+                format!("subcluster bitmap {bitmap:#018x} marks subclusters both allocated and zero"),
+            ));
+        }
+        if host == 0 && alloc != 0 {
+            return Err(corrupt(
+                &self.path,
+                format!("subcluster bitmap {bitmap:#018x} allocates subclusters of an unallocated cluster"),
+            ));
+        }
+        Ok(match (alloc, zero) {
+            (u32::MAX, _) => Mapping::Data { host, copied: e & (1 << 63) != 0 },
+            (_, u32::MAX) => Mapping::Zero { host },
+            (0, 0) => Mapping::Unallocated,
+            _ => Mapping::Sub { host, alloc, zero },
+        })
     }
 
     /// Mapping of guest cluster number `gc`.
     pub(crate) fn mapping(&mut self, gc: u64) -> Result<Mapping> {
-        let l2_bits = self.header.cluster_bits - 3;
+        let l2_bits = self.header.l2_bits();
         let l1e = self.l1.get((gc >> l2_bits) as usize).copied().unwrap_or(0);
         let l2_off = l1e & OFFSET_MASK;
         if l2_off == 0 {
             return Ok(Mapping::Unallocated);
         }
         let t = self.l2_table(l2_off)?;
-        let m = self.decode(t[(gc & ((1 << l2_bits) - 1)) as usize]);
-        if let Mapping::Data { host, .. } = m
+        let (e, bitmap) = self.entry(&t, (gc & ((1 << l2_bits) - 1)) as usize);
+        let m = self.decode(e, bitmap)?;
+        if let Mapping::Data { host, .. } | Mapping::Sub { host, .. } = m
             && !host.is_multiple_of(self.header.cluster_size())
         {
             return Err(corrupt(&self.path, format!("data cluster {host:#x} not aligned")));
@@ -212,9 +244,11 @@ impl Qcow2Layer {
         Ok(m)
     }
 
-    /// Guest ranges allocated in this layer (data, zero and compressed clusters), merged.
+    /// Guest ranges allocated in this layer (data, zero and compressed clusters or
+    /// subclusters), merged.
     pub(crate) fn allocated(&mut self) -> Result<Vec<Extent>> {
         let cs = self.header.cluster_size();
+        let sc = cs / SUBCLUSTERS;
         let per_l2 = self.header.l2_entries();
         let size = self.header.size;
         let mut out = Vec::new();
@@ -224,15 +258,25 @@ impl Qcow2Layer {
                 continue;
             }
             let table = self.read_l2_uncached(l2_off)?;
-            for (j, &e) in table.iter().enumerate() {
-                if self.decode(e) == Mapping::Unallocated {
-                    continue;
-                }
+            for j in 0..per_l2 as usize {
                 let guest = (i as u64 * per_l2 + j as u64) * cs;
                 if guest >= size {
                     break;
                 }
-                push_extent(&mut out, guest, cs.min(size - guest));
+                let (e, bitmap) = self.entry(&table, j);
+                match self.decode(e, bitmap)? {
+                    Mapping::Unallocated => {}
+                    Mapping::Sub { alloc, zero, .. } => {
+                        let present = alloc | zero;
+                        for k in 0..SUBCLUSTERS {
+                            let at = guest + k * sc;
+                            if present & (1 << k) != 0 && at < size {
+                                push_extent(&mut out, at, sc.min(size - at));
+                            }
+                        }
+                    }
+                    _ => push_extent(&mut out, guest, cs.min(size - guest)),
+                }
             }
         }
         Ok(out)

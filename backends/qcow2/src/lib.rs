@@ -25,10 +25,29 @@
 //! millisecond on metadata in the page cache, while [`copy_allocated`] and [`digest`] move data
 //! and belong in `tokio::task::spawn_blocking` when called from async code.
 //!
-//! Errors are [`stagecore::Error`]: `NotFound` for a missing image or backing file (naming it),
-//! `AlreadyExists` when a destination exists, `InvalidSpec { path: <file>, .. }` for a corrupt
-//! or non-qcow2 image, `NotSupported` for qcow2 features this crate does not handle (encryption,
-//! external data files, subclusters, zstd), `Backend { backend: "qcow2" }` for other I/O errors.
+//! * [`seal`] records a read-only layer's metadata (header, L1, L2 and refcount tables, size,
+//!   mtime) in a [`LayerSeal`]; [`verify`] proves it unchanged or names what changed.
+//!
+//! # What is read
+//!
+//! qcow2 v2 and v3, any cluster size, deflate- and zstd-compressed clusters, zero clusters,
+//! extended L2 entries (subclusters: allocation maps and reads at 1/32-cluster granularity),
+//! internal snapshots (the active L1 only), raw backing files. Not read: encryption, external
+//! data files ([`Error::UnsupportedFeature`]). [`write_at`] additionally refuses extended L2,
+//! internal snapshots and refcount widths other than 16 bits.
+//!
+//! # Errors
+//!
+//! The crate's own [`Error`] has variants that name the file (`NotFound`, `AlreadyExists`,
+//! `NotQcow2`, `Corrupt`, `UnsupportedFeature`, `BaseNotInChain`, `InvalidArgument`,
+//! `LayerChanged`, `Io`); [`Error::is_not_checked`] tells a drift engine which of them mean
+//! "cannot see: NOT_CHECKED". The functions in [`typed`] return it. The functions at the crate
+//! root are the same calls returning [`stagecore::Error`], mapped in one place
+//! (`impl From<Error> for stagecore::Error`, table in the `error` module docs): `NotFound`,
+//! `AlreadyExists`, `InvalidSpec { path: <file> }` for `NotQcow2`/`Corrupt`, `NotSupported`
+//! for `UnsupportedFeature`, `InvalidSpec { path: "base" }` for `BaseNotInChain`,
+//! `InvalidSpec { path: <argument> }`, `Precondition` for `LayerChanged`,
+//! `Backend { backend: "qcow2" }` for `Io`.
 
 mod chain;
 mod copy;
@@ -38,18 +57,17 @@ mod header;
 mod layer;
 mod publish;
 mod read;
+mod seal;
 mod types;
 mod write;
 
+pub mod typed;
+
 use std::path::Path;
 
-use sha2::{Digest as _, Sha256};
-use stagecore::Result;
-
+pub use error::{Error, Feature, Result};
+pub use seal::LayerSeal;
 pub use types::{CopyStats, Extent, ImageFormat, ImageInfo};
-
-use chain::Chain;
-use types::merge_extents;
 
 /// Creates a qcow2 overlay at `path` whose backing file is `backing` (an absolute path, in
 /// `backing_format`), without spawning `qemu-img`.
@@ -57,56 +75,54 @@ use types::merge_extents;
 /// The virtual size defaults to the backing file's. The file is written under a temporary name,
 /// fdatasync'ed, hard-linked into place and the directory fsync'ed: after `Ok` it survives a
 /// crash, and a failure leaves nothing behind. Fails with `AlreadyExists` if `path` exists,
-/// `NotFound` if `backing` does not, `InvalidSpec` for a relative backing path, a bad size, or a
-/// backing file declared qcow2 that is not.
-#[tracing::instrument(level = "debug", skip_all, fields(path = %path.display(), backing = %backing.display()))]
+/// `NotFound` if `backing` does not, `InvalidArgument` for a relative backing path or a bad
+/// size, `NotQcow2` for a backing file declared qcow2 that is not.
+///
+/// [`typed::create_overlay`] with the error mapped into [`stagecore::Error`].
 pub fn create_overlay(
     path: &Path,
     backing: &Path,
     backing_format: ImageFormat,
     virtual_size: Option<u64>,
-) -> Result<()> {
-    create::create_overlay(path, backing, backing_format, virtual_size)
+) -> stagecore::Result<()> {
+    typed::create_overlay(path, backing, backing_format, virtual_size).map_err(Into::into)
 }
 
 /// Reads the qcow2 header of `path`: format, virtual size, cluster size, backing file and format.
 ///
-/// A file that is not a valid qcow2 image (raw, garbage, truncated) gives `InvalidSpec` whose
-/// `path` is the file and whose `reason` says what is wrong.
-#[tracing::instrument(level = "debug", skip_all, fields(path = %path.display()))]
-pub fn info(path: &Path) -> Result<ImageInfo> {
-    chain::describe(path)
+/// A file that is not a qcow2 image (raw, garbage, too short) gives `NotQcow2`, a damaged or
+/// truncated one `Corrupt`; both name the file and say what is wrong.
+///
+/// [`typed::info`] with the error mapped into [`stagecore::Error`].
+pub fn info(path: &Path) -> stagecore::Result<ImageInfo> {
+    typed::info(path).map_err(Into::into)
 }
 
 /// Describes every layer of the chain of the qcow2 image `top`, top first.
 ///
 /// Backing files without a recorded format are probed (qcow2 magic, else raw). A missing backing
-/// file is `NotFound` naming it; a chain that loops is `InvalidSpec`.
-#[tracing::instrument(level = "debug", skip_all, fields(top = %top.display()))]
-pub fn chain(top: &Path) -> Result<Vec<ImageInfo>> {
-    Chain::open(top, false)?.infos()
+/// file is `NotFound` naming it; a chain that loops is `Corrupt`.
+///
+/// [`typed::chain`] with the error mapped into [`stagecore::Error`].
+pub fn chain(top: &Path) -> stagecore::Result<Vec<ImageInfo>> {
+    typed::chain(top).map_err(Into::into)
 }
 
 /// Guest ranges allocated in the qcow2 image `path` itself (not its backing files): data,
-/// compressed and zero clusters, sorted and merged.
-#[tracing::instrument(level = "debug", skip_all, fields(path = %path.display()))]
-pub fn allocated_extents(path: &Path) -> Result<Vec<Extent>> {
-    let file = layer::open_file(path, false)?;
-    layer::Qcow2Layer::from_file(path, file)?.allocated()
+/// compressed and zero clusters (or subclusters, for extended L2 entries), sorted and merged.
+///
+/// [`typed::allocated_extents`] with the error mapped into [`stagecore::Error`].
+pub fn allocated_extents(path: &Path) -> stagecore::Result<Vec<Extent>> {
+    typed::allocated_extents(path).map_err(Into::into)
 }
 
 /// What changed since `base`: the union of the allocation of every layer from `top` down to,
 /// excluding, `base`. `base` must be a file of `top`'s chain (compared by identity, so any path
-/// to it works), else `InvalidSpec`. `changed_since(x, x)` is empty.
-#[tracing::instrument(level = "debug", skip_all, fields(top = %top.display(), base = %base.display()))]
-pub fn changed_since(top: &Path, base: &Path) -> Result<Vec<Extent>> {
-    let mut chain = Chain::open(top, false)?;
-    let floor = chain.index_of(base)?;
-    let mut all = Vec::new();
-    for l in &mut chain.layers[..floor] {
-        all.extend(l.allocated()?);
-    }
-    Ok(merge_extents(all))
+/// to it works), else [`Error::BaseNotInChain`]. `changed_since(x, x)` is empty.
+///
+/// [`typed::changed_since`] with the error mapped into [`stagecore::Error`].
+pub fn changed_since(top: &Path, base: &Path) -> stagecore::Result<Vec<Extent>> {
+    typed::changed_since(top, base).map_err(Into::into)
 }
 
 /// Full clone: writes a new qcow2 image at `dest` that reads exactly like `src_top`, copying
@@ -120,43 +136,56 @@ pub fn changed_since(top: &Path, base: &Path) -> Result<Vec<Extent>> {
 /// Data moves with `copy_file_range` (in-kernel copy; shared extents where the filesystem
 /// reflinks). The result is synced and published atomically; on any error (ENOSPC included)
 /// nothing is left at or next to `dest`. `AlreadyExists` if `dest` exists.
-#[tracing::instrument(level = "debug", skip_all, fields(src = %src_top.display(), dest = %dest.display()))]
-pub fn copy_allocated(src_top: &Path, stop_at: Option<&Path>, dest: &Path) -> Result<CopyStats> {
-    copy::copy_allocated(src_top, stop_at, dest)
+///
+/// [`typed::copy_allocated`] with the error mapped into [`stagecore::Error`].
+pub fn copy_allocated(src_top: &Path, stop_at: Option<&Path>, dest: &Path) -> stagecore::Result<CopyStats> {
+    typed::copy_allocated(src_top, stop_at, dest).map_err(Into::into)
 }
 
 /// Reads guest-visible bytes at `offset` of the chain of `top` into `buf`.
 ///
-/// `offset + buf.len()` must lie within the virtual size (`InvalidSpec` otherwise).
-#[tracing::instrument(level = "trace", skip_all, fields(top = %top.display(), offset, len = buf.len()))]
-pub fn read_at(top: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
-    Chain::open(top, false)?.read(offset, buf)
+/// `offset + buf.len()` must lie within the virtual size (`InvalidArgument` otherwise).
+///
+/// [`typed::read_at`] with the error mapped into [`stagecore::Error`].
+pub fn read_at(top: &Path, offset: u64, buf: &mut [u8]) -> stagecore::Result<()> {
+    typed::read_at(top, offset, buf).map_err(Into::into)
 }
 
 /// Writes `data` at guest `offset` into the top qcow2 layer `top`, allocating clusters there
 /// (copy-on-write from the backing chain for partly written clusters). For tests and tools:
-/// not synced, and refused for images with internal snapshots or encryption.
-#[tracing::instrument(level = "debug", skip_all, fields(top = %top.display(), offset, len = data.len()))]
-pub fn write_at(top: &Path, offset: u64, data: &[u8]) -> Result<()> {
-    write::write_at(top, offset, data)
+/// not synced, and refused (`UnsupportedFeature`) for images with internal snapshots,
+/// encryption, extended L2 entries or a refcount width other than 16 bits.
+///
+/// [`typed::write_at`] with the error mapped into [`stagecore::Error`].
+pub fn write_at(top: &Path, offset: u64, data: &[u8]) -> stagecore::Result<()> {
+    typed::write_at(top, offset, data).map_err(Into::into)
 }
 
 /// SHA-256 of the whole guest-visible content of the chain of `top` (virtual size bytes).
 ///
 /// Two chains with equal digests read the same; used to prove that staging never changes what
 /// production's guests read.
-#[tracing::instrument(level = "debug", skip_all, fields(top = %top.display()))]
-pub fn digest(top: &Path) -> Result<[u8; 32]> {
-    let mut chain = Chain::open(top, false)?;
-    let size = chain.layers[0].virtual_size();
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 4 << 20];
-    let mut off = 0;
-    while off < size {
-        let n = (size - off).min(buf.len() as u64) as usize;
-        chain.read(off, &mut buf[..n])?;
-        hasher.update(&buf[..n]);
-        off += n as u64;
-    }
-    Ok(hasher.finalize().into())
+///
+/// [`typed::digest`] with the error mapped into [`stagecore::Error`].
+pub fn digest(top: &Path) -> stagecore::Result<[u8; 32]> {
+    typed::digest(top).map_err(Into::into)
+}
+
+/// Seals the layer `path` (qcow2 or raw): size, mtime and, for qcow2, SHA-256 of cluster 0, the
+/// L1 table, the L2 tables it references and the refcount table. Reads metadata only (cost like
+/// [`changed_since`] on the layer, not the data). Take it when the layer becomes read-only
+/// (a baseline) and check it with [`verify`] before trusting the layer again.
+///
+/// [`typed::seal`] with the error mapped into [`stagecore::Error`].
+pub fn seal(path: &Path) -> stagecore::Result<LayerSeal> {
+    typed::seal(path).map_err(Into::into)
+}
+
+/// Checks that `path` still matches `seal`: `Ok(())`, or [`Error::LayerChanged`] naming the
+/// first difference (size, header, L1, L2, refcount table, modification time). A layer that
+/// was rewritten behind our back (an internal-snapshot revert, a plain write) fails here.
+///
+/// [`typed::verify`] with the error mapped into [`stagecore::Error`].
+pub fn verify(path: &Path, seal: &LayerSeal) -> stagecore::Result<()> {
+    typed::verify(path, seal).map_err(Into::into)
 }

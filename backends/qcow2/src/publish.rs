@@ -9,9 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use stagecore::{Error, Result};
-
-use crate::error::ctx;
+use crate::error::{Error, Result, ctx, invalid};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -34,11 +32,9 @@ impl Staged {
     /// Creates the temp file for `dest`; fails early with `AlreadyExists` if `dest` exists.
     pub(crate) fn create(dest: &Path) -> Result<Staged> {
         if dest.symlink_metadata().is_ok() {
-            return Err(Error::already_exists("disk image", dest.display().to_string()));
+            return Err(Error::AlreadyExists { path: dest.to_path_buf() });
         }
-        let name = dest
-            .file_name()
-            .ok_or_else(|| Error::invalid("path", format!("{} does not name a file", dest.display())))?;
+        let name = dest.file_name().ok_or_else(|| invalid(dest, "path", "does not name a file"))?;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let mut tmp_name = std::ffi::OsString::from(".");
         tmp_name.push(name);
@@ -46,7 +42,7 @@ impl Staged {
         let tmp = dir_of(dest).join(tmp_name);
         let file =
             OpenOptions::new().read(true).write(true).create_new(true).open(&tmp).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Error::not_found("directory", dir_of(dest).display().to_string()),
+                std::io::ErrorKind::NotFound => Error::NotFound { kind: "directory", path: dir_of(dest).to_path_buf() },
                 _ => crate::error::io("create", &tmp, e),
             })?;
         Ok(Staged { file, tmp, dest: dest.to_path_buf(), published: false })

@@ -7,11 +7,11 @@
 
 use std::os::unix::fs::FileExt;
 
-use stagecore::Result;
+use std::io::Read as _;
 
 use crate::chain::{Chain, check_readable};
-use crate::error::{corrupt, ctx, unsupported};
-use crate::layer::{Layer, Mapping};
+use crate::error::{Feature, Result, corrupt, ctx, invalid, unsupported};
+use crate::layer::{Layer, Mapping, SUBCLUSTERS};
 
 /// One piece of a resolved guest range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +87,22 @@ impl Chain {
                     push_seg(out, Seg::Compressed { layer: level, host, clen: len, skip: in_off, len: n })
                 }
                 Mapping::Unallocated => self.resolve(level + 1, floor, pos, n, out)?,
+                Mapping::Sub { host, alloc, zero } => {
+                    let sc = cs / SUBCLUSTERS;
+                    let (mut p, stop) = (in_off, in_off + n);
+                    while p < stop {
+                        let k = p / sc;
+                        let m = (sc - p % sc).min(stop - p);
+                        if alloc & (1 << k) != 0 {
+                            push_seg(out, Seg::File { layer: level, host: host + p, len: m });
+                        } else if zero & (1 << k) != 0 {
+                            push_seg(out, Seg::Zero(m));
+                        } else {
+                            self.resolve(level + 1, floor, pos - in_off + p, m, out)?;
+                        }
+                        p += m;
+                    }
+                }
             }
             pos += n;
         }
@@ -98,7 +114,8 @@ impl Chain {
     pub(crate) fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<()> {
         let size = self.layers[0].virtual_size();
         if off.checked_add(buf.len() as u64).is_none_or(|e| e > size) {
-            return Err(stagecore::Error::invalid(
+            return Err(invalid(
+                self.layers[0].path(),
                 "offset",
                 format!("read of {} bytes at {off} beyond virtual size {size}", buf.len()),
             ));
@@ -132,23 +149,36 @@ impl Chain {
         file.read_exact_at(dst, host).map_err(ctx("read data cluster of", path))
     }
 
-    /// Inflates the compressed cluster at `host` (`clen` bytes) of layer `layer`.
+    /// Decompresses the compressed cluster at `host` (`clen` bytes) of layer `layer`: raw
+    /// deflate for compression type 0, one zstd frame for type 1 (bytes after the frame, up to
+    /// the sector-rounded `clen`, are ignored, as qemu does).
     pub(crate) fn decompress(&self, layer: usize, host: u64, clen: u64) -> Result<Vec<u8>> {
         let Layer::Qcow2(q) = &self.layers[layer] else {
             unreachable!("compressed clusters only exist in qcow2 layers")
         };
-        if q.header.compression_type != 0 {
-            return Err(unsupported("reading zstd-compressed qcow2 clusters"));
-        }
         let cs = q.header.cluster_size() as usize;
         let clen = clen.min(q.file_len.saturating_sub(host));
         let mut raw = vec![0u8; clen as usize];
         q.file.read_exact_at(&mut raw, host).map_err(ctx("read compressed cluster of", &q.path))?;
-        let out = miniz_oxide::inflate::decompress_to_vec_with_limit(&raw, cs)
-            .map_err(|e| corrupt(&q.path, format!("compressed cluster at {host:#x} does not inflate: {e}")))?;
-        if out.len() != cs {
-            return Err(corrupt(&q.path, format!("compressed cluster at {host:#x} is short")));
+        match q.header.compression_type {
+            0 => {
+                let out = miniz_oxide::inflate::decompress_to_vec_with_limit(&raw, cs)
+                    .map_err(|e| corrupt(&q.path, format!("compressed cluster at {host:#x} does not inflate: {e}")))?;
+                if out.len() != cs {
+                    return Err(corrupt(&q.path, format!("compressed cluster at {host:#x} is short")));
+                }
+                Ok(out)
+            }
+            1 => {
+                let bad = |e: &dyn std::fmt::Display| {
+                    corrupt(&q.path, format!("zstd-compressed cluster at {host:#x} does not decode: {e}"))
+                };
+                let mut dec = ruzstd::decoding::StreamingDecoder::new(&raw[..]).map_err(|e| bad(&e))?;
+                let mut out = vec![0u8; cs];
+                dec.read_exact(&mut out).map_err(|e| bad(&e))?;
+                Ok(out)
+            }
+            t => Err(unsupported(&q.path, Feature::CompressionType(t))),
         }
-        Ok(out)
     }
 }

@@ -4,15 +4,14 @@
 //! Contract: after [`write_at`] the image passes `qemu-img check` without errors (overwritten
 //! compressed clusters may be reported as leaked) and reads back the written bytes through qemu.
 //! Order per cluster: data, refcount, L2 entry, L1 entry. Not synced: callers wanting durability
-//! sync themselves. Images with internal snapshots (shared clusters) are refused.
+//! sync themselves. Images with internal snapshots (shared clusters), extended L2 entries,
+//! encryption or refcount widths other than 16 bits are refused with `UnsupportedFeature`.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use stagecore::{Error, Result};
-
 use crate::chain::Chain;
-use crate::error::{corrupt, ctx, unsupported};
+use crate::error::{Feature, Result, corrupt, ctx, invalid, unsupported};
 use crate::header::{COPIED, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFFSET_MASK};
 use crate::layer::{Mapping, Qcow2Layer};
 
@@ -24,12 +23,24 @@ pub(crate) fn write_at(top: &Path, offset: u64, data: &[u8]) -> Result<()> {
     if h.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0 {
         return Err(corrupt(&q.path, "image is marked dirty or corrupt; run qemu-img check -r"));
     }
-    if h.refcount_order != 4 || h.nb_snapshots != 0 || h.crypt_method != 0 {
-        return Err(unsupported("writing qcow2 with snapshots, encryption or refcount width ≠ 16"));
+    let refused = if h.crypt_method != 0 {
+        Some(Feature::Encryption)
+    } else if h.extended_l2() {
+        Some(Feature::ExtendedL2Write)
+    } else if h.nb_snapshots != 0 {
+        Some(Feature::WriteWithSnapshots)
+    } else if h.refcount_order != 4 {
+        Some(Feature::WriteRefcountWidth(h.refcount_order))
+    } else {
+        None
+    };
+    if let Some(f) = refused {
+        return Err(unsupported(&q.path, f));
     }
     let size = h.size;
     if offset.checked_add(data.len() as u64).is_none_or(|e| e > size) {
-        return Err(Error::invalid(
+        return Err(invalid(
+            &q.path,
             "offset",
             format!("write of {} bytes at {offset} beyond virtual size {size}", data.len()),
         ));
@@ -48,7 +59,8 @@ pub(crate) fn write_at(top: &Path, offset: u64, data: &[u8]) -> Result<()> {
                 q.file.write_all_at(piece, host + in_off).map_err(ctx("write data to", &q.path))?;
             }
             Mapping::Data { copied: false, .. } => {
-                return Err(unsupported("writing a cluster shared with a snapshot"));
+                let q = chain.top();
+                return Err(unsupported(&q.path, Feature::WriteWithSnapshots));
             }
             _ => {
                 if n as u64 != cs {
@@ -65,18 +77,18 @@ pub(crate) fn write_at(top: &Path, offset: u64, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn put_be(q: &Qcow2Layer, off: u64, bytes: &[u8], what: &str) -> Result<()> {
+fn put_be(q: &Qcow2Layer, off: u64, bytes: &[u8], what: &'static str) -> Result<()> {
     q.file.write_all_at(bytes, off).map_err(ctx(what, &q.path))
 }
 
 impl Qcow2Layer {
     /// Allocates a new cluster at guest cluster `gc` holding `content` (one full cluster).
     fn put_cluster(&mut self, gc: u64, content: &[u8]) -> Result<()> {
-        let l2_bits = self.header.cluster_bits - 3;
+        let l2_bits = self.header.l2_bits();
         let (l1_idx, l2_idx) = ((gc >> l2_bits) as usize, (gc & ((1 << l2_bits) - 1)) as usize);
         let l2_off = self.ensure_l2(l1_idx)?;
         let old = self.l2_table(l2_off)?[l2_idx];
-        let host = match self.decode(old) {
+        let host = match self.decode(old, 0)? {
             Mapping::Zero { host } if host != 0 && old & COPIED != 0 => host,
             _ => self.alloc_cluster()?,
         };
@@ -92,7 +104,7 @@ impl Qcow2Layer {
         let e = self.l1[i];
         if e & OFFSET_MASK != 0 {
             if e & COPIED == 0 {
-                return Err(unsupported("writing an L2 table shared with a snapshot"));
+                return Err(unsupported(&self.path, Feature::WriteWithSnapshots));
             }
             return Ok(e & OFFSET_MASK);
         }
@@ -122,7 +134,7 @@ impl Qcow2Layer {
         let (cluster, table_len) = (off / cs, self.header.refcount_table_clusters as u64 * cs / 8);
         let block_idx = cluster / per_block;
         if block_idx >= table_len {
-            return Err(unsupported("growing the qcow2 refcount table"));
+            return Err(unsupported(&self.path, Feature::GrowRefcountTable));
         }
         let te_off = self.header.refcount_table_offset + 8 * block_idx;
         let mut te = [0u8; 8];

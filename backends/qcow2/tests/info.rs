@@ -3,12 +3,22 @@
 mod common;
 
 use common::*;
-use stagecore::Error;
-use stagecore_qcow2::{ImageFormat, chain, create_overlay, info};
+use stagecore_qcow2::typed::{chain, create_overlay, info};
+use stagecore_qcow2::{Error, ImageFormat};
 
+/// `info(path)` fails naming the file; `not_qcow2` says which variant. The stagecore mapping is
+/// `InvalidSpec { path: <file> }` for both.
 fn assert_invalid(path: &std::path::Path, needle: &str) {
-    match info(path) {
-        Err(Error::InvalidSpec { path: p, reason }) => {
+    let e = info(path).unwrap_err();
+    match &e {
+        Error::NotQcow2 { path: p, what } | Error::Corrupt { path: p, what } => {
+            assert_eq!(p, path);
+            assert!(what.contains(needle) || e.to_string().contains(needle), "`{e}` lacks `{needle}`");
+        }
+        other => panic!("expected NotQcow2/Corrupt for {}, got {other:?}", path.display()),
+    }
+    match stagecore::Error::from(e) {
+        stagecore::Error::InvalidSpec { path: p, reason } => {
             assert_eq!(p, path.display().to_string());
             assert!(reason.contains(needle), "reason `{reason}` lacks `{needle}`");
         }
@@ -52,7 +62,7 @@ fn corrupt_and_foreign_files_are_invalid_spec_naming_the_file() {
     assert_invalid(&bc, "cluster_bits");
 
     let e = info(&p(&d, "nope.qcow2")).unwrap_err();
-    assert!(matches!(&e, Error::NotFound { name, .. } if name.contains("nope.qcow2")), "{e}");
+    assert!(matches!(&e, Error::NotFound { path, .. } if path.ends_with("nope.qcow2")), "{e}");
 }
 
 #[test]
@@ -96,12 +106,14 @@ fn missing_backing_is_not_found_naming_it_and_loops_are_detected() {
     create_overlay(&top, &base, ImageFormat::Qcow2, None).unwrap();
     std::fs::remove_file(&base).unwrap();
     let e = chain(&top).unwrap_err();
-    assert!(matches!(&e, Error::NotFound { kind: "backing file", name } if name.contains("base.qcow2")), "{e}");
+    assert!(matches!(&e, Error::NotFound { kind: "backing file", path } if path == &base), "{e}");
+    let core = stagecore::Error::from(e);
+    assert!(matches!(&core, stagecore::Error::NotFound { kind: "backing file", name } if name.contains("base.qcow2")));
 
     let (a, b) = (p(&d, "a.qcow2"), p(&d, "b.qcow2"));
     create_qcow2(&a, "1M");
     create_overlay(&b, &a, ImageFormat::Qcow2, None).unwrap();
     qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", b.to_str().unwrap(), a.to_str().unwrap()]);
     let e = chain(&b).unwrap_err();
-    assert!(matches!(&e, Error::InvalidSpec { reason, .. } if reason.contains("loop")), "{e}");
+    assert!(matches!(&e, Error::Corrupt { what, .. } if what.contains("loop")), "{e}");
 }

@@ -3,8 +3,8 @@
 mod common;
 
 use common::*;
-use stagecore::Error;
-use stagecore_qcow2::{ImageFormat, create_overlay, info};
+use stagecore_qcow2::typed::{create_overlay, info};
+use stagecore_qcow2::{Error, ImageFormat};
 
 #[test]
 fn overlay_on_qcow2_is_valid_and_reads_through() {
@@ -72,18 +72,18 @@ fn refuses_to_overwrite_and_bad_arguments() {
     let new = p(&d, "new.qcow2");
     let missing = p(&d, "missing.qcow2");
     let e = create_overlay(&new, &missing, ImageFormat::Qcow2, None).unwrap_err();
-    assert!(matches!(&e, Error::NotFound { name, .. } if name.contains("missing.qcow2")), "{e}");
+    assert!(matches!(&e, Error::NotFound { kind: "backing file", path } if path == &missing), "{e}");
 
     let e = create_overlay(&new, std::path::Path::new("base.qcow2"), ImageFormat::Qcow2, None).unwrap_err();
-    assert!(matches!(e, Error::InvalidSpec { .. }), "{e}");
+    assert!(matches!(e, Error::InvalidArgument { arg: "backing", .. }), "{e}");
 
     let e = create_overlay(&new, &base, ImageFormat::Qcow2, Some(1000)).unwrap_err();
-    assert!(matches!(e, Error::InvalidSpec { .. }), "{e}");
+    assert!(matches!(e, Error::InvalidArgument { arg: "virtual_size", .. }), "{e}");
 
     let raw = p(&d, "raw.img");
     std::fs::write(&raw, vec![0u8; 4096]).unwrap();
     let e = create_overlay(&new, &raw, ImageFormat::Qcow2, None).unwrap_err();
-    assert!(matches!(&e, Error::InvalidSpec { path, .. } if path.contains("raw.img")), "{e}");
+    assert!(matches!(&e, Error::NotQcow2 { path, .. } if path == &raw), "{e}");
 
     let e = create_overlay(&p(&d, "nodir/x.qcow2"), &base, ImageFormat::Qcow2, None).unwrap_err();
     assert!(matches!(e, Error::NotFound { .. }), "{e}");

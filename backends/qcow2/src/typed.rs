@@ -1,0 +1,143 @@
+//! The crate's functions with its own typed [`Error`](crate::Error): match on the variants
+//! (`BaseNotInChain`, `UnsupportedFeature`, `LayerChanged`, …) here. The functions at the
+//! crate root are the same calls with the error already mapped into [`stagecore::Error`].
+
+use std::path::Path;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::chain::Chain;
+use crate::error::Result;
+use crate::types::merge_extents;
+use crate::{
+    CopyStats, Extent, ImageFormat, ImageInfo, LayerSeal, chain as chain_mod, copy, create, layer, seal as seal_mod,
+    write,
+};
+
+/// Creates a qcow2 overlay at `path` whose backing file is `backing` (an absolute path, in
+/// `backing_format`), without spawning `qemu-img`.
+///
+/// The virtual size defaults to the backing file's. The file is written under a temporary name,
+/// fdatasync'ed, hard-linked into place and the directory fsync'ed: after `Ok` it survives a
+/// crash, and a failure leaves nothing behind. Fails with `AlreadyExists` if `path` exists,
+/// `NotFound` if `backing` does not, `InvalidArgument` for a relative backing path or a bad
+/// size, `NotQcow2` for a backing file declared qcow2 that is not.
+#[tracing::instrument(level = "debug", skip_all, fields(path = %path.display(), backing = %backing.display()))]
+pub fn create_overlay(
+    path: &Path,
+    backing: &Path,
+    backing_format: ImageFormat,
+    virtual_size: Option<u64>,
+) -> Result<()> {
+    create::create_overlay(path, backing, backing_format, virtual_size)
+}
+
+/// Reads the qcow2 header of `path`: format, virtual size, cluster size, backing file and format.
+///
+/// A file that is not a qcow2 image (raw, garbage, too short) gives `NotQcow2`, a damaged or
+/// truncated one `Corrupt`; both name the file and say what is wrong.
+#[tracing::instrument(level = "debug", skip_all, fields(path = %path.display()))]
+pub fn info(path: &Path) -> Result<ImageInfo> {
+    chain_mod::describe(path)
+}
+
+/// Describes every layer of the chain of the qcow2 image `top`, top first.
+///
+/// Backing files without a recorded format are probed (qcow2 magic, else raw). A missing backing
+/// file is `NotFound` naming it; a chain that loops is `Corrupt`.
+#[tracing::instrument(level = "debug", skip_all, fields(top = %top.display()))]
+pub fn chain(top: &Path) -> Result<Vec<ImageInfo>> {
+    Chain::open(top, false)?.infos()
+}
+
+/// Guest ranges allocated in the qcow2 image `path` itself (not its backing files): data,
+/// compressed and zero clusters (or subclusters, for extended L2 entries), sorted and merged.
+#[tracing::instrument(level = "debug", skip_all, fields(path = %path.display()))]
+pub fn allocated_extents(path: &Path) -> Result<Vec<Extent>> {
+    let file = layer::open_file(path, false)?;
+    layer::Qcow2Layer::from_file(path, file)?.allocated()
+}
+
+/// What changed since `base`: the union of the allocation of every layer from `top` down to,
+/// excluding, `base`. `base` must be a file of `top`'s chain (compared by identity, so any path
+/// to it works), else [`Error::BaseNotInChain`]. `changed_since(x, x)` is empty.
+#[tracing::instrument(level = "debug", skip_all, fields(top = %top.display(), base = %base.display()))]
+pub fn changed_since(top: &Path, base: &Path) -> Result<Vec<Extent>> {
+    let mut chain = Chain::open(top, false)?;
+    let floor = chain.index_of(base)?;
+    let mut all = Vec::new();
+    for l in &mut chain.layers[..floor] {
+        all.extend(l.allocated()?);
+    }
+    Ok(merge_extents(all))
+}
+
+/// Full clone: writes a new qcow2 image at `dest` that reads exactly like `src_top`, copying
+/// only clusters allocated in the layers from `src_top` down to, excluding, `stop_at`.
+///
+/// * `stop_at: None` flattens the whole chain; `dest` depends on no other file.
+/// * `stop_at: Some(layer)` (a file of the chain) copies only the layers above it and makes
+///   `layer` (absolute path) the backing file of `dest` — e.g. a clone that shares the read-only
+///   production base but not the stage's own layers.
+///
+/// Data moves with `copy_file_range` (in-kernel copy; shared extents where the filesystem
+/// reflinks). The result is synced and published atomically; on any error (ENOSPC included)
+/// nothing is left at or next to `dest`. `AlreadyExists` if `dest` exists.
+#[tracing::instrument(level = "debug", skip_all, fields(src = %src_top.display(), dest = %dest.display()))]
+pub fn copy_allocated(src_top: &Path, stop_at: Option<&Path>, dest: &Path) -> Result<CopyStats> {
+    copy::copy_allocated(src_top, stop_at, dest)
+}
+
+/// Reads guest-visible bytes at `offset` of the chain of `top` into `buf`.
+///
+/// `offset + buf.len()` must lie within the virtual size (`InvalidArgument` otherwise).
+#[tracing::instrument(level = "trace", skip_all, fields(top = %top.display(), offset, len = buf.len()))]
+pub fn read_at(top: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
+    Chain::open(top, false)?.read(offset, buf)
+}
+
+/// Writes `data` at guest `offset` into the top qcow2 layer `top`, allocating clusters there
+/// (copy-on-write from the backing chain for partly written clusters). For tests and tools:
+/// not synced, and refused (`UnsupportedFeature`) for images with internal snapshots,
+/// encryption, extended L2 entries or a refcount width other than 16 bits.
+#[tracing::instrument(level = "debug", skip_all, fields(top = %top.display(), offset, len = data.len()))]
+pub fn write_at(top: &Path, offset: u64, data: &[u8]) -> Result<()> {
+    write::write_at(top, offset, data)
+}
+
+/// SHA-256 of the whole guest-visible content of the chain of `top` (virtual size bytes).
+///
+/// Two chains with equal digests read the same; used to prove that staging never changes what
+/// production's guests read.
+#[tracing::instrument(level = "debug", skip_all, fields(top = %top.display()))]
+pub fn digest(top: &Path) -> Result<[u8; 32]> {
+    let mut chain = Chain::open(top, false)?;
+    let size = chain.layers[0].virtual_size();
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(buf.len() as u64) as usize;
+        chain.read(off, &mut buf[..n])?;
+        hasher.update(&buf[..n]);
+        off += n as u64;
+    }
+    Ok(hasher.finalize().into())
+}
+
+/// Seals the layer `path` (qcow2 or raw): size, mtime and, for qcow2, SHA-256 of cluster 0, the
+/// L1 table, the L2 tables it references and the refcount table. Reads metadata only (cost like
+/// [`changed_since`] on the layer, not the data). Take it when the layer becomes read-only
+/// (a baseline) and check it with [`verify`] before trusting the layer again.
+#[tracing::instrument(level = "debug", skip_all, fields(path = %path.display()))]
+pub fn seal(path: &Path) -> Result<LayerSeal> {
+    seal_mod::seal(path)
+}
+
+/// Checks that `path` still matches `seal`: `Ok(())`, or [`Error::LayerChanged`] naming the
+/// first difference (size, header, L1, L2, refcount table, modification time). A layer that
+/// was rewritten behind our back (an internal-snapshot revert, a plain write) fails here.
+#[tracing::instrument(level = "debug", skip_all, fields(path = %path.display()))]
+pub fn verify(path: &Path, seal: &LayerSeal) -> Result<()> {
+    seal_mod::verify(path, seal)
+}
