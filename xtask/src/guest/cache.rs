@@ -147,19 +147,37 @@ pub(crate) fn set_current(root: &Path, dir_name: &str) -> Result<()> {
     fs::rename(&tmp, &current).map_err(|e| fail("rename over", &current, e))
 }
 
-/// Removes stale temporary directories (call with the lock held: no build is running) and all
-/// but the newest [`KEEP`] key directories, never the one `current` names.
-pub(crate) fn prune(root: &Path) -> Result<Vec<PathBuf>> {
-    let current = fs::read_link(root.join("current")).ok();
-    let mut keys: Vec<(SystemTime, PathBuf)> = Vec::new();
+/// Removes temporary directories left by interrupted builds (a killed process runs no destructors).
+/// Call with the lock held: then no build is running.
+pub(crate) fn remove_stale(root: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     for entry in fs::read_dir(root).map_err(|e| fail("list", root, e))?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let path = entry.path();
-        if name.starts_with(".tmp-") {
-            remove_tree(&path)?;
+        // `.current-<pid>` is made without the lock (on cache hits): only a dead process's is stale.
+        let dead_link = name.strip_prefix(".current-").is_some_and(|pid| !Path::new("/proc").join(pid).exists());
+        if name.starts_with(".tmp-") || dead_link {
+            let path = entry.path();
+            if path.is_dir() && !path.is_symlink() {
+                remove_tree(&path)?;
+            } else {
+                fs::remove_file(&path).map_err(|e| fail("remove", &path, e))?;
+            }
             removed.push(path);
-        } else if !name.starts_with('.') && name != "current" && path.is_dir() && !path.is_symlink() {
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes stale temporary directories (call with the lock held) and all but the newest
+/// [`KEEP`] key directories, never the one `current` names.
+pub(crate) fn prune(root: &Path) -> Result<Vec<PathBuf>> {
+    let current = fs::read_link(root.join("current")).ok();
+    let mut keys: Vec<(SystemTime, PathBuf)> = Vec::new();
+    let mut removed = remove_stale(root)?;
+    for entry in fs::read_dir(root).map_err(|e| fail("list", root, e))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if !name.starts_with('.') && name != "current" && path.is_dir() && !path.is_symlink() {
             let built =
                 fs::metadata(path.join("manifest.json")).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
             keys.push((built, path));

@@ -8,6 +8,9 @@
 use std::path::Path;
 use std::process::Command;
 use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
 
 use sha2::{Digest, Sha256};
 
@@ -27,7 +30,7 @@ pub(crate) const INCLUDE: &[&str] = &["qemu-guest-agent", "busybox"];
 pub(crate) const KERNEL_META: &str = "linux-image-cloud-amd64";
 
 /// The host's Debian mirrors, as its apt sources name them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Sources {
     /// URI serving `bookworm` (and `bookworm-updates` unless [`Sources::updates`] differs).
     pub(crate) main: String,
@@ -160,7 +163,7 @@ pub(crate) fn pick_sources(entries: &[SourceEntry]) -> Option<Sources> {
 }
 
 /// Everything the key is computed from, resolved to exact versions.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Inputs {
     /// The mirrors used.
     pub(crate) sources: Sources,
@@ -184,6 +187,46 @@ pub(crate) fn resolve(sources: &Sources) -> Result<Inputs> {
         let (kernel_package, kernel_deb, busybox_deb) = kernel?;
         Ok(Inputs { sources: sources.clone(), packages, kernel_package, kernel_deb, busybox_deb })
     })
+}
+
+/// How long a resolution is reused for cache lookups (the simulation costs 3-5 CPU-seconds,
+/// 8-15 s wall on a loaded 2-core machine). A build always resolves afresh.
+pub(crate) const RESOLVE_TTL: Duration = Duration::from_secs(3600);
+
+/// Set to `1` to ignore the remembered resolution.
+pub(crate) const REFRESH_ENV: &str = "STAGECORE_GUEST_REFRESH";
+
+/// A remembered resolution (`<cache root>/.resolved.json`).
+#[derive(Debug, Serialize, Deserialize)]
+struct Memo {
+    resolved_at: u64,
+    inputs: Inputs,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The remembered inputs in `memo` when they are younger than [`RESOLVE_TTL`], for the same
+/// sources, and [`REFRESH_ENV`] is not set; returns them with their age in seconds.
+pub(crate) fn remembered(memo: &Path, sources: &Sources) -> Option<(Inputs, u64)> {
+    if std::env::var_os(REFRESH_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
+        return None;
+    }
+    let memo: Memo = serde_json::from_str(&std::fs::read_to_string(memo).ok()?).ok()?;
+    let age = now_secs().checked_sub(memo.resolved_at)?;
+    (age < RESOLVE_TTL.as_secs() && memo.inputs.sources == *sources).then_some((memo.inputs, age))
+}
+
+/// Remembers `inputs` in `memo` (best effort: written to a temporary file, then renamed).
+pub(crate) fn remember(memo: &Path, inputs: &Inputs) {
+    let Ok(text) = serde_json::to_string_pretty(&Memo { resolved_at: now_secs(), inputs: inputs.clone() }) else {
+        return;
+    };
+    let tmp = memo.with_extension(format!("tmp-{}", std::process::id()));
+    if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, memo).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
 }
 
 /// `mmdebstrap --simulate` with the build's variant, packages and sources: the exact install set.
@@ -404,6 +447,32 @@ mod tests {
         let mut other = inputs;
         other.sources.main = "http://elsewhere/debian".into();
         assert_ne!(key(&other), k);
+    }
+
+    #[test]
+    fn remembered_inputs_need_the_same_sources_and_expire() {
+        let tmp = tempfile::tempdir().unwrap();
+        let memo = tmp.path().join(".resolved.json");
+        let sources = pick_sources(&parse_deb822(DEB822)).unwrap();
+        let inputs = Inputs {
+            sources: sources.clone(),
+            packages: vec!["a=1".into()],
+            kernel_package: "k".into(),
+            kernel_deb: "k_1_amd64.deb".into(),
+            busybox_deb: "b_1_amd64.deb".into(),
+        };
+        assert!(remembered(&memo, &sources).is_none());
+        remember(&memo, &inputs);
+        let (again, age) = remembered(&memo, &sources).unwrap();
+        assert_eq!(again, inputs);
+        assert!(age < 60);
+        let mut elsewhere = sources.clone();
+        elsewhere.security = "http://other/security".into();
+        assert!(remembered(&memo, &elsewhere).is_none());
+        let old = Memo { resolved_at: now_secs() - RESOLVE_TTL.as_secs() - 1, inputs };
+        std::fs::write(&memo, serde_json::to_string(&old).unwrap()).unwrap();
+        assert!(remembered(&memo, &sources).is_none());
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1, "no temporary files left");
     }
 
     #[test]

@@ -88,10 +88,28 @@ pub(crate) fn ensure() -> Result<PathBuf> {
         crate::setup::setup()?;
     }
     let sources = key::host_sources()?;
+    fs::create_dir_all(&root).map_err(|e| Failure(format!("guest-image: create {}: {e}", root.display())))?;
+    let memo = root.join(".resolved.json");
+    // A resolution younger than key::RESOLVE_TTL is enough to find a cached image; a build
+    // (or a miss) always resolves afresh.
+    if let Some((inputs, age)) = key::remembered(&memo, &sources) {
+        let dir = cache::key_dir(&root, &key::key(&inputs));
+        if cache::complete(&dir) {
+            let dir_name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            cache::set_current(&root, dir_name)?;
+            println!(
+                "guest-image: cache hit {} (inputs resolved {age} s ago; {}=1 re-checks them)",
+                dir.display(),
+                key::REFRESH_ENV
+            );
+            return Ok(dir);
+        }
+    }
     let inputs = match key::resolve(&sources) {
         Ok(inputs) => inputs,
         Err(e) => return fallback(&format!("could not resolve the image inputs ({e})")),
     };
+    key::remember(&memo, &inputs);
     let full_key = key::key(&inputs);
     let dir = cache::key_dir(&root, &full_key);
     let dir_name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
@@ -105,6 +123,9 @@ pub(crate) fn ensure() -> Result<PathBuf> {
         cache::set_current(&root, &dir_name)?;
         println!("guest-image: built by another process: {}", dir.display());
         return Ok(dir);
+    }
+    for stale in cache::remove_stale(&root)? {
+        println!("guest-image: removed {} (left by an interrupted build)", stale.display());
     }
     println!("guest-image: building key {dir_name} ({} packages, {})", inputs.packages.len(), inputs.kernel_package);
     let tmp = cache::TempBuild::new(&root, &full_key)?;
