@@ -320,6 +320,11 @@ async fn swap_a_running_production_and_back() {
     let fenced = virsh(&["domiflist", &format!("{stage_name}-web")]).join("\n");
     assert!(fenced.contains(&format!("{stage_name}-frontend")), "the stage stays fenced: {fenced}");
     prod.start().await.expect("production starts on the stage's disks");
+    // Production runs the stage's definition and disks, but keeps its own serial log file.
+    let xml = virsh(&["dumpxml", "--inactive", &format!("{prod_name}-web")]).join("\n");
+    let serial = xml.split("<serial").nth(1).and_then(|s| s.split("</serial>").next()).unwrap_or_default();
+    let own_log = g.dir.join(&prod_name).join("web.serial.log");
+    assert!(serial.contains(own_log.to_str().unwrap()), "production keeps its own serial log: {xml}");
 
     backend.swap(&prod_name, &stage_name).await.expect("swap back");
     assert_eq!((prod.spec().await.unwrap(), stage.spec().await.unwrap()), (p_spec, s_spec), "all back");

@@ -189,7 +189,8 @@ const CHARDEVS: [&str; 4] = ["serial", "console", "channel", "parallel"];
 /// Gives a domain derived from another one host-side paths of its own, so two domains never share
 /// a socket or a log file: a virtio channel's `<source path>` is dropped (libvirt then makes a
 /// socket per domain), and every other file, socket or pipe path of a serial, console, channel or
-/// parallel device and every `<log file>` is moved into `dir` (named `<machine>.<file name>`).
+/// parallel device and every `<log file>` is moved into `dir` (named `<machine>.<file name>`, or
+/// the file name alone when it already starts with `<machine>.`).
 /// Host devices (`type='dev'`) and network chardevs are left alone. Returns what was changed: old
 /// path → new path, or "" when the source was dropped for libvirt to assign.
 pub(crate) fn own_host_paths(domain: &mut Element, dir: &Path, machine: &str) -> BTreeMap<String, String> {
@@ -201,10 +202,11 @@ pub(crate) fn own_host_paths(domain: &mut Element, dir: &Path, machine: &str) ->
         }
         let file =
             Path::new(old).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "chardev".into());
-        let mut new = dir.join(format!("{machine}.{file}"));
+        let file = if file.starts_with(&format!("{machine}.")) { file } else { format!("{machine}.{file}") };
+        let mut new = dir.join(&file);
         let mut i = 1;
         while changed.values().any(|v| Path::new(v) == new) {
-            new = dir.join(format!("{machine}.{i}.{file}"));
+            new = dir.join(format!("{i}.{file}"));
             i += 1;
         }
         let new = new.display().to_string();
@@ -236,6 +238,38 @@ pub(crate) fn own_host_paths(domain: &mut Element, dir: &Path, machine: &str) ->
         }
     }
     changed
+}
+
+/// Gives `domain` (a definition taken from another domain, as in a swap) the host-side chardev
+/// paths of `own` (the domain's previous definition): the n-th serial/console/channel/parallel
+/// device of each kind, when it has the same `type` as the n-th one of `own`, takes that one's
+/// path-carrying `<source>` and its `<log>` (or loses them when `own` has none: libvirt then
+/// assigns a socket, or the device logs nowhere). So a domain keeps its own sockets and log files
+/// whatever definition it runs. Devices whose type differs are left as they are (logged).
+pub(crate) fn keep_host_paths(domain: &mut Element, own: &Element) {
+    let theirs: Vec<Element> = own
+        .child("devices")
+        .map(|d| d.elements().filter(|e| CHARDEVS.contains(&e.name.as_str())).cloned().collect())
+        .unwrap_or_default();
+    let Some(devices) = domain.child_mut("devices") else { return };
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for dev in devices.elements_mut().filter(|e| CHARDEVS.contains(&e.name.as_str())) {
+        let n = seen.entry(dev.name.clone()).or_default();
+        let mine = theirs.iter().filter(|e| e.name == dev.name).nth(*n);
+        *n += 1;
+        let Some(mine) = mine.filter(|m| m.attr("type") == dev.attr("type")) else {
+            tracing::warn!(device = %dev.name, "no device of the same type to take host paths from");
+            continue;
+        };
+        let with_path = |c: &Element| c.name == "source" && c.attr("path").is_some();
+        dev.remove_children(|c| with_path(c) || c.name == "log");
+        if let Some(source) = mine.elements().find(|c| with_path(c)) {
+            dev.children.insert(0, Node::Element(source.clone()));
+        }
+        if let Some(log) = mine.child("log") {
+            dev.children.push(Node::Element(log.clone()));
+        }
+    }
 }
 
 /// The virtio target device name for disk index `i` (`vda`, `vdb`, …).
@@ -366,14 +400,39 @@ mod tests {
         let changed = own_host_paths(&mut tree, Path::new("/state/s1"), "web");
         let xml = tree.render();
         assert_eq!(changed.get("/run/prod/qga.sock").map(String::as_str), Some(""), "agent socket dropped");
-        assert_eq!(changed.get("/var/log/prod/web.log").map(String::as_str), Some("/state/s1/web.web.log"));
+        assert_eq!(changed.get("/var/log/prod/web.log").map(String::as_str), Some("/state/s1/web.log"));
+        let mut again = Element::parse(&xml, "stage").unwrap();
+        let moved = own_host_paths(&mut again, Path::new("/state/s2"), "web");
+        assert_eq!(moved.get("/state/s1/web.log").map(String::as_str), Some("/state/s2/web.log"));
         assert_eq!(changed.get("/var/log/prod/pty.log").map(String::as_str), Some("/state/s1/web.pty.log"));
         assert_eq!(changed.get("/run/prod/other.log").map(String::as_str), Some("/state/s1/web.other.log"));
         assert_eq!(changed.len(), 4, "{changed:?}");
-        assert_eq!(xml.matches("/state/s1/web.web.log").count(), 2, "serial and its console stay one file");
+        assert_eq!(xml.matches("/state/s1/web.log").count(), 2, "serial and its console stay one file");
         assert!(xml.contains("/dev/ttyS0"), "host devices are not ours to move");
         assert!(!xml.contains("/var/log/prod") && !xml.contains("/run/prod"), "{xml}");
         assert!(has_agent_channel(&tree));
+    }
+
+    #[test]
+    fn a_swapped_definition_keeps_the_domains_own_chardev_paths() {
+        let stage = r#"<domain><devices>
+            <serial type='file'><source path='/state/s1/web.serial.log'/><target port='0'/></serial>
+            <console type='file'><source path='/state/s1/web.serial.log'/><target type='serial' port='0'/></console>
+            <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+            <serial type='pty'><log file='/state/s1/pty.log'/><target port='1'/></serial>
+            </devices></domain>"#;
+        let prod = r#"<domain><devices>
+            <serial type='file'><source path='/state/prod/web.serial.log'/><target port='0'/></serial>
+            <console type='file'><source path='/state/prod/web.serial.log'/><target type='serial' port='0'/></console>
+            <channel type='unix'><source mode='bind' path='/run/prod.agent'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+            <serial type='pty'><target port='1'/></serial>
+            </devices></domain>"#;
+        let mut tree = Element::parse(stage, "stage").unwrap();
+        keep_host_paths(&mut tree, &Element::parse(prod, "prod").unwrap());
+        let xml = tree.render();
+        assert_eq!(xml.matches("/state/prod/web.serial.log").count(), 2, "{xml}");
+        assert!(xml.contains("/run/prod.agent"), "{xml}");
+        assert!(!xml.contains("/state/s1"), "nothing of the stage's directory stays: {xml}");
     }
 
     #[test]
