@@ -58,45 +58,6 @@ impl Drop for Guest {
     }
 }
 
-/// The test image (stand-in until `stagecore_testkit::guest_image` lands; same lookup rules).
-pub struct Image {
-    pub base: PathBuf,
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
-    pub cmdline: String,
-}
-
-impl Image {
-    pub fn locate() -> Image {
-        let dir = std::env::var_os("STAGECORE_GUEST_IMAGE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/cache/stagecore/guest-image/current"));
-        let cmdline = std::fs::read_to_string(dir.join("cmdline")).unwrap_or_else(|e| {
-            panic!(
-                "no test guest image at {} ({e}): run `cargo xtask guest-image` or set STAGECORE_GUEST_IMAGE",
-                dir.display()
-            )
-        });
-        Image {
-            base: dir.join("base.qcow2"),
-            kernel: dir.join("vmlinuz"),
-            initrd: dir.join("initrd.img"),
-            cmdline: cmdline.trim().to_string(),
-        }
-    }
-
-    pub fn overlay(&self, path: &Path) {
-        let base = std::fs::canonicalize(&self.base).expect("base image");
-        let out = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(&base)
-            .arg(path)
-            .output()
-            .expect("qemu-img must be installed");
-        assert!(out.status.success(), "qemu-img create: {}", String::from_utf8_lossy(&out.stderr));
-    }
-}
-
 fn console_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -106,10 +67,10 @@ fn console_tail(path: &Path) -> String {
 /// Boots a fresh overlay of the test image and waits until its agent answers (panics with the console
 /// tail when it does not).
 pub async fn boot(label: &str) -> Guest {
-    let image = Image::locate();
+    let image = stagecore_testkit::guest_image::GuestImage::locate();
     let dir = tempfile::Builder::new().prefix("qga-live").tempdir().expect("tempdir");
     let overlay = dir.path().join("disk.qcow2");
-    image.overlay(&overlay);
+    image.overlay(&overlay).expect("create an overlay on the test image");
     let socket = dir.path().join("qga.sock");
     let console = dir.path().join("console.log");
     let qemu = Command::new("qemu-system-x86_64")
