@@ -22,6 +22,7 @@ mod kit;
 pub mod bad_input;
 pub mod clone;
 pub mod drift;
+pub mod guest;
 pub mod guest_image;
 pub mod invariants;
 pub mod promotion;
