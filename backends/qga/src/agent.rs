@@ -437,18 +437,22 @@ impl Agent {
 
     /// `guest-fsfreeze-freeze`: the number of filesystems frozen.
     ///
-    /// When the call fails or times out the guest may still be frozen: a best-effort thaw follows.
+    /// When the call times out or the connection is lost the guest may still be frozen: a best-effort thaw
+    /// follows. (After an error reply the agent has thawed a partial freeze itself.)
     pub async fn fsfreeze_freeze(&self, timeout: Duration) -> Result<u32> {
         let span = tracing::debug_span!("qga_fsfreeze_freeze", label = %self.label);
         async {
             match self.transport.call("guest-fsfreeze-freeze", None, timeout).await {
                 Ok(v) => self.count("guest-fsfreeze-freeze", v),
-                Err(e) => {
+                // An error reply means the agent did not freeze (it thaws a partial freeze itself); after a
+                // timeout or a lost connection nobody knows, and a guest left frozen blocks every writer.
+                Err(e @ (Error::Timeout { .. } | Error::Unreachable { .. })) => {
                     if let Err(thaw) = self.fsfreeze_thaw(self.limits.call_timeout).await {
                         tracing::warn!(error = %thaw, "thaw after a failed freeze failed too");
                     }
                     Err(e)
                 }
+                Err(e) => Err(e),
             }
         }
         .instrument(span)

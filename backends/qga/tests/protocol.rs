@@ -594,6 +594,18 @@ async fn fsfreeze_and_shutdown() {
     assert_eq!(agent.fsfreeze_status().await.unwrap(), FreezeStatus::Frozen);
     assert_eq!(agent.fsfreeze_thaw(t).await.unwrap(), 1);
     assert_eq!(agent.fsfreeze_status().await.unwrap(), FreezeStatus::Thawed);
+    // Freezing a frozen guest is the agent's error, and the other freeze stays in place.
+    agent.fsfreeze_freeze(t).await.unwrap();
+    let e = agent.fsfreeze_freeze(t).await.unwrap_err();
+    assert!(matches!(e, Error::Backend { backend: "qga", .. }), "{e:?}");
+    assert_eq!(agent.fsfreeze_status().await.unwrap(), FreezeStatus::Frozen);
+    agent.fsfreeze_thaw(t).await.unwrap();
+    // A freeze whose answer does not come in time may have frozen the guest: it is thawed again.
+    fake.state().delay.insert("guest-fsfreeze-freeze".into(), Duration::from_millis(300));
+    let e = agent.fsfreeze_freeze(Duration::from_millis(50)).await.unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    assert_eq!(agent.fsfreeze_status().await.unwrap(), FreezeStatus::Thawed);
+    assert_eq!(fake.commands().iter().rev().nth(1).map(String::as_str), Some("guest-fsfreeze-thaw"));
     // The agent closes the connection (the guest powers off) without a reply: success.
     agent.shutdown().await.unwrap();
     assert_eq!(fake.commands().last().map(String::as_str), Some("guest-shutdown"));
