@@ -274,3 +274,24 @@ fn production_spec_has_three_overlays_on_the_base() {
     let err = image.overlay(Path::new(&spec.machines[0].disks[0].source)).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
 }
+
+#[test]
+fn open_names_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = GuestImage::open(tmp.path()).unwrap_err();
+    assert!(err.contains("base.qcow2 is missing"), "{err}");
+    let err = GuestImage::open(&tmp.path().join("absent")).unwrap_err();
+    assert!(err.contains("cannot open the directory"), "{err}");
+    let image = GuestImage::locate();
+    let copy = tmp.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for f in ["base.qcow2", "vmlinuz", "initrd.img", "manifest.json", "cmdline"] {
+        std::os::unix::fs::symlink(image.dir.join(f), copy.join(f)).unwrap();
+    }
+    std::fs::create_dir(copy.join("debs")).unwrap();
+    let err = GuestImage::open(&copy).unwrap_err();
+    assert!(err.contains("stagecore-demo-app_1.0_all.deb"), "{err}");
+    std::os::unix::fs::symlink(&image.app_debs["1.0"], copy.join("debs/stagecore-demo-app_1.0_all.deb")).unwrap();
+    let opened = GuestImage::open(&copy).unwrap();
+    assert_eq!((opened.cmdline, opened.app_debs.len()), (image.cmdline, 1));
+}
