@@ -1,0 +1,145 @@
+//! LayerSeal: a read-only layer rewritten behind our back (internal-snapshot revert with
+//! qemu-img, plain writes with qemu-io) fails `verify` with `LayerChanged` naming the file.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use stagecore_qcow2::typed::{changed_since, create_overlay, seal, verify};
+use stagecore_qcow2::{Error, ImageFormat, LayerSeal};
+
+fn snapshot(args: &[&str], img: &Path) {
+    let mut a = vec!["snapshot"];
+    a.extend_from_slice(args);
+    a.push(img.to_str().unwrap());
+    qemu_img(&a);
+}
+
+/// base (data) ← top (overlay: the stage), as after a baseline.
+fn layered(d: &tempfile::TempDir) -> (PathBuf, PathBuf) {
+    let (base, top) = (p(d, "base.qcow2"), p(d, "top.qcow2"));
+    create_qcow2(&base, "64M");
+    qemu_io("qcow2", &base, &["write -P 0x11 0 4M", "write -P 0x12 10M 64k"]);
+    create_overlay(&top, &base, ImageFormat::Qcow2, None).unwrap();
+    (base, top)
+}
+
+fn changed(base: &Path, s: &LayerSeal) -> String {
+    match verify(base, s) {
+        Err(Error::LayerChanged { path, what }) => {
+            assert_eq!(path, base);
+            what
+        }
+        other => panic!("expected LayerChanged for {}, got {other:?}", base.display()),
+    }
+}
+
+#[test]
+fn seal_is_stable_and_round_trips_through_json() {
+    let d = tmp();
+    let (base, top) = layered(&d);
+    let s = seal(&base).unwrap();
+    assert_eq!(s.format, ImageFormat::Qcow2);
+    assert_eq!(s.size, std::fs::metadata(&base).unwrap().len());
+    assert!(s.header_sha256.is_some() && s.l1_sha256.is_some() && s.l2_sha256.is_some());
+    assert!(s.refcount_table_sha256.is_some() && s.mtime_ns.is_some());
+    assert_eq!(seal(&base).unwrap(), s, "sealing twice gives the same seal");
+    // Reading the layer (qemu-io read, our own reads, the overlay above it being written) does
+    // not change it.
+    qemu_io("qcow2", &base, &["read -P 0x11 0 4M"]);
+    qemu_io("qcow2", &top, &["write -P 0x99 0 1M"]);
+    verify(&base, &s).unwrap();
+    let json = serde_json::to_string(&s).unwrap();
+    let back: LayerSeal = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, s);
+    verify(&base, &back).unwrap();
+    // A raw layer gets a weaker seal: size and mtime.
+    let raw = p(&d, "r.raw");
+    std::fs::write(&raw, vec![3u8; 8192]).unwrap();
+    let rs = seal(&raw).unwrap();
+    assert_eq!((rs.format, rs.size, rs.l1_sha256.clone()), (ImageFormat::Raw, 8192, None));
+    verify(&raw, &rs).unwrap();
+}
+
+#[test]
+fn internal_snapshot_revert_of_a_sealed_layer_is_detected() {
+    // The operator's sequence on production's layer: snapshot, write, revert to the snapshot.
+    // Sealed after the write (the layer at baseline time), the revert changes what the layer
+    // reads, and the overlays above it still allocate nothing: changed_since alone is blind.
+    let d = tmp();
+    let (base, top) = layered(&d);
+    snapshot(&["-c", "s"], &base);
+    qemu_io("qcow2", &base, &["write -P 0x22 0 1M"]);
+    let s = seal(&base).unwrap();
+    snapshot(&["-a", "s"], &base);
+    qemu_io("qcow2", &top, &["read -P 0x11 0 1M"]); // the stage now reads the old content
+    assert!(changed_since(&top, &base).unwrap().is_empty(), "the chain itself shows no change");
+    let what = changed(&base, &s);
+    assert!(what.contains("L1") || what.contains("header") || what.contains("L2"), "{what}");
+    let core = stagecore::Error::from(verify(&base, &s).unwrap_err());
+    assert!(matches!(&core, stagecore::Error::Precondition(m) if m.contains("base.qcow2")), "{core}");
+}
+
+#[test]
+fn snapshot_create_write_revert_after_sealing_is_detected() {
+    // Sealed before the whole sequence: content ends as it was, but the file was rewritten
+    // (clusters now shared with a snapshot, header names it): not the sealed layer any more.
+    let d = tmp();
+    let (base, _) = layered(&d);
+    let s = seal(&base).unwrap();
+    snapshot(&["-c", "s"], &base);
+    qemu_io("qcow2", &base, &["write -P 0x22 0 1M"]);
+    snapshot(&["-a", "s"], &base);
+    let what = changed(&base, &s);
+    assert!(!what.is_empty());
+    // Even with the snapshot deleted again, the metadata is not what was sealed.
+    snapshot(&["-d", "s"], &base);
+    changed(&base, &s);
+}
+
+#[test]
+fn plain_writes_are_detected() {
+    let d = tmp();
+    let (base, _) = layered(&d);
+
+    // A write that allocates new clusters: L2 tables, refcounts and the file size change.
+    let s = seal(&base).unwrap();
+    qemu_io("qcow2", &base, &["write -P 0x33 20M 64k"]);
+    let what = changed(&base, &s);
+    assert!(what.contains("size") || what.contains("L2"), "{what}");
+
+    // A write in place into an already allocated cluster: metadata identical, data not; only
+    // the modification time tells, and the seal records it.
+    std::thread::sleep(std::time::Duration::from_millis(20)); // the next write gets a later mtime tick
+    let s = seal(&base).unwrap();
+    qemu_io("qcow2", &base, &["write -P 0x44 0 4k"]);
+    let what = changed(&base, &s);
+    assert!(what.contains("modification time"), "{what}");
+    // The metadata-only seal (no mtime) cannot see that write: documented, and tested here.
+    verify(&base, &s.clone().without_mtime()).unwrap();
+
+    // A zero write that only flips L2 flags.
+    let s = seal(&base).unwrap();
+    qemu_io("qcow2", &base, &["write -z 10M 64k"]);
+    let what = changed(&base, &s.without_mtime());
+    assert!(what.contains("L2"), "{what}");
+}
+
+#[test]
+fn verify_of_a_missing_or_replaced_layer() {
+    let d = tmp();
+    let (base, _) = layered(&d);
+    let s = seal(&base).unwrap();
+    let copy = p(&d, "copy.qcow2");
+    std::fs::copy(&base, &copy).unwrap();
+    // A byte-identical copy has the same metadata; only its mtime differs.
+    verify(&copy, &s.clone().without_mtime()).unwrap();
+    std::fs::remove_file(&base).unwrap();
+    let e = verify(&base, &s).unwrap_err();
+    assert!(matches!(&e, Error::NotFound { path, .. } if path == &base), "{e}");
+    // Replaced by a different image under the same name.
+    create_qcow2(&base, "64M");
+    let what = changed(&base, &s);
+    assert!(!what.is_empty());
+}
