@@ -7,9 +7,13 @@
 //! - `drift`: a whole drift report of one machine with a 1 GiB / 8 GiB disk (256 MiB of production
 //!   data), 1 % changed on a linked or a full stage, vs `qemu-img compare` of the two images;
 //! - `snapshot_running`: a crash-consistent snapshot of a running 3-machine environment (pause all,
-//!   one QMP `transaction` per machine, resume).
+//!   one QMP `transaction` per machine, resume);
+//! - `snapshot_real_guests`: the same with 3 running real guests (the project's test image), once
+//!   with `guest-fsfreeze-freeze` before the pause and thaw after it (application-consistent), once
+//!   without (`QemuConfig::quiesce = false`): the pause window, and the whole freeze→thaw window.
 //!
-//! `cargo bench -p stagekit --bench qemu` (needs QEMU; machines run under TCG with no guest OS).
+//! `cargo bench -p stagekit --bench qemu` (needs QEMU, and the test guest image for the real-guest
+//! group: `cargo xtask guest-image`, or `STAGECORE_GUEST_IMAGE=<dir>`; machines run under TCG).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,8 +24,8 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use stagekit::qemu::{Accel, QemuBackend, QemuConfig};
 use stagekit::stagecore::{
-    Backend, BackendExt, Baseline, CloneKind, DiskFormat, DiskSpec, DynEnvironment, EnvironmentSpec, MachineSpec,
-    StageOptions, memory::sample_spec,
+    Backend, BackendExt, Baseline, BootSpec, CloneKind, ConsistencyLevel, DiskFormat, DiskSpec, DynEnvironment,
+    EnvironmentSpec, MachineSpec, StageOptions, memory::sample_spec,
 };
 use tokio::runtime::Runtime;
 
@@ -265,8 +269,91 @@ fn snapshot_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
     rt.block_on(prod.stop()).unwrap();
 }
 
+/// The test guest image directory; panics with instructions when it is missing.
+fn guest_image() -> PathBuf {
+    let dir = std::env::var_os("STAGECORE_GUEST_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/stagecore/guest-image/current"));
+    assert!(
+        dir.join("base.qcow2").is_file(),
+        "the real-guest benches need the test guest image at {}: run `cargo xtask guest-image` or set \
+         STAGECORE_GUEST_IMAGE",
+        dir.display()
+    );
+    dir
+}
+
+/// `sample_spec` with every machine a real guest on its own overlay of the test image, web after
+/// app after db.
+fn real_guest_spec(name: &str, dir: &Path) -> EnvironmentSpec {
+    let image = guest_image();
+    std::fs::create_dir_all(dir).unwrap();
+    let cmdline = std::fs::read_to_string(image.join("cmdline")).unwrap().trim().to_string();
+    let mut spec = sample_spec(name);
+    for m in &mut spec.machines {
+        let overlay = dir.join(format!("{name}-{}.qcow2", m.name));
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(image.join("base.qcow2"))
+            .arg(&overlay));
+        m.memory_mib = 384;
+        m.disks[0].source = overlay.display().to_string();
+        m.disks[0].size_bytes = None;
+        m.boot = Some(BootSpec {
+            kernel: image.join("vmlinuz").display().to_string(),
+            initrd: Some(image.join("initrd.img").display().to_string()),
+            cmdline: cmdline.clone(),
+        });
+    }
+    spec.machines[0].after = vec!["app".into()];
+    spec.machines[1].after = vec!["db".into()];
+    spec
+}
+
+fn real_guest_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
+    let mut group = c.benchmark_group("qemu/snapshot_3_real_guests");
+    group.sample_size(10);
+    for (label, quiesce) in [("fsfreeze", true), ("no_fsfreeze", false)] {
+        let dir = root.join(label);
+        let b = Arc::new(QemuBackend::new(QemuConfig { quiesce, ..QemuConfig::new(&dir).with_accel(Accel::Tcg) }));
+        let prod = rt.block_on(async {
+            let prod = b.create(&real_guest_spec("guests", &dir.join("images"))).await.unwrap();
+            prod.start().await.unwrap();
+            let guest = prod.guest().unwrap();
+            for m in ["web", "app", "db"] {
+                guest.wait_ready(m, Duration::from_secs(180)).await.unwrap();
+            }
+            prod
+        });
+        for (what, values) in [("pause_window", &FREEZES), ("freeze_to_thaw", &QUIESCES)] {
+            group.bench_function(BenchmarkId::new(what, label), |bench| {
+                bench.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            let name = unique("snap");
+                            values.lock().unwrap().clear();
+                            let info = prod.create_snapshot(&name).await.unwrap();
+                            let want = if quiesce { ConsistencyLevel::Application } else { ConsistencyLevel::Crash };
+                            assert!(info.machines.values().all(|m| m.level == want), "{:?}", info.machines);
+                            let ms: f64 = values.lock().unwrap().iter().sum();
+                            total += Duration::from_secs_f64(ms / 1e3);
+                            prod.delete_snapshot(&name).await.unwrap();
+                        }
+                        total
+                    })
+                })
+            });
+        }
+        rt.block_on(prod.stop()).unwrap();
+    }
+    group.finish();
+}
+
 /// `freeze_ms` values of the backend's "disks frozen" events.
 static FREEZES: std::sync::Mutex<Vec<f64>> = std::sync::Mutex::new(Vec::new());
+/// `quiesce_ms` values of the backend's "guests quiesced and thawed" events.
+static QUIESCES: std::sync::Mutex<Vec<f64>> = std::sync::Mutex::new(Vec::new());
 
 /// A tracing layer that records `freeze_ms` fields into [`FREEZES`].
 struct FreezeRecorder;
@@ -278,6 +365,9 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for FreezeRecorder {
             fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
                 if field.name() == "freeze_ms" {
                     FREEZES.lock().unwrap().push(value);
+                }
+                if field.name() == "quiesce_ms" {
+                    QUIESCES.lock().unwrap().push(value);
                 }
             }
             fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
@@ -292,9 +382,22 @@ fn benches(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
     let dir =
         tempfile::tempdir_in(std::env::var_os("STAGECORE_BENCH_DIR").unwrap_or_else(|| "/var/tmp".into())).unwrap();
-    stage_benches(c, &rt, &dir.path().join("stage"));
-    drift_benches(c, &rt, &dir.path().join("drift"));
-    snapshot_benches(c, &rt, &dir.path().join("snap"));
+    // A filter on the command line (`cargo bench --bench qemu -- real_guests`) also skips the setup
+    // of the groups it does not select.
+    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let wanted = |group: &str| filters.is_empty() || filters.iter().any(|f| group.contains(f.as_str()));
+    if wanted("qemu/stage_linked qemu/stage_full") {
+        stage_benches(c, &rt, &dir.path().join("stage"));
+    }
+    if wanted("qemu/drift") {
+        drift_benches(c, &rt, &dir.path().join("drift"));
+    }
+    if wanted("qemu/snapshot_running_3_machines") {
+        snapshot_benches(c, &rt, &dir.path().join("snap"));
+    }
+    if wanted("qemu/snapshot_3_real_guests") {
+        real_guest_benches(c, &rt, &dir.path().join("guests"));
+    }
 }
 
 criterion_group!(qemu, benches);

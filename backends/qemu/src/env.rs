@@ -165,6 +165,9 @@ async fn wait_for_dependencies(
     )
     .await;
     for ((dep, dependents, _), r) in waits.iter().zip(results) {
+        if r.is_ok() {
+            st.agentless.remove(dep);
+        }
         if let Err(e) = r {
             let env = &shared.name;
             let socket = machines::agent_socket(shared, dep);

@@ -52,11 +52,10 @@ pub(crate) fn not_running(shared: &EnvShared, machine: &str) -> Error {
     Error::Precondition(format!("machine {}/{machine} is not running", shared.name))
 }
 
-/// Waits until the agent of running `machine` answers, at most `timeout`; once it did, the
-/// machine is no longer taken for agentless.
+/// Waits until the agent of running `machine` answers, at most `timeout`. Takes no lock: the
+/// caller then removes `machine` from [`EnvState::agentless`].
 pub(crate) async fn wait_ready(shared: &EnvShared, agent: &Agent, machine: &str, timeout: Duration) -> Result<()> {
     agent.wait_ready(timeout).await?;
-    shared.state.lock().await.agentless.remove(machine);
     tracing::info!(env = %shared.name, machine, "guest agent answered");
     Ok(())
 }
@@ -95,7 +94,9 @@ impl GuestChannel for QemuEnvironment {
         let span = self.guest_span("wait_ready", machine);
         async {
             let agent = self.agent_of(machine).await?;
-            wait_ready(&self.shared, &agent, machine, timeout).await
+            wait_ready(&self.shared, &agent, machine, timeout).await?;
+            self.shared.state.lock().await.agentless.remove(machine);
+            Ok(())
         }
         .instrument(span)
         .await

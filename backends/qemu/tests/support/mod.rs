@@ -130,3 +130,100 @@ pub fn running_kit(f: &Fixture) -> Kit {
     });
     Kit::with_factory(f.backend.clone(), factory)
 }
+
+/// One event the backend logged: its message and its string/debug fields.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub message: String,
+    pub fields: std::collections::BTreeMap<String, String>,
+}
+
+/// Records every tracing event of the current thread (tests run on a current-thread runtime,
+/// so the backend's tasks log here too) while the guard returned by [`EventLog::install`] lives.
+#[derive(Clone, Default)]
+pub struct EventLog(Arc<std::sync::Mutex<Vec<Logged>>>);
+
+impl EventLog {
+    pub fn install() -> (EventLog, tracing::subscriber::DefaultGuard) {
+        use tracing_subscriber::layer::SubscriberExt;
+        let log = EventLog::default();
+        let guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(log.clone()));
+        (log, guard)
+    }
+
+    pub fn events(&self) -> Vec<Logged> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The index of the first event with `message` whose `machine` field is `machine`.
+    pub fn position(&self, message: &str, machine: &str) -> Option<usize> {
+        self.events()
+            .iter()
+            .position(|e| e.message == message && e.fields.get("machine").map(String::as_str) == Some(machine))
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for EventLog {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Visit(Logged);
+        impl tracing::field::Visit for Visit {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                self.0.fields.insert(field.name().to_string(), value.to_string());
+            }
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                let text = format!("{value:?}");
+                if field.name() == "message" {
+                    self.0.message = text;
+                } else {
+                    self.0.fields.insert(field.name().to_string(), text.trim_matches('"').to_string());
+                }
+            }
+        }
+        let mut v = Visit(Logged { message: String::new(), fields: Default::default() });
+        event.record(&mut v);
+        self.0.lock().unwrap().push(v.0);
+    }
+}
+
+/// The test guest image directory (`STAGECORE_GUEST_IMAGE`, else the cache's `current` link);
+/// panics with instructions when it is missing.
+pub fn guest_image_dir() -> PathBuf {
+    let dir = std::env::var_os("STAGECORE_GUEST_IMAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/stagecore/guest-image/current"));
+    assert!(
+        dir.join("base.qcow2").is_file(),
+        "the test guest image is missing at {}: run `cargo xtask guest-image` (or set STAGECORE_GUEST_IMAGE)",
+        dir.display()
+    );
+    dir
+}
+
+/// A web/app/db production spec of real guests (web after app after db), each on its own
+/// overlay of the test image in `disk_dir`.
+pub fn guest_spec(name: &str, disk_dir: &Path) -> stagecore::EnvironmentSpec {
+    let image = guest_image_dir();
+    std::fs::create_dir_all(disk_dir).expect("disk dir");
+    let cmdline = std::fs::read_to_string(image.join("cmdline")).expect("cmdline").trim().to_string();
+    let mut spec = stagecore::memory::sample_spec(name);
+    for m in &mut spec.machines {
+        let overlay = disk_dir.join(format!("{name}-{}.qcow2", m.name));
+        let (base, ov) = (image.join("base.qcow2"), overlay.clone());
+        let (ok, out) = run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base.to_str().unwrap(), ov.to_str().unwrap()],
+        );
+        assert!(ok, "{out}");
+        m.memory_mib = 384;
+        m.disks[0].source = overlay.display().to_string();
+        m.disks[0].size_bytes = None;
+        m.boot = Some(stagecore::BootSpec {
+            kernel: image.join("vmlinuz").display().to_string(),
+            initrd: Some(image.join("initrd.img").display().to_string()),
+            cmdline: cmdline.clone(),
+        });
+    }
+    spec.machines[0].after = vec!["app".into()];
+    spec.machines[1].after = vec!["db".into()];
+    spec
+}
