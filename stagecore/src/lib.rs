@@ -31,8 +31,10 @@ mod error;
 mod ext;
 pub mod extent;
 pub mod guest;
+pub mod inventory;
 pub mod memory;
 pub mod name;
+pub mod progress;
 pub mod promotion;
 mod spec;
 mod start_order;
@@ -44,6 +46,7 @@ pub use change::{Change, ChangeSet, DiskScope};
 pub use environment::{DiskIo, Environment, GuestChannel, GuestExec, GuestOutput, Snapshot};
 pub use error::{BoxError, Error, Result, Secret};
 pub use ext::{BackendExt, EnvironmentExt, Fingerprint};
+pub use progress::{Progress, ProgressEvent};
 pub use extent::{ChangeMap, DiskChanges, Extent};
 pub use spec::{
     BootSpec, DiskFormat, DiskSpec, EnvironmentSpec, Firmware, Identities, MachineSpec, NetworkSpec, NicSpec,

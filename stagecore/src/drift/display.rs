@@ -49,15 +49,17 @@ impl fmt::Display for DriftReport {
             status(self.status),
             self.score
         )?;
-        writeln!(f, "  {:<12} {:<12} {:>7} {:>12}", "MACHINE", "STATUS", "CONFIG", "DISK DRIFT")?;
+        writeln!(f, "  {:<12} {:<12} {:>7} {:>12} {:>6} {:<12}", "MACHINE", "STATUS", "CONFIG", "DISK DRIFT", "GUEST", "GUEST STATUS")?;
         for m in &self.machines {
             writeln!(
                 f,
-                "  {:<12} {:<12} {:>7} {:>12}",
+                "  {:<12} {:<12} {:>7} {:>12} {:>6} {:<12}",
                 m.machine,
                 status(m.status),
                 m.config_drift,
-                bytes(m.disk_drift_bytes)
+                bytes(m.disk_drift_bytes),
+                m.guest_drift,
+                status(m.guest)
             )?;
         }
         writeln!(f, "  config: {}", status(self.config.status))?;
@@ -92,6 +94,22 @@ impl fmt::Display for DriftReport {
                 )?;
             }
         }
-        write!(f, "  guest: {} ({})", status(self.guest.status), self.guest.reason.as_deref().unwrap_or(""))
+        write!(f, "  guest: {}", status(self.guest.status))?;
+        if let Some(reason) = &self.guest.reason {
+            write!(f, " ({reason})")?;
+        }
+        for r in &self.guest.records {
+            write!(
+                f,
+                "\n    {:<9} {:<40} production={} stage={} [{}{}]",
+                kind(r.kind),
+                r.path,
+                r.expected,
+                r.actual,
+                r.side.map_or("side unknown", |s| side(Some(s))),
+                if r.intended { ", intended" } else { "" }
+            )?;
+        }
+        Ok(())
     }
 }

@@ -5,18 +5,39 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
-use super::report::{DriftReport, GuestRecord, Layer, MachineDrift, SCHEMA, Status};
-use super::{Drift, config, disk, score};
-use crate::{Environment, Error, Result};
+use super::report::{DriftReport, Layer, MachineDrift, SCHEMA, Status};
+use super::{Drift, config, disk, guest, score};
+use crate::inventory::InventoryConfig;
+use crate::{Environment, Error, Progress, Result};
 
-/// The drift engine. Stateless; one instance serves any number of reports.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DriftEngine;
+/// The drift engine. Holds only settings; one instance serves any number of reports.
+#[derive(Debug, Clone, Default)]
+pub struct DriftEngine {
+    inventory: InventoryConfig,
+    progress: Option<Progress>,
+}
 
 impl DriftEngine {
-    /// A new engine.
+    /// A new engine with the default [`InventoryConfig`] for the guest layer.
     pub fn new() -> Self {
-        DriftEngine
+        DriftEngine::default()
+    }
+
+    /// Uses `config` to collect guest inventories (spec labels still override watched paths).
+    pub fn with_inventory(mut self, config: InventoryConfig) -> Self {
+        self.inventory = config;
+        self
+    }
+
+    /// Reports inventory progress (one event per machine and side) to `progress`.
+    pub fn with_progress(mut self, progress: Progress) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    /// The inventory settings.
+    pub fn inventory(&self) -> &InventoryConfig {
+        &self.inventory
     }
 }
 
@@ -49,6 +70,8 @@ impl Drift for DriftEngine {
         let p_disks = side(production.disk_changes(baseline).await);
         let s_disks = side(stage.disk_changes(baseline).await);
         let disk_records = disk::records(baseline, p_disks, s_disks, &staged.change_sets);
+        let guest_layer =
+            guest::layer(production, stage, staged, (&p_spec, &s_spec), &self.inventory, self.progress.as_ref()).await;
 
         let mut machines: BTreeMap<String, MachineDrift> = BTreeMap::new();
         for name in p_spec.machines.iter().chain(&s_spec.machines).map(|m| &m.name) {
@@ -57,7 +80,15 @@ impl Drift for DriftEngine {
                 status: Status::InSync,
                 config_drift: 0,
                 disk_drift_bytes: 0,
+                guest: Status::NotChecked,
+                guest_drift: 0,
+                guest_reason: None,
             });
+        }
+        for (name, (status, drift, reason)) in &guest_layer.machines {
+            if let Some(m) = machines.get_mut(name) {
+                (m.guest, m.guest_drift, m.guest_reason) = (*status, *drift, reason.clone());
+            }
         }
         for r in config_records.iter().filter(|r| !r.intended) {
             if let Some(m) = r.machine.as_ref().and_then(|m| machines.get_mut(m)) {
@@ -83,7 +114,7 @@ impl Drift for DriftEngine {
             }
         }
         for m in machines.values_mut() {
-            if m.config_drift > 0 || m.disk_drift_bytes > 0 {
+            if m.config_drift > 0 || m.disk_drift_bytes > 0 || m.guest_drift > 0 {
                 m.status = Status::Drifted;
             }
         }
@@ -97,7 +128,11 @@ impl Drift for DriftEngine {
         } else {
             Status::InSync
         };
-        let status = if config_status == Status::Drifted || disk_status == Status::Drifted {
+        let guest_status = guest_layer.status.unwrap_or(Status::NotChecked);
+        let status = if config_status == Status::Drifted
+            || disk_status == Status::Drifted
+            || guest_status == Status::Drifted
+        {
             Status::Drifted
         } else if disk_status == Status::NotChecked {
             Status::NotChecked
@@ -112,7 +147,7 @@ impl Drift for DriftEngine {
             baseline: baseline.id.clone(),
             generated_at: OffsetDateTime::now_utc(),
             status,
-            score: score::score(config_drift, compared, disk_score),
+            score: score::score_layers(config_drift, compared, disk_score, guest_layer.score),
             machines: machines.into_values().collect(),
             config: Layer { status: config_status, reason: None, records: config_records },
             disk: Layer {
@@ -120,19 +155,7 @@ impl Drift for DriftEngine {
                 reason: (!disk_unchecked.is_empty()).then(|| disk_unchecked.join("; ")),
                 records: disk_records,
             },
-            guest: Layer::<GuestRecord> {
-                status: Status::NotChecked,
-                reason: Some(guest_reason(stage)),
-                records: Vec::new(),
-            },
+            guest: Layer { status: guest_status, reason: guest_layer.reason, records: guest_layer.records },
         })
-    }
-}
-
-fn guest_reason(stage: &dyn Environment) -> String {
-    if stage.guest().is_some() {
-        "guest inventory is not collected yet".into()
-    } else {
-        "the backend offers no guest channel".into()
     }
 }

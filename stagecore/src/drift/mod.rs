@@ -3,13 +3,16 @@
 //! The [`Drift`] trait is the contract; [`DriftEngine`] implements it for every backend from what
 //! the [`crate::Environment`] trait reports: the specs (config layer) and the changed extents of
 //! each disk since the baseline (disk layer, computed from copy-on-write allocation — never by
-//! reading whole disks). The guest layer is NOT_CHECKED until a backend offers a guest channel.
+//! reading whole disks), and the guest inventories of both sides' machines through their guest
+//! channels (guest layer; see [`crate::inventory`]). A layer, or a machine's guest layer, that
+//! cannot be checked says NOT_CHECKED with the reason.
 //! See `docs/drift.md` for the model, the score formula and the JSON schema.
 
 mod config;
 mod disk;
 mod display;
 mod engine;
+mod guest;
 mod report;
 pub mod score;
 
@@ -44,4 +47,10 @@ pub fn config_differences(a: &EnvironmentSpec, b: &EnvironmentSpec) -> Vec<Strin
         .into_iter()
         .map(|(p, _)| p)
         .collect()
+}
+
+/// The value at a config path (`/machines/app/memory_mib`) of a spec, normalised as the config
+/// layer sees it (`null` when absent).
+pub fn config_value(spec: &EnvironmentSpec, path: &str) -> serde_json::Value {
+    config::at(&config::normalise(spec, false), path)
 }

@@ -1,14 +1,15 @@
 //! The drift report: layers of typed records, statuses, a score. Its JSON form is documented in
-//! `docs/drift.md` (schema `stagecore.drift/v1`).
+//! `docs/drift.md` (schema `stagecore.drift/v2`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::Extent;
+use crate::inventory::Category;
 
 /// The schema tag written into every JSON report.
-pub const SCHEMA: &str = "stagecore.drift/v1";
+pub const SCHEMA: &str = "stagecore.drift/v2";
 
 /// Whether a machine, a layer or the environment matches production.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,18 +121,30 @@ pub struct Layer<R> {
     pub records: Vec<R>,
 }
 
-/// A guest-level difference (files, packages), when a guest channel exists.
+/// A guest-level difference: one inventory item (package, file, service, port, OS, kernel) that
+/// differs between production's and the stage's guest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GuestRecord {
+    /// `/machines/web/guest/packages/nginx`, `/machines/app/guest/files/etc/app.conf`.
+    pub path: String,
     /// Logical machine name.
     pub machine: String,
-    /// What differs (`file:/etc/app.conf`, `package:nginx`).
+    /// What kind of item.
+    pub category: Category,
+    /// The item (package or service name, file path, `tcp:8080`; empty for os and kernel).
     pub item: String,
-    /// ADD / REMOVE / NOT_EQUAL.
+    /// ADD (only on the stage) / REMOVE (only in production) / NOT_EQUAL.
     pub kind: RecordKind,
-    /// Which side moved.
-    pub side: Side,
-    /// Explained by the ChangeSets.
+    /// Production's value (`null` when absent).
+    pub expected: Value,
+    /// The stage's value (`null` when absent).
+    pub actual: Value,
+    /// The value in the baseline inventory (`null` when absent or not recorded).
+    pub baseline: Value,
+    /// Which side moved; absent when no baseline inventory was recorded and no footprint explains it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub side: Option<Side>,
+    /// Explained by the footprints of the stage's ChangeSets.
     pub intended: bool,
 }
 
@@ -146,6 +159,13 @@ pub struct MachineDrift {
     pub config_drift: usize,
     /// Unintended changed bytes on its disks.
     pub disk_drift_bytes: u64,
+    /// Status of its guest layer (NOT_CHECKED when either side's inventory could not be taken).
+    pub guest: Status,
+    /// Unintended guest records.
+    pub guest_drift: usize,
+    /// Why its guest layer was not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_reason: Option<String>,
 }
 
 /// How a stage differs from production.
@@ -177,6 +197,11 @@ pub struct DriftReport {
 }
 
 impl DriftReport {
+    /// Unintended guest records.
+    pub fn guest_drift(&self) -> impl Iterator<Item = &GuestRecord> {
+        self.guest.records.iter().filter(|r| !r.intended)
+    }
+
     /// Unintended config records.
     pub fn config_drift(&self) -> impl Iterator<Item = &ConfigRecord> {
         self.config.records.iter().filter(|r| !r.intended)

@@ -10,7 +10,7 @@ use super::state::{DiskState, EnvState, SnapshotState, State};
 use super::{NAME, Shared};
 use crate::{
     Baseline, Change, ChangeMap, ChangeSet, Consistency, DiskChanges, DiskIo, Environment, EnvironmentInfo,
-    EnvironmentSpec, Error, GuestChannel, MachineStatus, PowerState, Result, Role, Snapshot, SnapshotInfo,
+    EnvironmentSpec, Error, GuestChannel, GuestOutput, MachineStatus, PowerState, Result, Role, Snapshot, SnapshotInfo,
 };
 
 /// A handle on one in-memory environment. Cheap to clone; all handles share the backend's state.
@@ -62,6 +62,9 @@ impl Environment for MemoryEnvironment {
         self.shared.faults.check("start")?;
         self.with(|env, _| {
             env.set_power_all(PowerState::Running);
+            for g in env.guests.values_mut() {
+                g.agent = true;
+            }
             Ok(())
         })
     }
@@ -119,6 +122,10 @@ impl Environment for MemoryEnvironment {
     async fn apply(&self, change: &Change) -> Result<()> {
         self.shared.faults.check("apply")?;
         let env_name = self.name.clone();
+        if matches!(change, Change::GuestCommand { .. } | Change::GuestFile { .. }) {
+            self.with(|env, _| change.apply_to_spec(&mut env.spec.clone(), 0))?;
+            return crate::guest::apply_guest_change(&env_name, self, change).await;
+        }
         self.with(|env, layers| {
             let mut spec = env.spec.clone();
             change.apply_to_spec(&mut spec, 0)?;
@@ -154,7 +161,7 @@ impl Environment for MemoryEnvironment {
                     env.disks.insert(key(disk), DiskState { top: layers.overlay(Some(copy)), size: d.size });
                 }
                 Change::GuestCommand { .. } | Change::GuestFile { .. } => {
-                    return Err(Error::not_supported("guest changes", NAME));
+                    return Err(Error::Precondition("guest changes go through the simulated guest".into()));
                 }
                 Change::SetMemory { .. } | Change::SetVcpus { .. } | Change::RemoveNic { .. } => {}
             }
@@ -178,7 +185,7 @@ impl Environment for MemoryEnvironment {
     }
 
     fn guest(&self) -> Option<&dyn GuestChannel> {
-        None
+        Some(self)
     }
 }
 
@@ -202,7 +209,7 @@ impl Snapshot for MemoryEnvironment {
                 memory: false,
                 machines: Default::default(),
             };
-            env.snapshots.push(SnapshotState { info: info.clone(), layers: frozen });
+            env.snapshots.push(SnapshotState { info: info.clone(), layers: frozen, guests: env.guests.clone() });
             Ok(info)
         })
     }
@@ -228,6 +235,7 @@ impl Snapshot for MemoryEnvironment {
                 .collect();
             env.spec = snap.info.spec.clone();
             env.disks = disks;
+            env.guests = snap.guests.clone();
             let running: Vec<String> = env.power.keys().cloned().collect();
             env.power.retain(|m, _| env.spec.machine(m).is_some());
             for m in &env.spec.machines {
@@ -279,5 +287,82 @@ impl DiskIo for MemoryEnvironment {
             let d = env.disk(machine, disk)?;
             Ok(layers.digest(d.top, d.size))
         })
+    }
+}
+
+impl MemoryEnvironment {
+    /// The simulated guest of a running machine whose agent answers, or the error a real channel
+    /// would give.
+    fn sim<T>(&self, machine: &str, f: impl FnOnce(&mut EnvState, &str) -> Result<T>) -> Result<T> {
+        self.with(|env, _| {
+            let endpoint = || format!("{NAME}:{}/{machine} guest agent", env.name);
+            let power = *env.power.get(machine).ok_or_else(|| Error::not_found("machine", format!("{}/{machine}", env.name)))?;
+            if power != PowerState::Running {
+                return Err(Error::Unreachable { endpoint: endpoint(), reason: format!("the machine is {power:?}") });
+            }
+            match env.guests.get(machine) {
+                Some(g) if g.agent => f(env, machine),
+                Some(_) => Err(Error::Unreachable { endpoint: endpoint(), reason: "the agent does not answer".into() }),
+                None => Err(Error::Unreachable { endpoint: endpoint(), reason: "the machine has no guest".into() }),
+            }
+        })
+    }
+}
+
+fn probe_answer(env: &EnvState, from: &str, probe: &super::guest::Probe) -> GuestOutput {
+    let target = match probe.host.as_str() {
+        "localhost" | "127.0.0.1" | "::1" | "" => Some(from),
+        host => env.guests.contains_key(host).then_some(host),
+    };
+    let reply = |code: i32, stdout: String, stderr: &str| GuestOutput {
+        exit_code: code,
+        stdout: stdout.into_bytes(),
+        stderr: stderr.as_bytes().to_vec(),
+        truncated: false,
+    };
+    let Some(target) = target else {
+        return reply(1, String::new(), &format!("stagecore-probe: cannot resolve {} (simulated)", probe.host));
+    };
+    let running = env.power.get(target) == Some(&PowerState::Running);
+    let guest = env.guests.get(target);
+    match guest {
+        Some(g) if running && g.ports.contains(&probe.port) => match probe.kind.as_str() {
+            "http" => reply(0, format!("HTTP/1.0 {} simulated\n", g.http_status), ""),
+            _ => reply(0, String::new(), ""),
+        },
+        _ => reply(1, String::new(), &format!("connect to {}:{}: connection refused (simulated)", probe.host, probe.port)),
+    }
+}
+
+#[async_trait]
+impl GuestChannel for MemoryEnvironment {
+    async fn exec(&self, machine: &str, request: &crate::GuestExec) -> Result<GuestOutput> {
+        self.sim(machine, |env, machine| {
+            let guest = env.guests.get_mut(machine).expect("checked by sim");
+            match guest.exec(request)? {
+                super::guest::Exec::Done(out) => Ok(out),
+                super::guest::Exec::Probe(p) => Ok(probe_answer(env, machine, &p)),
+            }
+        })
+    }
+
+    async fn write_file(&self, machine: &str, path: &str, content: &[u8], mode: Option<u32>) -> Result<()> {
+        self.sim(machine, |env, machine| {
+            let guest = env.guests.get_mut(machine).expect("checked by sim");
+            let mode = mode.or_else(|| guest.files.get(path).map(|f| f.1)).unwrap_or(0o644);
+            guest.files.insert(path.to_string(), (content.to_vec(), mode));
+            Ok(())
+        })
+    }
+
+    async fn read_file(&self, machine: &str, path: &str) -> Result<Vec<u8>> {
+        self.sim(machine, |env, machine| {
+            let guest = env.guests.get(machine).expect("checked by sim");
+            guest.files.get(path).map(|f| f.0.clone()).ok_or_else(|| Error::not_found("guest file", format!("{}/{machine}:{path}", env.name)))
+        })
+    }
+
+    async fn wait_ready(&self, machine: &str, _timeout: std::time::Duration) -> Result<()> {
+        self.sim(machine, |_, _| Ok(()))
     }
 }

@@ -8,6 +8,7 @@
 mod disk;
 mod env;
 mod fault;
+mod guest;
 mod sample;
 mod state;
 
@@ -85,7 +86,7 @@ impl Backend for MemoryBackend {
             atomic_snapshot: true,
             disk_drift: true,
             disk_io: true,
-            guest_channel: false,
+            guest_channel: true,
             config_changes: true,
             swap: true,
             persistent: false,
@@ -123,7 +124,8 @@ impl Backend for MemoryBackend {
             return Err(Error::not_found("baseline", format!("{}/{}", baseline.environment, baseline.id)));
         }
         let info = StageInfo::new(baseline, options);
-        let mut env = EnvState::clone_from(&mut state.layers, baseline, options, info)?;
+        let guests = source.baseline_guests.get(&baseline.id).cloned().unwrap_or_default();
+        let mut env = EnvState::clone_from(&mut state.layers, baseline, options, info, guests)?;
         if options.start {
             env.set_power_all(crate::PowerState::Running);
         }

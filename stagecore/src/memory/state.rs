@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use time::OffsetDateTime;
 
 use super::disk::{LayerId, LayerStore};
+use super::guest::{Guests, SimGuest};
 use crate::{
     Baseline, BaselineLayer, CloneKind, EnvironmentInfo, EnvironmentSpec, Error, Identities, MachineInstance,
     PowerState, Result, Role, SnapshotInfo, StageInfo, StageOptions, random_mac,
@@ -23,6 +24,8 @@ pub(crate) type DiskKey = (String, String);
 pub(crate) struct SnapshotState {
     pub(crate) info: SnapshotInfo,
     pub(crate) layers: BTreeMap<DiskKey, DiskState>,
+    /// The simulated guests at the snapshot.
+    pub(crate) guests: Guests,
 }
 
 #[derive(Debug)]
@@ -40,6 +43,10 @@ pub(crate) struct EnvState {
     /// the baseline's content in *this* environment's chains.
     pub(crate) origins: BTreeMap<String, BTreeMap<DiskKey, LayerId>>,
     pub(crate) fenced: bool,
+    /// The simulated guest of each machine.
+    pub(crate) guests: Guests,
+    /// The simulated guests at each baseline taken of this environment.
+    pub(crate) baseline_guests: BTreeMap<String, Guests>,
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +79,7 @@ impl State {
         std::mem::swap(&mut p.spec.machines, &mut s.spec.machines);
         std::mem::swap(&mut p.disks, &mut s.disks);
         std::mem::swap(&mut p.power, &mut s.power);
+        std::mem::swap(&mut p.guests, &mut s.guests);
         p_ids.apply_to(&mut p.spec);
         s_ids.apply_to(&mut s.spec);
         s.set_power_all(PowerState::Stopped);
@@ -105,7 +113,9 @@ impl EnvState {
                 disks.insert((m.name.clone(), d.name.clone()), DiskState { top: layers.overlay(None), size });
             }
         }
-        Ok(Self::assemble(name, role, spec, disks, fenced, String::new()))
+        let mut env = Self::assemble(name, role, spec, disks, fenced, String::new());
+        env.guests = env.spec.machines.iter().map(|m| (m.name.clone(), SimGuest::new(&m.name))).collect();
+        Ok(env)
     }
 
     fn assemble(
@@ -137,6 +147,8 @@ impl EnvState {
             baselines: Vec::new(),
             origins: BTreeMap::new(),
             fenced,
+            guests: Guests::new(),
+            baseline_guests: BTreeMap::new(),
         }
     }
 
@@ -146,6 +158,7 @@ impl EnvState {
         baseline: &Baseline,
         options: &StageOptions,
         info: StageInfo,
+        guests: Guests,
     ) -> Result<Self> {
         let mut spec = baseline.spec.clone();
         spec.name = options.name.clone();
@@ -174,6 +187,10 @@ impl EnvState {
         let mut env =
             Self::assemble(&options.name, Role::Stage(Box::new(info)), spec, disks, options.fenced, options.prefix());
         env.origins.insert(baseline.id.clone(), origin);
+        env.guests = guests;
+        for (machine, guest) in env.guests.iter_mut() {
+            guest.regenerate_identity(&format!("{}{machine}", options.prefix()));
+        }
         Ok(env)
     }
 
@@ -241,6 +258,7 @@ impl EnvState {
                 .collect(),
             consistency: Default::default(),
         };
+        self.baseline_guests.insert(id.clone(), self.guests.clone());
         self.origins.insert(id, frozen.into_iter().map(|(k, s)| (k, s.top)).collect());
         self.baselines.push(baseline.clone());
         baseline

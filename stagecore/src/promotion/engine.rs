@@ -14,13 +14,15 @@ use time::OffsetDateTime;
 use tracing::Instrument;
 
 use super::archive;
+use crate::drift::DriftEngine;
 use super::fsutil::{ENGINE, blocking, ensure_dir, hostname};
 use super::journal::{Journal, JournalStep, Plan};
 use super::lock::{LockHolder, ProductionLock, TryLock, locked};
 use super::run::{Halt, Run, Timer};
 use super::steps;
 use super::types::{Approval, GateContext, Outcome, Promotion, PromotionRequest, Receipt, Strategy};
-use crate::{Backend, Error, PowerState, Result};
+use crate::inventory::InventoryConfig;
+use crate::{Backend, Error, PowerState, Progress, Result};
 
 /// Where a test makes the engine stop dead, as if its process were killed.
 ///
@@ -44,6 +46,8 @@ pub struct PromotionEngine {
     dir: PathBuf,
     backend: Arc<dyn Backend>,
     crash: CrashPoint,
+    inventory: InventoryConfig,
+    progress: Option<Progress>,
 }
 
 enum Started {
@@ -60,7 +64,7 @@ impl PromotionEngine {
         for sub in ["journal", "locks", "receipts"] {
             ensure_dir(dir.join(sub))?;
         }
-        Ok(PromotionEngine { dir, backend, crash: CrashPoint::Never })
+        Ok(PromotionEngine { dir, backend, crash: CrashPoint::Never, inventory: InventoryConfig::default(), progress: None })
     }
 
     /// Opens the engine over `state_dir` (created if missing) and recovers every unfinished
@@ -80,9 +84,33 @@ impl PromotionEngine {
         self
     }
 
+    /// Collects guest inventories (precondition drift report, footprint verify) with `config`.
+    pub fn with_inventory(mut self, config: InventoryConfig) -> Self {
+        self.inventory = config;
+        self
+    }
+
+    /// Reports each promotion step (and inventory progress) to `progress`.
+    pub fn with_progress(mut self, progress: Progress) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    fn step(&self, run: &Run, step: &str, done: u64) {
+        crate::progress::emit(self.progress.as_ref(), "promotion", &run.plan.production, step, done, 0);
+    }
+
     /// Shorthand for `with_crash(CrashPoint::AfterLine(k))` (tests only).
     pub fn with_crash_after(self, k: u64) -> Self {
         self.with_crash(CrashPoint::AfterLine(k))
+    }
+
+    fn drift_engine(&self) -> DriftEngine {
+        let engine = DriftEngine::new().with_inventory(self.inventory.clone());
+        match &self.progress {
+            Some(p) => engine.with_progress(p.clone()),
+            None => engine,
+        }
     }
 
     /// The state directory.
@@ -273,7 +301,9 @@ impl PromotionEngine {
         let t = Timer::start();
         run.log(JournalStep::Precondition).await?;
         let span = run.span("precondition");
-        let checked = steps::precondition(&run.plan, &*req.production, &*req.stage).instrument(span).await;
+        self.step(run, "precondition", 1);
+        let drift = self.drift_engine();
+        let checked = steps::precondition(&run.plan, &drift, &*req.production, &*req.stage).instrument(span).await;
         let report = match checked {
             Ok(report) => report,
             Err(refusal) => {
@@ -294,6 +324,7 @@ impl PromotionEngine {
             Err(crashed) => return Err(crashed),
         }
         let span = run.span("commit");
+        self.step(run, "commit", 6);
         steps::commit(run, &*req.production).instrument(span).await?;
         Ok(Outcome::Committed)
     }
@@ -303,12 +334,14 @@ impl PromotionEngine {
         let production = &*req.production;
         let t = Timer::start();
         let name = run.plan.snapshot.clone();
+        self.step(run, "snapshot", 2);
         run.log(JournalStep::Snapshot { name: name.clone() }).await?;
         let taken = production.create_snapshot(&name).instrument(run.span("snapshot")).await;
         let taken = taken.map(|_| "ok".to_string()).map_err(|e| Halt::Failed(format!("pre-promotion snapshot: {e}")));
         settle(run, t, "snapshot", taken).await?;
 
         let t = Timer::start();
+        self.step(run, "apply", 3);
         let span = run.span("apply");
         let applied = match run.plan.strategy {
             Strategy::Replay => steps::replay(run, production).instrument(span).await,
@@ -318,7 +351,10 @@ impl PromotionEngine {
 
         let t = Timer::start();
         run.log(JournalStep::Verify).await?;
-        let verified = steps::verify(&run.plan, run.drift.as_ref(), production).instrument(run.span("verify")).await;
+        self.step(run, "verify", 4);
+        let verified = steps::verify(&run.plan, run.drift.as_ref(), production, &self.inventory)
+            .instrument(run.span("verify"))
+            .await;
         settle(run, t, "verify", verified).await?;
 
         self.gates(run, req).await
@@ -331,6 +367,7 @@ impl PromotionEngine {
             GateContext { production: &*req.production, stage: &*req.stage, drift: &drift, change_sets: &change_sets };
         for gate in &req.gates {
             let (t, name) = (Timer::start(), gate.name().to_string());
+            self.step(run, &format!("gate:{name}"), 5);
             let step = format!("gate:{name}");
             run.log(JournalStep::Gate { name: name.clone() }).await?;
             let verdict = gate.check(&ctx).instrument(run.span(&step)).await;

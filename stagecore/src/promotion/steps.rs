@@ -8,6 +8,7 @@ use super::journal::{JournalStep, Plan};
 use super::run::{Halt, Run, Timer};
 use super::types::{PreconditionPolicy, Strategy};
 use crate::drift::{Drift, DriftEngine, DriftReport, Side, config_differences};
+use crate::inventory::{self, InventoryConfig, MachineInventory};
 use crate::{Backend, Change, Environment, EnvironmentSpec, Result};
 
 /// Whether two config paths overlap (equal, or one lies below the other).
@@ -26,10 +27,11 @@ pub(crate) struct Refusal {
 /// replay that the ChangeSets apply to production and carry everything the stage changed.
 pub(crate) async fn precondition(
     plan: &Plan,
+    engine: &DriftEngine,
     production: &dyn Environment,
     stage: &dyn Environment,
 ) -> std::result::Result<DriftReport, Refusal> {
-    let report = DriftEngine::new()
+    let report = engine
         .drift(production, stage)
         .await
         .map_err(|e| Refusal { reason: format!("the drift report failed: {e}"), drift: None })?;
@@ -67,6 +69,25 @@ fn failures(report: &DriftReport, plan: &Plan) -> Vec<String> {
         } else if plan.strategy == Strategy::Replay && matches!(r.side, Side::Stage | Side::Both) && !r.intended {
             out.push(format!(
                 "config {} changed on the stage outside its recorded ChangeSets (replay cannot carry it)",
+                r.path
+            ));
+        }
+    }
+    let footprint = inventory::combined_footprint(&plan.change_sets);
+    let fp_machines: BTreeSet<&str> = footprint.keys().map(|(m, _)| m.as_str()).collect();
+    let guest_machines: BTreeSet<String> =
+        plan.change_sets.iter().flat_map(inventory::guest_machines).collect();
+    for r in &report.guest.records {
+        let touched = footprint.contains_key(&(r.machine.clone(), r.path.clone()))
+            || (guest_machines.contains(&r.machine) && !fp_machines.contains(r.machine.as_str()));
+        if matches!(r.side, Some(Side::Production | Side::Both)) && (everywhere || touched) {
+            out.push(format!(
+                "guest {} changed in production since the baseline ({} -> {})",
+                r.path, r.baseline, r.expected
+            ));
+        } else if plan.strategy == Strategy::Replay && r.side == Some(Side::Stage) && !r.intended {
+            out.push(format!(
+                "guest {} changed on the stage outside its recorded ChangeSets (replay cannot carry it)",
                 r.path
             ));
         }
@@ -117,6 +138,7 @@ pub(crate) async fn verify(
     plan: &Plan,
     drift: Option<&DriftReport>,
     production: &dyn Environment,
+    inventory: &InventoryConfig,
 ) -> Result<String, Halt> {
     let now = production.spec().await?;
     // Production-side drift the policy accepted (replay, policy `touched`) may remain.
@@ -138,8 +160,54 @@ pub(crate) async fn verify(
         )));
     }
     match plan.strategy {
-        Strategy::Replay => verify_writes(plan, &now, production).await,
+        Strategy::Replay => {
+            let writes = verify_writes(plan, &now, production).await?;
+            match verify_footprint(plan, production, inventory).await? {
+                Some(note) => Ok(format!("{writes}; {note}")),
+                None => Ok(writes),
+            }
+        }
         Strategy::Swap => verify_identity(plan, &now),
+    }
+}
+
+/// Replay: production's guests must now show the footprint the ChangeSets left on the stage —
+/// every item at the value the stage's change gave it. `None` when there is no footprint.
+async fn verify_footprint(
+    plan: &Plan,
+    production: &dyn Environment,
+    config: &InventoryConfig,
+) -> Result<Option<String>, Halt> {
+    let footprint = inventory::combined_footprint(&plan.change_sets);
+    let expected: Vec<_> = footprint.iter().filter(|(_, d)| d.before != d.after).collect();
+    if expected.is_empty() {
+        return Ok(None);
+    }
+    let machines: Vec<String> =
+        expected.iter().map(|((m, _), _)| m.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+    let collected = inventory::collect(production, Some(&machines), config, None).await?;
+    let mut wrong = Vec::new();
+    for m in &machines {
+        let inv = match collected.get(m) {
+            Some(MachineInventory::Collected { inventory }) => inventory,
+            other => {
+                let why = other.and_then(MachineInventory::reason).unwrap_or("not collected");
+                return Err(Halt::Failed(format!("cannot verify the guest footprint on {m}: {why}")));
+            }
+        };
+        let items: std::collections::BTreeMap<String, serde_json::Value> =
+            inventory::items(inv).into_iter().map(|((c, i), v)| (inventory::item_path(m, c, &i), v)).collect();
+        for ((_, path), d) in expected.iter().filter(|((fm, _), _)| fm == m) {
+            let got = items.get(path).cloned().unwrap_or(serde_json::Value::Null);
+            if got != d.after {
+                wrong.push(format!("{path}: production has {got}, the stage's change gave {}", d.after));
+            }
+        }
+    }
+    if wrong.is_empty() {
+        Ok(Some(format!("guest footprint verified ({} items)", expected.len())))
+    } else {
+        Err(Halt::Failed(format!("production's guests do not show the stage's footprint: {}", wrong.join("; "))))
     }
 }
 
