@@ -92,6 +92,42 @@ impl Raw {
     }
 }
 
+/// Load on the machine moves the absolute numbers a lot, so also measure in pairs: each round runs one
+/// `Agent::exec` and then one raw round trip (same backoff) right after it (both on a fresh, synced connection), and medians of both and of the
+/// per-round ratio are printed.
+fn paired(rt: &tokio::runtime::Runtime, guest: &common::Guest, backoff: Option<(Duration, Duration)>) {
+    const ROUNDS: usize = 40;
+    let exec = GuestExec::new(["/bin/true"]);
+    let (mut agent_ms, mut raw_ms, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        // Reconnect and sync untimed, as the raw client does in `Raw::connect`.
+        rt.block_on(guest.agent.ping(Duration::from_secs(30))).unwrap();
+        let t = Instant::now();
+        rt.block_on(guest.agent.exec(&exec)).unwrap();
+        let a = t.elapsed().as_secs_f64() * 1e3;
+        rt.block_on(guest.agent.transport().reset());
+        let mut raw = Raw::connect(&guest.socket);
+        let t = Instant::now();
+        raw.exec_true(backoff);
+        let r = t.elapsed().as_secs_f64() * 1e3;
+        drop(raw);
+        agent_ms.push(a);
+        raw_ms.push(r);
+        ratio.push(a / r);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    eprintln!(
+        "paired guest-exec /bin/true, {ROUNDS} rounds: Agent::exec median {:.1} ms, raw JSON median {:.1} ms, \
+         median ratio agent/raw {:.2}",
+        median(&mut agent_ms),
+        median(&mut raw_ms),
+        median(&mut ratio)
+    );
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let guest = rt.block_on(common::boot("bench/guest"));
@@ -101,6 +137,8 @@ fn bench(c: &mut Criterion) {
     let exec = GuestExec::new(["/bin/true"]);
     // Warm the guest's page cache for /bin/true and the agent's connection.
     rt.block_on(agent.exec(&exec)).unwrap();
+
+    paired(&rt, &guest, backoff);
 
     let mut g = c.benchmark_group("guest_exec_true");
     g.sampling_mode(SamplingMode::Flat).sample_size(20).warm_up_time(Duration::from_secs(1));
