@@ -175,6 +175,8 @@ where
             return Err(e);
         }
     }
+    // Every guest asked to freeze is thawed below, whatever its freeze answered.
+    let asked = answering.clone();
     let mut freezes = JoinSet::new();
     for (m, agent) in answering {
         freezes.spawn(async move {
@@ -182,7 +184,6 @@ where
             (m, agent, r)
         });
     }
-    let mut asked = Vec::new();
     while let Some(joined) = freezes.join_next().await {
         let Ok((m, agent, r)) = joined else { continue };
         let level = match r {
@@ -193,7 +194,11 @@ where
             Err(e) => MachineConsistency::with_detail(ConsistencyLevel::Crash, format!("fsfreeze failed: {e}")),
         };
         levels.insert(m.name().to_string(), level);
-        asked.push((m, agent));
+    }
+    for (m, _) in &asked {
+        levels
+            .entry(m.name().to_string())
+            .or_insert_with(|| MachineConsistency::with_detail(ConsistencyLevel::Crash, "the freeze task failed"));
     }
 
     fault_point("frozen").await;

@@ -6,11 +6,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use stagecore::{Baseline, CloneKind, DiskFormat, Error, Result, Role, StageInfo, StageOptions, random_mac};
 
 use crate::create::{check_free_domains, create_isolated, define_all};
-use crate::env::blocking;
+use crate::env::{LibvirtEnvironment, blocking};
 use crate::layers;
 use crate::machines::Machine;
 use crate::shared::{Shared, make_dir};
@@ -20,7 +21,7 @@ use crate::xml::{edit, meta};
 
 /// Creates the stage; see the module docs.
 #[tracing::instrument(skip_all, fields(stage = %options.name, baseline = %baseline.id))]
-pub(crate) async fn stage(shared: &Shared, baseline: &Baseline, options: &StageOptions) -> Result<()> {
+pub(crate) async fn stage(shared: &Arc<Shared>, baseline: &Baseline, options: &StageOptions) -> Result<()> {
     options.validate()?;
     crate::freeze::require_local(shared, "stage")?;
     if shared.exists(&options.name).await? {
@@ -66,7 +67,7 @@ fn check_inputs(baseline: &Baseline, options: &StageOptions, prod: &[Machine]) -
 }
 
 async fn build(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     baseline: &Baseline,
     options: &StageOptions,
     prod: &[Machine],
@@ -149,10 +150,9 @@ async fn build(
     }
     define_all(shared, xmls, undo).await?;
     if options.start {
-        for (name, _) in undo.domains.clone().iter().map(|d| (d.clone(), ())) {
-            let n = name.clone();
-            shared.conn.call("domain", &name, move |c| c.lookup_domain_by_name(&n)?.create().map(drop)).await?;
-        }
+        // In start order, like any start (waves wait for the agents later machines start after).
+        let env = LibvirtEnvironment { name: options.name.clone(), shared: shared.clone() };
+        stagecore::Environment::start(&env).await?;
     }
     Ok(())
 }

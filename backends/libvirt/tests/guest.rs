@@ -103,7 +103,9 @@ async fn guest_three_real_guests_production_and_linked_stage() {
     for later in waves[1..].iter().flatten() {
         assert_eq!(power(&status, later), PowerState::Stopped, "{later} started before its wave: {status:?}");
     }
+    let t = std::time::Instant::now();
     prod.start().await.expect("start in order");
+    eprintln!("measured: start of 3 waves (rest of wave 1 + waves 2, 3) {:.1} s", t.elapsed().as_secs_f64());
     assert!(prod.status().await.unwrap().iter().all(|s| s.power == PowerState::Running));
     let guest = prod.guest().expect("guest channel");
     for awaited in waves[..2].iter().flatten() {
@@ -125,7 +127,9 @@ async fn guest_three_real_guests_production_and_linked_stage() {
     assert!(matches!(missing, Error::NotFound { .. }), "{missing}");
     guest.write_file("app", "/root/where", b"production", None).await.unwrap();
 
+    let t = std::time::Instant::now();
     let baseline = prod.take_baseline().await.expect("baseline of running real guests");
+    eprintln!("measured: application-consistent baseline of 3 guests {:.2} s", t.elapsed().as_secs_f64());
     for m in ["web", "app", "db"] {
         assert_eq!(baseline.consistency[m].level, ConsistencyLevel::Application, "{m}: {:?}", baseline.consistency);
     }
@@ -210,7 +214,9 @@ async fn guest_three_real_guests_production_and_linked_stage() {
 
     // Snapshot (application-consistent: the unsynced write is in it) → change → revert.
     sguest.write_file("db", "/root/state", b"v1", None).await.unwrap();
+    let t = std::time::Instant::now();
     let snap = stage.create_snapshot("before").await.expect("snapshot of running real guests");
+    eprintln!("measured: application-consistent snapshot of 3 guests {:.2} s", t.elapsed().as_secs_f64());
     assert!(snap.machines.values().all(|c| c.level == ConsistencyLevel::Application), "{:?}", snap.machines);
     stage
         .apply(&Change::GuestFile {
@@ -257,7 +263,9 @@ async fn guest_domains_without_an_agent_are_crash_consistent_and_unreachable() {
     let prod = backend.create(&spec).await.unwrap();
     prod.start().await.expect("no start order: nothing waits");
     virsh(&["destroy", &format!("{name}-db")]);
+    let t = std::time::Instant::now();
     let baseline = prod.take_baseline().await.unwrap();
+    eprintln!("measured: baseline of 3 domains without a guest OS {:.2} s", t.elapsed().as_secs_f64());
     let c = &baseline.consistency;
     assert_eq!(c["db"].level, ConsistencyLevel::Stopped, "{c:?}");
     for m in ["web", "app"] {
