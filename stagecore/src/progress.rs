@@ -74,12 +74,6 @@ impl Progress {
 pub(crate) fn emit(progress: Option<&Progress>, operation: &str, subject: &str, step: &str, done: u64, total: u64) {
     tracing::info!(target: "stagecore::progress", operation, subject, step, done, total, "progress");
     if let Some(p) = progress {
-        (p.0)(&ProgressEvent {
-            operation: operation.into(),
-            subject: subject.into(),
-            step: step.into(),
-            done,
-            total,
-        });
+        (p.0)(&ProgressEvent { operation: operation.into(), subject: subject.into(), step: step.into(), done, total });
     }
 }

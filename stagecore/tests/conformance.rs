@@ -78,3 +78,43 @@ async fn change_set_is_intended() {
 async fn run_all_on_one_backend() {
     stagecore_testkit::run_all(&kit()).await;
 }
+
+mod guest_drift {
+    use super::kit;
+    use stagecore_testkit::guest_drift::{self, GuestFixture};
+
+    #[tokio::test]
+    async fn zero_guest_drift_after_clone() {
+        guest_drift::zero_guest_drift_after_clone(&kit(), &GuestFixture::simulated()).await;
+    }
+
+    #[tokio::test]
+    async fn guest_change_is_intended() {
+        guest_drift::guest_change_is_intended(&kit(), &GuestFixture::simulated()).await;
+    }
+
+    #[tokio::test]
+    async fn footprint_verify() {
+        guest_drift::footprint_verify(&kit(), &GuestFixture::simulated()).await;
+    }
+
+    #[tokio::test]
+    async fn gates_on_stage() {
+        guest_drift::gates_on_stage(&kit(), &GuestFixture::simulated()).await;
+    }
+
+    #[tokio::test]
+    async fn rebase_without_conflict() {
+        guest_drift::rebase_without_conflict(&kit(), &GuestFixture::simulated()).await;
+    }
+
+    #[tokio::test]
+    async fn rebase_with_conflict() {
+        guest_drift::rebase_with_conflict(&kit(), &GuestFixture::simulated()).await;
+    }
+
+    #[tokio::test]
+    async fn production_untouched_by_inventory() {
+        guest_drift::production_untouched_by_inventory(&kit(), &GuestFixture::simulated()).await;
+    }
+}

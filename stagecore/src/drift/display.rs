@@ -49,7 +49,11 @@ impl fmt::Display for DriftReport {
             status(self.status),
             self.score
         )?;
-        writeln!(f, "  {:<12} {:<12} {:>7} {:>12} {:>6} {:<12}", "MACHINE", "STATUS", "CONFIG", "DISK DRIFT", "GUEST", "GUEST STATUS")?;
+        writeln!(
+            f,
+            "  {:<12} {:<12} {:>7} {:>12} {:>6} {:<12}",
+            "MACHINE", "STATUS", "CONFIG", "DISK DRIFT", "GUEST", "GUEST STATUS"
+        )?;
         for m in &self.machines {
             writeln!(
                 f,

@@ -129,16 +129,14 @@ impl Drift for DriftEngine {
             Status::InSync
         };
         let guest_status = guest_layer.status.unwrap_or(Status::NotChecked);
-        let status = if config_status == Status::Drifted
-            || disk_status == Status::Drifted
-            || guest_status == Status::Drifted
-        {
-            Status::Drifted
-        } else if disk_status == Status::NotChecked {
-            Status::NotChecked
-        } else {
-            Status::InSync
-        };
+        let status =
+            if config_status == Status::Drifted || disk_status == Status::Drifted || guest_status == Status::Drifted {
+                Status::Drifted
+            } else if disk_status == Status::NotChecked {
+                Status::NotChecked
+            } else {
+                Status::InSync
+            };
         let disk_score = (checked_bytes > 0).then_some((drift_bytes, checked_bytes));
         Ok(DriftReport {
             schema: SCHEMA.into(),

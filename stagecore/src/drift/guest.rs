@@ -60,7 +60,8 @@ pub(crate) async fn layer(
     let footprint = inventory::combined_footprint(&staged.change_sets);
     // ChangeSets with guest changes but no footprint record: their machines' stage-side guest
     // changes count as intended as a whole (as the disk layer does for guest changes).
-    let recorded: BTreeSet<String> = inventory::footprints(&staged.change_sets).into_iter().map(|f| f.change_set).collect();
+    let recorded: BTreeSet<String> =
+        inventory::footprints(&staged.change_sets).into_iter().map(|f| f.change_set).collect();
     let coarse: BTreeSet<String> = inventory::user_change_sets(&staged.change_sets)
         .into_iter()
         .filter(|cs| !recorded.contains(&cs.id))
@@ -79,7 +80,8 @@ pub(crate) async fn layer(
                     None => Some(format!("{side}: no such machine")),
                     Some(i) => i.reason().map(|r| format!("{side}: {r}")),
                 };
-                let reason = [why("production", p), why("stage", s)].into_iter().flatten().collect::<Vec<_>>().join("; ");
+                let reason =
+                    [why("production", p), why("stage", s)].into_iter().flatten().collect::<Vec<_>>().join("; ");
                 notes.push(format!("{m}: {reason}"));
                 out.machines.insert(m.clone(), (Status::NotChecked, 0, Some(reason)));
                 continue;
@@ -89,11 +91,8 @@ pub(crate) async fn layer(
         for note in [p.incomplete(config.max_files), s.incomplete(config.max_files)].into_iter().flatten() {
             notes.push(format!("{m}: {note}"));
         }
-        let b_items: Option<BTreeMap<ItemKey, Value>> = baseline
-            .as_ref()
-            .and_then(|b| b.machines.get(m))
-            .and_then(MachineInventory::inventory)
-            .map(items);
+        let b_items: Option<BTreeMap<ItemKey, Value>> =
+            baseline.as_ref().and_then(|b| b.machines.get(m)).and_then(MachineInventory::inventory).map(items);
         let (pi, si) = (items(p), items(s));
         let keys: BTreeSet<&ItemKey> = pi.keys().chain(si.keys()).collect();
         compared += keys.len();

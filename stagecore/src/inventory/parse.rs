@@ -165,7 +165,13 @@ fn ports(lines: &[&str]) -> BTreeMap<String, Vec<String>> {
     let mut proto = "";
     for line in lines {
         if let Some(file) = line.strip_prefix("file ") {
-            proto = if file.starts_with("tcp") { "tcp" } else if file.starts_with("udp") { "udp" } else { "" };
+            proto = if file.starts_with("tcp") {
+                "tcp"
+            } else if file.starts_with("udp") {
+                "udp"
+            } else {
+                ""
+            };
             continue;
         }
         let f: Vec<&str> = line.split_whitespace().collect();

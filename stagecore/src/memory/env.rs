@@ -296,7 +296,10 @@ impl MemoryEnvironment {
     fn sim<T>(&self, machine: &str, f: impl FnOnce(&mut EnvState, &str) -> Result<T>) -> Result<T> {
         self.with(|env, _| {
             let endpoint = || format!("{NAME}:{}/{machine} guest agent", env.name);
-            let power = *env.power.get(machine).ok_or_else(|| Error::not_found("machine", format!("{}/{machine}", env.name)))?;
+            let power = *env
+                .power
+                .get(machine)
+                .ok_or_else(|| Error::not_found("machine", format!("{}/{machine}", env.name)))?;
             if power != PowerState::Running {
                 return Err(Error::Unreachable { endpoint: endpoint(), reason: format!("the machine is {power:?}") });
             }
@@ -330,7 +333,11 @@ fn probe_answer(env: &EnvState, from: &str, probe: &super::guest::Probe) -> Gues
             "http" => reply(0, format!("HTTP/1.0 {} simulated\n", g.http_status), ""),
             _ => reply(0, String::new(), ""),
         },
-        _ => reply(1, String::new(), &format!("connect to {}:{}: connection refused (simulated)", probe.host, probe.port)),
+        _ => reply(
+            1,
+            String::new(),
+            &format!("connect to {}:{}: connection refused (simulated)", probe.host, probe.port),
+        ),
     }
 }
 
@@ -358,7 +365,11 @@ impl GuestChannel for MemoryEnvironment {
     async fn read_file(&self, machine: &str, path: &str) -> Result<Vec<u8>> {
         self.sim(machine, |env, machine| {
             let guest = env.guests.get(machine).expect("checked by sim");
-            guest.files.get(path).map(|f| f.0.clone()).ok_or_else(|| Error::not_found("guest file", format!("{}/{machine}:{path}", env.name)))
+            guest
+                .files
+                .get(path)
+                .map(|f| f.0.clone())
+                .ok_or_else(|| Error::not_found("guest file", format!("{}/{machine}:{path}", env.name)))
         })
     }
 

@@ -11,7 +11,8 @@
 //!   the *same* environment (by logical name, `localhost` or `127.0.0.1`) succeeds when that machine
 //!   runs and listens on the port; HTTP answers with the machine's simulated status (200);
 //! - `stagecore-sim` commands:
-//!   `pkg install NAME VERSION [ARCH]`, `pkg remove NAME`, `service start|stop|enable|disable NAME`,
+//!   `pkg install NAME VERSION [ARCH]`, `pkg remove NAME`, `repo set NAME VERSION` (what the
+//!   guest's package repository offers), `pkg upgrade NAME` (installs the repository's version), `service start|stop|enable|disable NAME`,
 //!   `port open|close PORT`, `file write PATH CONTENT`, `file rm PATH`, `http-status CODE`,
 //!   `hang` (the command times out), `agent-off` (the agent stops answering until the machine
 //!   is started again), `exit N`; and the programs `true` and `false`.
@@ -40,6 +41,8 @@ pub(crate) struct SimGuest {
     pub(crate) files: BTreeMap<String, (Vec<u8>, u32)>,
     pub(crate) http_status: u16,
     pub(crate) agent: bool,
+    /// What `pkg upgrade NAME` installs (name → version): the guest's package repository.
+    pub(crate) repo: BTreeMap<String, String>,
 }
 
 fn out(code: i32, stdout: impl Into<Vec<u8>>, stderr: &str) -> GuestOutput {
@@ -92,6 +95,7 @@ impl SimGuest {
             files: BTreeMap::new(),
             http_status: 200,
             agent: true,
+            repo: BTreeMap::new(),
         };
         g.files.insert("/etc/os-release".into(), (OS_RELEASE.as_bytes().to_vec(), 0o644));
         g.files.insert("/etc/app/app.conf".into(), (b"port=8080\ngreeting=hello\n".to_vec(), 0o644));
@@ -146,6 +150,18 @@ impl SimGuest {
                 self.packages.insert(name.to_string(), (version.to_string(), arch.to_string()));
                 ok(self)
             }
+            ["repo", "set", name, version] => {
+                self.repo.insert(name.to_string(), version.to_string());
+                ok(self)
+            }
+            ["pkg", "upgrade", name] => match self.repo.get(*name).cloned() {
+                Some(version) => {
+                    let arch = self.packages.get(*name).map_or_else(|| "amd64".to_string(), |p| p.1.clone());
+                    self.packages.insert(name.to_string(), (version, arch));
+                    ok(self)
+                }
+                None => Ok(Exec::Done(out(100, "", &format!("E: Unable to locate package {name}")))),
+            },
             ["pkg", "remove", name] => match self.packages.remove(*name) {
                 Some(_) => ok(self),
                 None => Ok(Exec::Done(out(100, "", &format!("dpkg: package {name} is not installed")))),

@@ -14,13 +14,13 @@ use time::OffsetDateTime;
 use tracing::Instrument;
 
 use super::archive;
-use crate::drift::DriftEngine;
 use super::fsutil::{ENGINE, blocking, ensure_dir, hostname};
 use super::journal::{Journal, JournalStep, Plan};
 use super::lock::{LockHolder, ProductionLock, TryLock, locked};
 use super::run::{Halt, Run, Timer};
 use super::steps;
 use super::types::{Approval, GateContext, Outcome, Promotion, PromotionRequest, Receipt, Strategy};
+use crate::drift::DriftEngine;
 use crate::inventory::InventoryConfig;
 use crate::{Backend, Error, PowerState, Progress, Result};
 
@@ -64,7 +64,13 @@ impl PromotionEngine {
         for sub in ["journal", "locks", "receipts"] {
             ensure_dir(dir.join(sub))?;
         }
-        Ok(PromotionEngine { dir, backend, crash: CrashPoint::Never, inventory: InventoryConfig::default(), progress: None })
+        Ok(PromotionEngine {
+            dir,
+            backend,
+            crash: CrashPoint::Never,
+            inventory: InventoryConfig::default(),
+            progress: None,
+        })
     }
 
     /// Opens the engine over `state_dir` (created if missing) and recovers every unfinished

@@ -24,8 +24,8 @@ mod types;
 
 pub use engine::{CrashPoint, PromotionEngine};
 pub use gates::{PROBE_MARKER, PROBE_SCRIPT, Probe, ProbeGate, ProbeResult, TestReport, test_environment};
-pub use rebase::{Conflict, ConflictReport, RebaseOptions, RebaseOutcome, rebase};
 pub use journal::{JournalEntry, JournalStep, Plan};
+pub use rebase::{Conflict, ConflictReport, RebaseOptions, RebaseOutcome, rebase};
 pub use types::{
     Approval, Gate, GateContext, GateVerdict, Outcome, PreconditionPolicy, Promotion, PromotionRequest, Receipt,
     StepRecord, Strategy,

@@ -129,7 +129,11 @@ async fn conflicts(
                         path: m.clone(),
                         expected: value(&baseline.spec, m),
                         production: value(&now, m),
-                        reason: format!("{} ({}) edits {path}, which production changed since the baseline", cs.id, change.kind()),
+                        reason: format!(
+                            "{} ({}) edits {path}, which production changed since the baseline",
+                            cs.id,
+                            change.kind()
+                        ),
                     });
                 }
             }
@@ -203,7 +207,9 @@ async fn conflicts(
                                 path: d.path.clone(),
                                 expected: d.before.clone(),
                                 production: Value::Null,
-                                reason: format!("cannot tell whether production moved: its inventory of {m} failed: {why}"),
+                                reason: format!(
+                                    "cannot tell whether production moved: its inventory of {m} failed: {why}"
+                                ),
                             });
                             continue;
                         }
@@ -214,7 +220,10 @@ async fn conflicts(
                             path: d.path.clone(),
                             expected: d.before.clone(),
                             production: now,
-                            reason: format!("{} changed {}, which production changed since the baseline", cs.id, d.path),
+                            reason: format!(
+                                "{} changed {}, which production changed since the baseline",
+                                cs.id, d.path
+                            ),
                         });
                     }
                 }

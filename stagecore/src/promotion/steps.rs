@@ -75,8 +75,7 @@ fn failures(report: &DriftReport, plan: &Plan) -> Vec<String> {
     }
     let footprint = inventory::combined_footprint(&plan.change_sets);
     let fp_machines: BTreeSet<&str> = footprint.keys().map(|(m, _)| m.as_str()).collect();
-    let guest_machines: BTreeSet<String> =
-        plan.change_sets.iter().flat_map(inventory::guest_machines).collect();
+    let guest_machines: BTreeSet<String> = plan.change_sets.iter().flat_map(inventory::guest_machines).collect();
     for r in &report.guest.records {
         let touched = footprint.contains_key(&(r.machine.clone(), r.path.clone()))
             || (guest_machines.contains(&r.machine) && !fp_machines.contains(r.machine.as_str()));
