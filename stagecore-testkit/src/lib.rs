@@ -23,6 +23,7 @@ pub mod bad_input;
 pub mod clone;
 pub mod drift;
 pub mod guest;
+pub mod guest_drift;
 pub mod guest_image;
 pub mod invariants;
 pub mod promotion;
