@@ -8,7 +8,15 @@
 //! the allocation above the baseline layer. `Backend::swap` exchanges a production's and a
 //! stage's machines (identities stay) crash-safely, and
 //! [`QemuEnvironment::collapse_layers`] merges layers nothing needs any more so chains stay short.
-//! See `docs/backends/qemu.md`.
+//!
+//! Real guests: a machine may boot a kernel directly (`MachineSpec.boot`), every machine gets a
+//! qemu-guest-agent channel (`machines/<m>/qga.sock` in its own environment's directory) and a
+//! serial console log (`machines/<m>/console.log`). [`QemuEnvironment`] is a
+//! [`stagecore::GuestChannel`] over `stagecore-qga` (commands, files, readiness; guest changes in
+//! `apply`). `start` follows the spec's start waves and waits for the agents of machines others
+//! start after. Baselines and snapshots freeze the filesystems of guests whose agent answers
+//! around the pause (`Application` consistency), with durable markers so a process killed inside
+//! the window leaves no frozen or paused guest behind the next open. See `docs/backends/qemu.md`.
 //!
 //! ```no_run
 //! # async fn run() -> stagecore::Result<()> {

@@ -125,11 +125,19 @@ impl EnvRecord {
             .ok_or_else(|| Error::not_found("disk", format!("{}/{machine}/{disk}", self.name)))
     }
 
-    /// A fresh layer file path for `machine`/`disk` in `disks_dir`, and its number.
+    /// A fresh layer file path for `machine`/`disk` in `disks_dir`, and its number. Numbers whose
+    /// file exists are skipped: a process that died before saving the record may have left one
+    /// (garbage collection removes it later).
     pub(crate) fn new_layer_path(&mut self, disks_dir: &Path, machine: &str, disk: &str) -> (PathBuf, u64) {
-        let n = self.next_layer;
-        self.next_layer += 1;
-        (disks_dir.join(format!("{machine}.{disk}.{n}.qcow2")), n)
+        loop {
+            let n = self.next_layer;
+            self.next_layer += 1;
+            let path = disks_dir.join(format!("{machine}.{disk}.{n}.qcow2"));
+            if path.symlink_metadata().is_err() {
+                return (path, n);
+            }
+            tracing::warn!(file = %path.display(), "skipping a layer file left by an earlier process");
+        }
     }
 
     /// Whether `path` is a disk top, a snapshot layer, a baseline layer or an origin.

@@ -320,12 +320,15 @@ async fn guest_process_killed_inside_the_freeze_window_is_settled_on_the_next_op
     drop(guest_production(&f, &name).await);
     let mdir = |m: &str| f.root().join("envs").join(&name).join("machines").join(m);
     for point in ["freeze:frozen", "freeze:paused"] {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
+        // Async, so the runtime closes this process's dropped QMP sessions (QEMU serves one
+        // client at a time) while the child runs.
+        let out = tokio::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "guest_child_process_helper", "--nocapture"])
             .env(CHILD_ROOT, f.root())
             .env(CHILD_ENV, &name)
             .env(CHILD_POINT, point)
             .output()
+            .await
             .expect("re-run the test binary");
         let text = String::from_utf8_lossy(&out.stdout);
         assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{point}: child not killed: {text}");
@@ -367,5 +370,44 @@ async fn guest_process_killed_inside_the_freeze_window_is_settled_on_the_next_op
         assert!(env.list_snapshots().await.unwrap().is_empty(), "the killed snapshot is not recorded");
         drop(qenv);
     }
+    let prod = f.backend.open(&name).await.unwrap();
+    let snap = prod.create_snapshot("after").await.expect("snapshots work after the settled kills");
+    assert!(snap.machines.values().all(|c| c.level == ConsistencyLevel::Application), "{:?}", snap.machines);
+    drop(prod);
     f.backend.destroy(&name).await.unwrap();
+}
+
+/// The testkit's guest functions, each on its own productions of real guests.
+fn kit(f: &Fixture) -> stagecore_testkit::Kit {
+    stagecore_testkit::guest::guest_kit(f.backend.clone(), f.root().join("kit-disks"))
+}
+
+#[tokio::test]
+async fn guest_kit_exec_read_write_round_trip() {
+    let f = Fixture::new();
+    stagecore_testkit::guest::exec_read_write_round_trip(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn guest_kit_guest_change_invisible_in_production() {
+    let f = Fixture::new();
+    stagecore_testkit::guest::guest_change_invisible_in_production(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn guest_kit_snapshot_revert_restores_guest_file() {
+    let f = Fixture::new();
+    stagecore_testkit::guest::snapshot_revert_restores_guest_file(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn guest_kit_replay_promotion_reaches_production() {
+    let f = Fixture::new();
+    stagecore_testkit::guest::replay_promotion_reaches_production(&kit(&f)).await;
+}
+
+#[tokio::test]
+async fn guest_kit_failing_guest_command_rolls_back() {
+    let f = Fixture::new();
+    stagecore_testkit::guest::failing_guest_command_rolls_back(&kit(&f)).await;
 }

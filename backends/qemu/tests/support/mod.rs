@@ -185,45 +185,10 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for EventLog {
     }
 }
 
-/// The test guest image directory (`STAGECORE_GUEST_IMAGE`, else the cache's `current` link);
-/// panics with instructions when it is missing.
-pub fn guest_image_dir() -> PathBuf {
-    let dir = std::env::var_os("STAGECORE_GUEST_IMAGE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/stagecore/guest-image/current"));
-    assert!(
-        dir.join("base.qcow2").is_file(),
-        "the test guest image is missing at {}: run `cargo xtask guest-image` (or set STAGECORE_GUEST_IMAGE)",
-        dir.display()
-    );
-    dir
-}
-
-/// A web/app/db production spec of real guests (web after app after db), each on its own
-/// overlay of the test image in `disk_dir`.
+/// A web/app/db production spec of real guests from the project's test image (web after app
+/// after db), its overlays in `disk_dir/<name>/`; panics with instructions when the image is
+/// missing.
 pub fn guest_spec(name: &str, disk_dir: &Path) -> stagecore::EnvironmentSpec {
-    let image = guest_image_dir();
-    std::fs::create_dir_all(disk_dir).expect("disk dir");
-    let cmdline = std::fs::read_to_string(image.join("cmdline")).expect("cmdline").trim().to_string();
-    let mut spec = stagecore::memory::sample_spec(name);
-    for m in &mut spec.machines {
-        let overlay = disk_dir.join(format!("{name}-{}.qcow2", m.name));
-        let (base, ov) = (image.join("base.qcow2"), overlay.clone());
-        let (ok, out) = run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base.to_str().unwrap(), ov.to_str().unwrap()],
-        );
-        assert!(ok, "{out}");
-        m.memory_mib = 384;
-        m.disks[0].source = overlay.display().to_string();
-        m.disks[0].size_bytes = None;
-        m.boot = Some(stagecore::BootSpec {
-            kernel: image.join("vmlinuz").display().to_string(),
-            initrd: Some(image.join("initrd.img").display().to_string()),
-            cmdline: cmdline.clone(),
-        });
-    }
-    spec.machines[0].after = vec!["app".into()];
-    spec.machines[1].after = vec!["db".into()];
-    spec
+    let image = stagecore_testkit::guest_image::GuestImage::locate();
+    image.production_spec(name, &disk_dir.join(name)).expect("production spec of real guests")
 }
