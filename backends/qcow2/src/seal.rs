@@ -1,4 +1,5 @@
-//! Integrity records of read-only layers: [`LayerSeal`], made by [`seal`] and checked by [`verify`].
+//! Integrity records of read-only layers: [`LayerSeal`], made by [`seal`](crate::seal) and
+//! checked by [`verify`](crate::verify).
 //!
 //! Contract: a seal covers the file's size and modification time and, for qcow2, SHA-256 of
 //! cluster 0 (header, extensions, backing name), of the L1 table, of every L2 table the L1
@@ -7,7 +8,7 @@
 //! Any change that allocates, frees, snapshots, reverts, rebases, resizes or rewrites the
 //! header changes a hash; an in-place overwrite of an already allocated data cluster changes
 //! only the modification time (which the seal records, so it is caught too unless someone
-//! resets the mtime on purpose). [`verify`] names the first difference in
+//! resets the mtime on purpose). [`verify`](crate::verify) names the first difference in
 //! [`Error::LayerChanged`](crate::Error::LayerChanged).
 
 use std::fs::File;
@@ -23,7 +24,7 @@ use crate::layer::{Qcow2Layer, open_file};
 use crate::types::ImageFormat;
 
 /// What a read-only layer looked like when it was sealed. Serialise it next to the baseline
-/// record; compare with [`verify`] before trusting the layer again.
+/// record; compare with [`verify`](crate::verify) before trusting the layer again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct LayerSeal {
@@ -31,7 +32,7 @@ pub struct LayerSeal {
     pub format: ImageFormat,
     /// File length in bytes.
     pub size: u64,
-    /// Modification time, nanoseconds since the Unix epoch. `None`: not checked by [`verify`]
+    /// Modification time, nanoseconds since the Unix epoch. `None`: not checked by [`verify`](crate::verify)
     /// (e.g. for a layer copied without keeping times).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtime_ns: Option<i64>,
@@ -50,7 +51,7 @@ pub struct LayerSeal {
 }
 
 impl LayerSeal {
-    /// The same seal without the modification time (then [`verify`] checks metadata only).
+    /// The same seal without the modification time (then [`verify`](crate::verify) checks metadata only).
     pub fn without_mtime(mut self) -> LayerSeal {
         self.mtime_ns = None;
         self

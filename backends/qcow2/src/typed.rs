@@ -60,7 +60,8 @@ pub fn allocated_extents(path: &Path) -> Result<Vec<Extent>> {
 
 /// What changed since `base`: the union of the allocation of every layer from `top` down to,
 /// excluding, `base`. `base` must be a file of `top`'s chain (compared by identity, so any path
-/// to it works), else [`Error::BaseNotInChain`]. `changed_since(x, x)` is empty.
+/// to it works), else [`Error::BaseNotInChain`](crate::Error::BaseNotInChain).
+/// `changed_since(x, x)` is empty.
 #[tracing::instrument(level = "debug", skip_all, fields(top = %top.display(), base = %base.display()))]
 pub fn changed_since(top: &Path, base: &Path) -> Result<Vec<Extent>> {
     let mut chain = Chain::open(top, false)?;
@@ -134,8 +135,9 @@ pub fn seal(path: &Path) -> Result<LayerSeal> {
     seal_mod::seal(path)
 }
 
-/// Checks that `path` still matches `seal`: `Ok(())`, or [`Error::LayerChanged`] naming the
-/// first difference (size, header, L1, L2, refcount table, modification time). A layer that
+/// Checks that `path` still matches `seal`: `Ok(())`, or
+/// [`Error::LayerChanged`](crate::Error::LayerChanged) naming the first difference (size,
+/// header, L1, L2, refcount table, modification time). A layer that
 /// was rewritten behind our back (an internal-snapshot revert, a plain write) fails here.
 #[tracing::instrument(level = "debug", skip_all, fields(path = %path.display()))]
 pub fn verify(path: &Path, seal: &LayerSeal) -> Result<()> {

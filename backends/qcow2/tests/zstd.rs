@@ -169,3 +169,19 @@ fn damaged_zstd_cluster_is_corrupt_not_garbage() {
     let e = digest(&badp).unwrap_err();
     assert!(matches!(&e, Error::Corrupt { path, what } if path == &badp && what.contains("zstd")), "{e}");
 }
+
+#[test]
+fn write_at_into_a_zstd_image_copies_on_write_from_compressed_clusters() {
+    let (d, img, want) = case("cluster_size=65536");
+    // Offset 0 lies in a compressible text run: a compressed cluster; a partial write must
+    // decompress it (zstd) for the untouched bytes.
+    let out = qemu_img(&["map", "--output=json", img.to_str().unwrap()]);
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = &map[0];
+    assert!(first["start"] == 0 && first["data"] == true && first.get("offset").is_none(), "{first}");
+    stagecore_qcow2::typed::write_at(&img, 1000, &[0xee; 300]).unwrap();
+    let mut expect = want.clone();
+    expect[1000..1300].fill(0xee);
+    assert!(read_all(&img, want.len()) == expect);
+    assert_eq!(qemu_raw(&img, &d, "after.raw"), expect, "qemu reads what we wrote");
+}
