@@ -130,8 +130,10 @@ impl GuestOutput {
 /// use std::time::Duration;
 /// let req = stagecore::GuestExec::new(["/bin/sh", "-c", "cat"]).stdin(b"hi".to_vec()).timeout(Duration::from_secs(5));
 /// assert_eq!(req.argv[0], "/bin/sh");
+/// let debug = format!("{:?}", req.env("TOKEN", "s3cret"));
+/// assert!(debug.contains("TOKEN") && !debug.contains("s3cret") && !debug.contains("hi"));
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct GuestExec {
     /// The program (absolute path or found on the guest's `PATH`) and its arguments.
     pub argv: Vec<String>,
@@ -182,6 +184,20 @@ impl GuestExec {
     /// The argv as one line for logs and errors (never contains stdin or environment values).
     pub fn display(&self) -> String {
         self.argv.join(" ")
+    }
+}
+
+/// `Debug` shows the argv, the stdin size and the environment *names* only: stdin and values may
+/// carry secrets.
+impl std::fmt::Debug for GuestExec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.env.iter().map(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k)).collect();
+        f.debug_struct("GuestExec")
+            .field("argv", &self.argv)
+            .field("stdin_bytes", &self.stdin.as_ref().map(Vec::len))
+            .field("env", &names)
+            .field("timeout", &self.timeout)
+            .finish()
     }
 }
 
