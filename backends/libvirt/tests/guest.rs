@@ -356,3 +356,25 @@ async fn guest_killed_between_freeze_and_thaw_is_thawed_on_next_open() {
     assert!(info.contains("vda") || info.contains('/'), "domfsinfo answers on a thawed guest: {info}");
     backend.destroy(&name).await.unwrap();
 }
+
+/// The testkit's guest functions, one live test each, on productions of real guests made by
+/// `stagecore_testkit::guest::guest_kit` in the guard's state directory.
+macro_rules! guest_kit_tests {
+    ($($name:ident => $f:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let g = Guard::new("gk");
+            let backend: std::sync::Arc<dyn Backend> = std::sync::Arc::new(g.backend().await);
+            let kit = stagecore_testkit::guest::guest_kit(backend, g.dir.join("disks"));
+            stagecore_testkit::guest::$f(&kit).await;
+        }
+    )*};
+}
+
+guest_kit_tests! {
+    guest_kit_exec_read_write_round_trip => exec_read_write_round_trip;
+    guest_kit_guest_change_invisible_in_production => guest_change_invisible_in_production;
+    guest_kit_snapshot_revert_restores_guest_file => snapshot_revert_restores_guest_file;
+    guest_kit_replay_promotion_reaches_production => replay_promotion_reaches_production;
+    guest_kit_failing_guest_command_rolls_back => failing_guest_command_rolls_back;
+}
