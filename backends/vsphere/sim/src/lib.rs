@@ -8,6 +8,7 @@
 //! and recorded ([`Simulator::violations`]). Faults are injected through [`Simulator`] methods.
 //! The servers stop when the [`Simulator`] is dropped.
 
+mod guest;
 mod openapi;
 mod rest;
 mod server;
@@ -17,7 +18,8 @@ mod tls;
 mod vim;
 
 pub use openapi::OPENAPI_DIR_ENV;
-pub use state::{Disk, Fault, Network, Nic, PowerState, Snapshot, Vm, VmConfig, Write};
+pub use guest::{SIM_GUEST_PASSWORD, SIM_GUEST_USER, SimGuest};
+pub use state::{Disk, DiskBacking, Fault, Network, NetworkKind, Nic, PowerState, Snapshot, Vm, VmConfig, Write};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,6 +29,34 @@ use std::time::{Duration, Instant};
 pub const SIM_USER: &str = "administrator@vsphere.local";
 /// The password the simulator accepts.
 pub const SIM_PASSWORD: &str = "sim-Passw0rd!";
+
+/// The VI/JSON releases the simulator knows, oldest first (VI/JSON starts with vSphere 8.0U1).
+pub const VIM_RELEASES: [&str; 4] = ["8.0.1.0", "8.0.2.0", "8.0.3.0", "9.0.0.0"];
+
+/// One VI/JSON answer the simulator gave, kept so tests can check it against the specification.
+#[derive(Clone, Debug)]
+pub struct VimAnswer {
+    /// HTTP method.
+    pub method: String,
+    /// Request path (`/sdk/vim25/8.0.2.0/VirtualMachine/vm-101/config`).
+    pub path: String,
+    /// HTTP status.
+    pub status: u16,
+    /// The JSON body, `None` when empty.
+    pub body: Option<serde_json::Value>,
+}
+
+/// The current time in RFC 3339 (`2026-12-01T08:52:12.123Z`).
+pub(crate) fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
+}
+
+/// Compares two dotted release strings numerically (`8.0.10.0` > `8.0.2.0`).
+pub(crate) fn release_key(r: &str) -> Vec<u32> {
+    r.split('.').map(|p| p.parse().unwrap_or(0)).collect()
+}
 
 /// A documented-shape violation found in a request or response.
 #[derive(Clone, Debug)]
@@ -89,6 +119,24 @@ pub(crate) struct Shared {
     pub(crate) stats: Mutex<Stats>,
     pub(crate) openapi: &'static openapi::OpenApi,
     pub(crate) session_ttl: Duration,
+    /// The newest VI/JSON release served; `None`: a vCenter 7.0.x without VI/JSON.
+    pub(crate) vim_release: Option<String>,
+    /// The SessionManager's managed object id announced in ServiceContent.
+    pub(crate) session_manager: String,
+    pub(crate) vim_answers: Mutex<Vec<VimAnswer>>,
+    /// Guest transfer URLs handed out and not used yet: token → (VM, path, direction).
+    pub(crate) transfers: Mutex<HashMap<String, guest::Transfer>>,
+    /// The HTTPS listener's port (to tell which scheme a transfer URL needs).
+    pub(crate) https_port: std::sync::OnceLock<u16>,
+}
+
+impl Shared {
+    /// Whether `release` is served: a known release not newer than the server's own, or the
+    /// server's own release.
+    pub(crate) fn serves(&self, release: &str) -> bool {
+        let Some(top) = &self.vim_release else { return false };
+        release == top || (VIM_RELEASES.contains(&release) && release_key(release) <= release_key(top))
+    }
 }
 
 /// Locks a mutex, ignoring poisoning (a panicking test must not hide the state from others).
@@ -101,13 +149,31 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct SimOptions {
     /// How long a session lives without being expired by hand.
     pub session_ttl: Duration,
-    /// Seed the default inventory (folders `prod`/`stage`, networks, VMs `web` and `db`).
+    /// Seed the default inventory (folders `prod`/`stage`/`apps`, networks, VMs `web`, `db` and `app`).
     pub seed: bool,
+    /// The VI/JSON release this "vCenter" is (it also serves the older known releases, see
+    /// [`VIM_RELEASES`]); `None` for a vCenter 7.0.x: no VI/JSON and no
+    /// `POST /api/vcenter/system?action=hello`.
+    pub vim_release: Option<String>,
+    /// The SessionManager's managed object id, announced in `ServiceContent.sessionManager`.
+    pub session_manager_id: String,
 }
 
 impl Default for SimOptions {
     fn default() -> Self {
-        SimOptions { session_ttl: Duration::from_secs(3600), seed: true }
+        SimOptions {
+            session_ttl: Duration::from_secs(3600),
+            seed: true,
+            vim_release: Some("8.0.2.0".to_string()),
+            session_manager_id: "SessionManager".to_string(),
+        }
+    }
+}
+
+impl SimOptions {
+    /// Default options for a vCenter of the given VI/JSON release (`None`: 7.0.x, no VI/JSON).
+    pub fn release(release: Option<&str>) -> Self {
+        SimOptions { vim_release: release.map(str::to_string), ..SimOptions::default() }
     }
 }
 
@@ -144,6 +210,11 @@ impl Simulator {
             stats: Mutex::new(Stats::default()),
             openapi,
             session_ttl: options.session_ttl,
+            vim_release: options.vim_release.clone(),
+            session_manager: options.session_manager_id.clone(),
+            vim_answers: Mutex::new(Vec::new()),
+            transfers: Mutex::new(HashMap::new()),
+            https_port: std::sync::OnceLock::new(),
         });
         let generated = tls::generate().map_err(|e| format!("certificate generation: {e}"))?;
         let (https_url, h1) = server::serve_https(shared.clone(), &generated).await?;
@@ -169,6 +240,23 @@ impl Simulator {
     /// All OpenAPI violations recorded so far.
     pub fn violations(&self) -> Vec<Violation> {
         lock(&self.shared.violations).clone()
+    }
+
+    /// Every VI/JSON answer given so far, in order.
+    pub fn vim_answers(&self) -> Vec<VimAnswer> {
+        lock(&self.shared.vim_answers).clone()
+    }
+
+    /// A copy of the simulated guest of a VM (`None`: the VM has no guest with VMware Tools).
+    pub fn guest(&self, vm: &str) -> Option<SimGuest> {
+        lock(&self.shared.inv).guests.get(vm).cloned()
+    }
+
+    /// Changes the simulated guest of a VM (creating it when absent).
+    pub fn with_guest<T>(&self, vm: &str, f: impl FnOnce(&mut SimGuest) -> T) -> T {
+        let mut inv = lock(&self.shared.inv);
+        let name = inv.vms.get(vm).map_or_else(|| vm.to_string(), |v| v.name.clone());
+        f(inv.guests.entry(vm.to_string()).or_insert_with(|| SimGuest::new(&name)))
     }
 
     /// Request counters and the endpoints checked / not checked so far.
@@ -242,7 +330,7 @@ impl Simulator {
     pub fn add_network(&self, name: &str, isolated: bool) -> String {
         let mut inv = lock(&self.shared.inv);
         let id = inv.next("network");
-        inv.networks.push(Network { id: id.clone(), name: name.to_string(), isolated });
+        inv.networks.push(Network::standard(&id, name, isolated));
         id
     }
 }

@@ -155,9 +155,41 @@ impl Operation<'_> {
         errors
     }
 
+    /// Checks a body that carries several operation parameters as members (see
+    /// `rest::guest_members`): `credentials` against `VcenterVmGuestCredentials`, any other
+    /// member against the documented body schema; no other member is allowed.
+    pub(crate) fn check_members(&self, body: Option<&Value>, members: &[&str]) -> Vec<String> {
+        let mut errors = Vec::new();
+        let Some(obj) = body.and_then(Value::as_object) else {
+            return vec!["request body must be an object of the operation's parameters".to_string()];
+        };
+        let documented = self.op.get("requestBody").map(|rb| {
+            let rb = resolve(self.doc, rb);
+            rb.pointer("/content/application~1json/schema").unwrap_or(rb)
+        });
+        for m in members {
+            let Some(v) = obj.get(*m) else {
+                errors.push(format!("/{m}: required parameter missing"));
+                continue;
+            };
+            let credentials = json_ref("VcenterVmGuestCredentials");
+            let schema = if *m == "credentials" { &credentials } else { documented.unwrap_or(&Value::Null) };
+            check(self.doc, schema, v, &format!("/{m}"), &mut errors);
+        }
+        for k in obj.keys().filter(|k| !members.contains(&k.as_str())) {
+            errors.push(format!("/{k}: not a parameter of {}", self.template));
+        }
+        errors
+    }
+
     /// Checks a response status and body (`None` for an empty body).
     pub(crate) fn check_response(&self, status: u16, body: Option<&Value>) -> Vec<String> {
-        let key = if (200..300).contains(&status) { "200".to_string() } else { status.to_string() };
+        let exact = status.to_string();
+        let key = if (200..300).contains(&status) && self.op["responses"].get(&exact).is_none() {
+            "200".to_string()
+        } else {
+            exact
+        };
         let Some(resp) = self.op["responses"].get(&key) else {
             return vec![format!("status {status} is not documented for {}", self.template)];
         };
@@ -169,12 +201,17 @@ impl Operation<'_> {
             (None, Some(_)) => errors.push(format!("status {status}: body sent but none is documented")),
             (Some(_), None) => errors.push(format!("status {status}: body documented but none sent")),
             (Some(schema), Some(body)) => {
-                let schema = if key == "200" { unwrap_single(self.doc, schema) } else { resolve(self.doc, schema) };
+                let schema =
+                    if (200..300).contains(&status) { unwrap_single(self.doc, schema) } else { resolve(self.doc, schema) };
                 check(self.doc, schema, body, "", &mut errors);
             }
         }
         errors
     }
+}
+
+fn json_ref(name: &str) -> Value {
+    serde_json::json!({"$ref": format!("#/components/schemas/{name}")})
 }
 
 /// Follows `$ref`s; a dangling `requestBodies/X` falls back to `schemas/X` (see module docs).

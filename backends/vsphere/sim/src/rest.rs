@@ -36,9 +36,34 @@ fn rest_path(req: &Req) -> String {
     }
 }
 
+/// Guest operations carry two parameters in one body (`credentials` and `spec`); the 7.0.3
+/// document renders only one of them as the body schema (the other is lost), so each member is
+/// checked against its own schema: `credentials` against `VcenterVmGuestCredentials`, `spec`
+/// against the documented body.
+fn guest_members(req: &Req) -> Option<&'static [&'static str]> {
+    if !req.path.contains("/guest/") {
+        return None;
+    }
+    let action = req.query("action").first().copied();
+    match (req.path.ends_with("/processes") || req.path.ends_with("/filesystem"), action) {
+        (true, Some("create")) => Some(&["credentials", "spec"]),
+        (_, Some("get" | "list")) => Some(&["credentials"]),
+        _ => None,
+    }
+}
+
 pub(crate) fn handle(shared: &Arc<Shared>, req: &Req, burst: bool) -> Reply {
     let rest = rest_path(req);
-    let Some(op) = shared.openapi.find(&rest, req.method.as_str()) else {
+    let api = match req.query("action").first() {
+        Some(a) => format!("{}?action={a}", req.path),
+        None => req.path.clone(),
+    };
+    let documented = if req.path.contains("/guest/") {
+        shared.openapi.find(&api, req.method.as_str())
+    } else {
+        shared.openapi.find(&rest, req.method.as_str())
+    };
+    let Some(op) = documented else {
         note(shared, &mut lock(&shared.stats).unchecked_endpoints, format!("{} {}", req.method, req.path));
         return route(shared, req, burst);
     };
@@ -47,7 +72,10 @@ pub(crate) fn handle(shared: &Arc<Shared>, req: &Req, burst: bool) -> Reply {
     if req.raw_body_invalid {
         errors.push("request body is not JSON".to_string());
     }
-    errors.extend(op.check_request(req.body.as_ref()));
+    match guest_members(req) {
+        Some(members) => errors.extend(op.check_members(req.body.as_ref(), members)),
+        None => errors.extend(op.check_request(req.body.as_ref())),
+    }
     if !errors.is_empty() {
         return violation(shared, req, "request", errors);
     }
@@ -92,6 +120,9 @@ fn route(shared: &Arc<Shared>, req: &Req, burst: bool) -> Reply {
     if segs == ["session"] {
         return session(shared, req);
     }
+    if segs == ["vcenter", "system"] && req.method == Method::POST && req.query("action").first() == Some(&"hello") {
+        return hello(shared, req);
+    }
     if !authenticated(shared, req, false) {
         return error(401, "UNAUTHENTICATED", "Authentication required.");
     }
@@ -104,8 +135,29 @@ fn route(shared: &Arc<Shared>, req: &Req, burst: bool) -> Reply {
         (&Method::POST, ["vcenter", "vm", vm, "power"], Some(a)) => power(shared, vm, a),
         (&Method::GET, ["vcenter", "network"], None) => list_networks(shared, req),
         (&Method::GET, ["vcenter", "folder"], None) => list_folders(shared, req),
+        (&Method::POST, ["vcenter", "vm", vm, "guest", rest @ ..], a) => crate::guest::handle_rest(shared, req, vm, rest, a),
         _ => error(404, "NOT_FOUND", format!("no such operation {} {}", req.method, req.path)),
     }
+}
+
+/// `POST /api/vcenter/system?action=hello` (vSphere 8.0U1+, not in the 7.0.3 documents): the
+/// client names the VI/JSON releases it speaks, the server answers the newest one it serves
+/// (`""` when none). Anonymous, as the API allows. A 7.0.x server (no VI/JSON) answers 404.
+fn hello(shared: &Shared, req: &Req) -> Reply {
+    if shared.vim_release.is_none() {
+        return error(404, "NOT_FOUND", "no such operation POST /api/vcenter/system?action=hello");
+    }
+    let body = req.body.clone().unwrap_or(Value::Null);
+    let Some(offered) = body["api_releases"].as_array().filter(|a| a.iter().all(Value::is_string)) else {
+        return error(400, "INVALID_ARGUMENT", "api_releases must be a list of strings");
+    };
+    let mut best: Option<&str> = None;
+    for r in offered.iter().filter_map(Value::as_str).filter(|r| shared.serves(r)) {
+        if best.is_none_or(|b| crate::release_key(r) > crate::release_key(b)) {
+            best = Some(r);
+        }
+    }
+    Reply::json(200, json!({"api_release": best.unwrap_or("")}))
 }
 
 fn session(shared: &Shared, req: &Req) -> Reply {
@@ -165,12 +217,25 @@ fn get_vm(shared: &Shared, id: &str) -> Reply {
     let mut nics = serde_json::Map::new();
     for n in &vm.config.nics {
         let net = inv.network_by_id(&n.network);
+        let mut backing = json!({"type": net.map_or("STANDARD_PORTGROUP", |x| x.rest_type()), "network": n.network,
+                                  "network_name": net.map(|n| n.name.clone()).unwrap_or_default()});
+        match net.map(|x| &x.kind) {
+            Some(crate::state::NetworkKind::Distributed { switch_uuid, .. }) => {
+                backing["distributed_switch_uuid"] = json!(switch_uuid);
+                backing["distributed_port"] = json!(format!("{}", n.key - 3900));
+                backing["connection_cookie"] = json!(n.key * 7 + 11);
+            }
+            Some(crate::state::NetworkKind::Opaque { opaque_id, opaque_type }) => {
+                backing["opaque_network_type"] = json!(opaque_type);
+                backing["opaque_network_id"] = json!(opaque_id);
+            }
+            _ => {}
+        }
         nics.insert(
             n.key.to_string(),
             json!({"label": n.label, "type": "VMXNET3", "upt_compatibility_enabled": false, "mac_type": "GENERATED",
                    "mac_address": n.mac, "pci_slot_number": 192, "wake_on_lan_enabled": false,
-                   "backing": {"type": "STANDARD_PORTGROUP", "network": n.network,
-                               "network_name": net.map(|n| n.name.clone()).unwrap_or_default()},
+                   "backing": backing,
                    "state": if vm.power == PowerState::On { "CONNECTED" } else { "NOT_CONNECTED" },
                    "start_connected": true, "allow_guest_control": true}),
         );
@@ -201,6 +266,7 @@ fn delete_vm(shared: &Shared, id: &str) -> Reply {
         }
         Some(_) => {
             inv.vms.remove(id);
+            inv.guests.remove(id);
             inv.snapshots.retain(|_, s| s.vm != id);
             Reply::empty(204)
         }
@@ -240,7 +306,8 @@ fn clone(shared: &Shared, req: &Req) -> Reply {
     if inv.name_taken(&folder, name) {
         return error(400, "ALREADY_EXISTS", format!("A VM named {name} already exists in {folder}."));
     }
-    let id = inv.create_vm(name, &folder, src.config.clone(), false);
+    let guest = inv.guests.get(source).cloned();
+    let id = inv.create_vm(name, &folder, src.config.clone(), false, guest);
     if body["power_on"] == true
         && let Some(vm) = inv.vms.get_mut(&id)
     {
@@ -256,7 +323,7 @@ fn list_networks(shared: &Shared, req: &Req) -> Reply {
         .networks
         .iter()
         .filter(|n| names.is_empty() || names.contains(&n.name.as_str()))
-        .map(|n| json!({"network": n.id, "name": n.name, "type": "STANDARD_PORTGROUP"}))
+        .map(|n| json!({"network": n.id, "name": n.name, "type": n.rest_type()}))
         .collect();
     Reply::json(200, Value::Array(list))
 }

@@ -3,7 +3,7 @@
 //! Contract: every request goes through [`dispatch`], which applies injected 503 bursts and hands
 //! `/api/...` to `rest.rs` and `/sdk/vim25/...` to `vim.rs`; anything else is 404.
 
-use crate::state::{Disk, Inventory, Network, Nic, PowerState, VmConfig};
+use crate::state::{Disk, DiskBacking, Inventory, Network, NetworkKind, Nic, PowerState, VmConfig};
 use crate::{Session, Shared, lock};
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -20,6 +20,7 @@ pub(crate) struct Req {
     pub(crate) headers: HeaderMap,
     pub(crate) body: Option<Value>,
     pub(crate) raw_body_invalid: bool,
+    pub(crate) raw: Bytes,
 }
 
 impl Req {
@@ -41,15 +42,26 @@ pub(crate) struct Reply {
     pub(crate) status: u16,
     pub(crate) body: Option<Value>,
     pub(crate) headers: Vec<(&'static str, String)>,
+    /// A non-JSON body (guest file downloads).
+    pub(crate) octets: Option<Vec<u8>>,
 }
 
 impl Reply {
     pub(crate) fn json(status: u16, body: Value) -> Reply {
-        Reply { status, body: Some(body), headers: Vec::new() }
+        Reply { status, body: Some(body), headers: Vec::new(), octets: None }
     }
     pub(crate) fn empty(status: u16) -> Reply {
-        Reply { status, body: None, headers: Vec::new() }
+        Reply { status, body: None, headers: Vec::new(), octets: None }
     }
+    pub(crate) fn bytes(status: u16, data: Vec<u8>) -> Reply {
+        Reply { status, body: None, headers: Vec::new(), octets: Some(data) }
+    }
+}
+
+/// Whether a `Host` header names the HTTPS listener.
+pub(crate) fn is_https(shared: &Shared, host: &str) -> bool {
+    let port = host.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+    port.is_some() && port == shared.https_port.get().copied()
 }
 
 async fn dispatch(
@@ -59,6 +71,7 @@ async fn dispatch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let body_bytes = body.clone();
     let query = uri
         .query()
         .map(|q| {
@@ -71,7 +84,8 @@ async fn dispatch(
                 .collect()
         })
         .unwrap_or_default();
-    let (body, raw_body_invalid) = if body.is_empty() {
+    let is_transfer = uri.path() == "/guestFile";
+    let (body, raw_body_invalid) = if body.is_empty() || is_transfer {
         (None, false)
     } else {
         match serde_json::from_slice::<Value>(&body) {
@@ -79,7 +93,7 @@ async fn dispatch(
             Err(_) => (None, true),
         }
     };
-    let req = Req { method, path: uri.path().to_string(), query, headers, body, raw_body_invalid };
+    let req = Req { method, path: uri.path().to_string(), query, headers, body, raw_body_invalid, raw: body_bytes };
     let burst = {
         let mut f = lock(&shared.faults);
         let hit = f.burst_503 > 0;
@@ -92,7 +106,18 @@ async fn dispatch(
     let reply = if req.path.starts_with("/api/") {
         crate::rest::handle(&shared, &req, burst)
     } else if req.path.starts_with("/sdk/vim25/") {
-        crate::vim::handle(&shared, &req, burst)
+        let reply = crate::vim::handle(&shared, &req, burst);
+        lock(&shared.vim_answers).push(crate::VimAnswer {
+            method: req.method.to_string(),
+            path: req.path.clone(),
+            status: reply.status,
+            body: reply.body.clone(),
+        });
+        reply
+    } else if req.path == "/guestFile" && !burst {
+        crate::guest::transfer(&shared, &req, &req.raw)
+    } else if burst {
+        Reply::empty(503)
     } else {
         Reply::empty(404)
     };
@@ -164,12 +189,16 @@ fn to_response(reply: Reply) -> Response {
     for (k, v) in &reply.headers {
         builder = builder.header(*k, v);
     }
-    let body = match reply.body {
-        Some(v) => {
+    let body = match (reply.body, reply.octets) {
+        (Some(v), _) => {
             builder = builder.header("content-type", "application/json");
             Body::from(v.to_string())
         }
-        None => Body::empty(),
+        (None, Some(data)) => {
+            builder = builder.header("content-type", "application/octet-stream");
+            Body::from(data)
+        }
+        (None, None) => Body::empty(),
     };
     builder.body(body).unwrap_or_else(|_| Response::new(Body::empty()))
 }
@@ -190,6 +219,7 @@ pub(crate) async fn serve_https(
     .map_err(|e| format!("TLS config: {e}"))?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let _ = shared.https_port.set(addr.port());
     let handle = axum_server::Handle::new();
     let server = axum_server::from_tcp_rustls(listener, config).map_err(|e| e.to_string())?.handle(handle.clone());
     tokio::spawn(server.serve(router(shared).into_make_service()));
@@ -238,20 +268,46 @@ fn disk(key: i32, label: &str, gib: u64, file: &str) -> Disk {
         capacity: gib << 30,
         file: file.to_string(),
         parent_file: None,
+        backing: DiskBacking::Flat,
         lineage: Vec::new(),
         cbt_epoch: uuid::Uuid::new_v4().to_string(),
         next_seq: 1,
     }
 }
 
-/// The default inventory: folders `prod` (group-v10) and `stage` (group-v11); networks
-/// `VM Network` (network-1) and `isolated-pg` (network-2, isolated); VMs `web` (vm-101, CBT on)
-/// and `db` (vm-102, CBT off, two disks).
+/// The default inventory: folders `prod` (group-v10), `stage` (group-v11) and `apps` (group-v12);
+/// networks `VM Network` (network-1), `isolated-pg` (network-2, isolated), the distributed port
+/// group `dvpg-app` (dvportgroup-21) and the NSX segment `nsx-seg` (network-o31); VMs `web`
+/// (vm-101, CBT on) and `db` (vm-102, CBT off, two disks) in `prod`, and `app` (vm-103, in `apps`:
+/// flat, sparse and RDM disks, NICs on the distributed port group and the NSX segment). Every VM
+/// runs and has a simulated guest.
 pub(crate) fn seed(inv: &mut Inventory) {
-    inv.folders = vec![("group-v10".into(), "prod".into()), ("group-v11".into(), "stage".into())];
+    inv.folders = vec![
+        ("group-v10".into(), "prod".into()),
+        ("group-v11".into(), "stage".into()),
+        ("group-v12".into(), "apps".into()),
+    ];
     inv.networks = vec![
-        Network { id: "network-1".into(), name: "VM Network".into(), isolated: false },
-        Network { id: "network-2".into(), name: "isolated-pg".into(), isolated: true },
+        Network::standard("network-1", "VM Network", false),
+        Network::standard("network-2", "isolated-pg", true),
+        Network {
+            id: "dvportgroup-21".into(),
+            name: "dvpg-app".into(),
+            isolated: false,
+            kind: NetworkKind::Distributed {
+                switch_uuid: "50 2a 6b 1c 9e 0f 4d 77-8a 3b 5c 6d 7e 8f 90 a1".into(),
+                portgroup_key: "dvportgroup-21".into(),
+            },
+        },
+        Network {
+            id: "network-o31".into(),
+            name: "nsx-seg".into(),
+            isolated: false,
+            kind: NetworkKind::Opaque {
+                opaque_id: "3a9c1d2e-7f41-4b8a-9c0d-5e6f7a8b9c0d".into(),
+                opaque_type: "nsx.LogicalSwitch".into(),
+            },
+        },
     ];
     let web = VmConfig {
         cpus: 2,
@@ -280,13 +336,40 @@ pub(crate) fn seed(inv: &mut Inventory) {
         }],
         cbt: false,
     };
-    for (id, name, config) in [("vm-101", "web", web), ("vm-102", "db", db)] {
+    let mut sparse = disk(2001, "Hard disk 2", 4, "[datastore1] app/app_1.vmdk");
+    sparse.backing = DiskBacking::Sparse;
+    let mut rdm = disk(2002, "Hard disk 3", 8, "[datastore1] app/app_rdm.vmdk");
+    rdm.backing = DiskBacking::Rdm { lun_uuid: "0200000000600508b1001c3ea9a6b3a8f0e41b8b4d4c4f4749".into() };
+    let app = VmConfig {
+        cpus: 2,
+        memory_mib: 4096,
+        disks: vec![disk(2000, "Hard disk 1", 16, "[datastore1] app/app.vmdk"), sparse, rdm],
+        nics: vec![
+            Nic {
+                key: 4000,
+                label: "Network adapter 1".into(),
+                mac: "00:50:56:00:01:03".into(),
+                network: "dvportgroup-21".into(),
+            },
+            Nic {
+                key: 4001,
+                label: "Network adapter 2".into(),
+                mac: "00:50:56:00:01:04".into(),
+                network: "network-o31".into(),
+            },
+        ],
+        cbt: true,
+    };
+    for (id, name, folder, config) in
+        [("vm-101", "web", "group-v10", web), ("vm-102", "db", "group-v10", db), ("vm-103", "app", "group-v12", app)]
+    {
+        inv.guests.insert(id.to_string(), crate::SimGuest::new(name));
         inv.vms.insert(
             id.into(),
             crate::state::Vm {
                 id: id.into(),
                 name: name.into(),
-                folder: "group-v10".into(),
+                folder: folder.into(),
                 config,
                 power: PowerState::On,
                 bios_uuid: uuid::Uuid::new_v4().to_string(),

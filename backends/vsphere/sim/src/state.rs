@@ -43,6 +43,20 @@ pub struct Write {
     pub length: u64,
 }
 
+/// How a virtual disk is backed (the `_typeName` of `VirtualDisk.backing`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskBacking {
+    /// `VirtualDiskFlatVer2BackingInfo` (the usual VMDK).
+    Flat,
+    /// `VirtualDiskSparseVer2BackingInfo` (hosted-format sparse VMDK).
+    Sparse,
+    /// `VirtualDiskRawDiskMappingVer1BackingInfo` (RDM in virtual compatibility mode) of a LUN.
+    Rdm {
+        /// The LUN's UUID.
+        lun_uuid: String,
+    },
+}
+
 /// A virtual disk.
 #[derive(Clone, Debug)]
 pub struct Disk {
@@ -56,6 +70,8 @@ pub struct Disk {
     pub file: String,
     /// Datastore path of the parent layer for linked clones.
     pub parent_file: Option<String>,
+    /// Backing type.
+    pub backing: DiskBacking,
     /// Writes making up the current content (see module docs).
     pub lineage: Vec<Write>,
     /// Change-tracking epoch; part of every change id.
@@ -139,6 +155,35 @@ pub struct Snapshot {
     pub config: VmConfig,
     /// Power state when taken.
     pub power: PowerState,
+    /// The guest as it was (files, ...), restored by a revert and copied by a clone.
+    pub guest: Option<crate::SimGuest>,
+    /// The VM-unique snapshot number (`VirtualMachineSnapshotTree.id`).
+    pub number: i32,
+    /// When it was taken (RFC 3339).
+    pub created: String,
+}
+
+/// What kind of network a [`Network`] is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetworkKind {
+    /// A standard port group (`STANDARD_PORTGROUP`; NIC backing `VirtualEthernetCardNetworkBackingInfo`).
+    Standard,
+    /// A distributed port group (`DISTRIBUTED_PORTGROUP`; NIC backing
+    /// `VirtualEthernetCardDistributedVirtualPortBackingInfo`).
+    Distributed {
+        /// The distributed switch's UUID.
+        switch_uuid: String,
+        /// The port group key (`dvportgroup-12`), also the network id.
+        portgroup_key: String,
+    },
+    /// An NSX opaque network (`OPAQUE_NETWORK`; NIC backing
+    /// `VirtualEthernetCardOpaqueNetworkBackingInfo`).
+    Opaque {
+        /// The opaque network's id.
+        opaque_id: String,
+        /// Its type, e.g. `nsx.LogicalSwitch`.
+        opaque_type: String,
+    },
 }
 
 /// A network (port group).
@@ -150,6 +195,23 @@ pub struct Network {
     pub name: String,
     /// Whether it is an isolated port group (no uplink).
     pub isolated: bool,
+    /// Standard, distributed or opaque.
+    pub kind: NetworkKind,
+}
+
+impl Network {
+    /// A standard port group.
+    pub fn standard(id: &str, name: &str, isolated: bool) -> Self {
+        Network { id: id.to_string(), name: name.to_string(), isolated, kind: NetworkKind::Standard }
+    }
+
+    pub(crate) fn rest_type(&self) -> &'static str {
+        match self.kind {
+            NetworkKind::Standard => "STANDARD_PORTGROUP",
+            NetworkKind::Distributed { .. } => "DISTRIBUTED_PORTGROUP",
+            NetworkKind::Opaque { .. } => "OPAQUE_NETWORK",
+        }
+    }
 }
 
 /// Everything the simulator knows.
@@ -159,27 +221,46 @@ pub(crate) struct Inventory {
     pub(crate) snapshots: BTreeMap<String, Snapshot>,
     pub(crate) networks: Vec<Network>,
     pub(crate) folders: Vec<(String, String)>,
+    /// Simulated guests (with VMware Tools running) by VM id.
+    pub(crate) guests: BTreeMap<String, crate::SimGuest>,
     next_id: u64,
 }
 
-/// A vim25 fault: type name and message.
+/// A vim25 fault: type name, message and the fault type's own properties.
 #[derive(Clone, Debug)]
 pub struct Fault {
     /// `_typeName`, e.g. `InvalidArgument`.
     pub type_name: String,
     /// Human-readable message.
     pub message: String,
+    /// The fault type's properties (`ManagedObjectNotFound.obj`, `NotAuthenticated.object`, ...).
+    pub properties: Vec<(String, Value)>,
 }
 
 impl Fault {
     pub(crate) fn new(type_name: &str, message: impl Into<String>) -> Self {
-        Fault { type_name: type_name.to_string(), message: message.into() }
+        Fault { type_name: type_name.to_string(), message: message.into(), properties: Vec::new() }
     }
+    /// Adds a property of the fault type.
+    pub(crate) fn with(mut self, key: &str, value: Value) -> Self {
+        self.properties.push((key.to_string(), value));
+        self
+    }
+    /// `ManagedObjectNotFound` with its required `obj`.
+    pub(crate) fn not_found(kind: &str, id: &str) -> Self {
+        Fault::new("ManagedObjectNotFound", format!("The object '{kind}:{id}' has already been deleted or has not been completely created"))
+            .with("obj", crate::tasks::moref(kind, id))
+    }
+    /// The VI/JSON rendering: the `MethodFault` subtype itself, `faultMessage` a `LocalizableMessage` list.
     pub(crate) fn to_json(&self) -> Value {
-        json!({
+        let mut v = json!({
             "_typeName": self.type_name,
             "faultMessage": [{"_typeName": "LocalizableMessage", "key": format!("vim.fault.{}", self.type_name), "message": self.message}],
-        })
+        });
+        for (k, val) in &self.properties {
+            v[k] = val.clone();
+        }
+        v
     }
 }
 
@@ -198,19 +279,19 @@ impl Inventory {
     pub(crate) fn vm(&self, id: &str) -> Result<&Vm, Fault> {
         self.vms
             .get(id)
-            .ok_or_else(|| Fault::new("ManagedObjectNotFound", format!("VirtualMachine {id} does not exist")))
+            .ok_or_else(|| Fault::not_found("VirtualMachine", id))
     }
 
     pub(crate) fn vm_mut(&mut self, id: &str) -> Result<&mut Vm, Fault> {
         self.vms
             .get_mut(id)
-            .ok_or_else(|| Fault::new("ManagedObjectNotFound", format!("VirtualMachine {id} does not exist")))
+            .ok_or_else(|| Fault::not_found("VirtualMachine", id))
     }
 
     pub(crate) fn snapshot(&self, id: &str) -> Result<&Snapshot, Fault> {
         self.snapshots
             .get(id)
-            .ok_or_else(|| Fault::new("ManagedObjectNotFound", format!("VirtualMachineSnapshot {id} does not exist")))
+            .ok_or_else(|| Fault::not_found("VirtualMachineSnapshot", id))
     }
 
     pub(crate) fn network_by_id(&self, id: &str) -> Option<&Network> {
@@ -222,7 +303,14 @@ impl Inventory {
     }
 
     /// Creates a VM from a config (fresh identity, fresh disk files and change tracking).
-    pub(crate) fn create_vm(&mut self, name: &str, folder: &str, mut config: VmConfig, parents: bool) -> String {
+    pub(crate) fn create_vm(
+        &mut self,
+        name: &str,
+        folder: &str,
+        mut config: VmConfig,
+        parents: bool,
+        guest: Option<crate::SimGuest>,
+    ) -> String {
         let id = self.next("vm");
         for d in &mut config.disks {
             d.parent_file = parents.then(|| d.file.clone());
@@ -246,6 +334,10 @@ impl Inventory {
             current_snapshot: None,
         };
         self.vms.insert(id.clone(), vm);
+        if let Some(mut g) = guest {
+            g.cloned_as(name);
+            self.guests.insert(id.clone(), g);
+        }
         id
     }
 
@@ -262,13 +354,18 @@ impl Inventory {
             children: Vec::new(),
             config: vm.config.clone(),
             power: vm.power,
+            number: 0,
+            created: crate::now_rfc3339(),
+            guest: None,
         };
         vm.current_snapshot = Some(id.clone());
         match &parent {
             Some(p) => self.snapshots.get_mut(p).map(|s| s.children.push(id.clone())).unwrap_or(()),
             None => vm.root_snapshots.push(id.clone()),
         }
-        self.snapshots.insert(id.clone(), snap);
+        let number = self.snapshots.values().filter(|x| x.vm == vm_id).map(|x| x.number).max().unwrap_or(0) + 1;
+        let guest = self.guests.get(vm_id).cloned();
+        self.snapshots.insert(id.clone(), Snapshot { number, guest, ..snap });
         Ok(id)
     }
 
@@ -278,6 +375,9 @@ impl Inventory {
         vm.config = snap.config.clone();
         vm.power = if suppress_power_on { PowerState::Off } else { snap.power };
         vm.current_snapshot = Some(snap.id);
+        if let Some(g) = snap.guest {
+            self.guests.insert(snap.vm.clone(), g);
+        }
         Ok(())
     }
 
@@ -331,7 +431,8 @@ impl Inventory {
             None => &vm.config,
         };
         if !config.cbt {
-            return Err(Fault::new("FileFault", format!("change tracking is not enabled on {vm_id}")));
+            return Err(Fault::new("FileFault", format!("change tracking is not enabled on {vm_id}"))
+                .with("file", json!(format!("[datastore1] {}/{}-ctk.vmdk", vm.name, vm.name))));
         }
         let disk = config
             .disks

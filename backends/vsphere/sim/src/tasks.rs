@@ -28,6 +28,12 @@ pub(crate) struct Task {
     pub(crate) result: Option<Value>,
     pub(crate) error: Option<Fault>,
     pub(crate) cancel_requested: bool,
+    pub(crate) entity_name: String,
+    pub(crate) queued: String,
+    pub(crate) started: Option<String>,
+    pub(crate) completed: Option<String>,
+    pub(crate) progress: Option<i32>,
+    pub(crate) chain_id: i32,
 }
 
 /// What a task does to the inventory when it completes; returns the task's `result`.
@@ -35,7 +41,13 @@ pub(crate) type Effect = Box<dyn FnOnce(&mut Inventory) -> Result<Option<Value>,
 
 /// Starts a task; returns its id.
 pub(crate) fn start(shared: &Arc<Shared>, name: &str, entity: &str, effect: Effect) -> String {
-    let id = lock(&shared.inv).next("task");
+    let (id, entity_name, chain_id) = {
+        let mut inv = lock(&shared.inv);
+        let id = inv.next("task");
+        let name = inv.vms.get(entity).map(|v| v.name.clone()).unwrap_or_else(|| entity.to_string());
+        let chain = id.trim_start_matches("task-").parse::<i32>().unwrap_or(1);
+        (id, name, chain)
+    };
     let task = Task {
         id: id.clone(),
         name: name.to_string(),
@@ -44,6 +56,12 @@ pub(crate) fn start(shared: &Arc<Shared>, name: &str, entity: &str, effect: Effe
         result: None,
         error: None,
         cancel_requested: false,
+        entity_name,
+        queued: crate::now_rfc3339(),
+        started: None,
+        completed: None,
+        progress: None,
+        chain_id,
     };
     lock(&shared.tasks).insert(id.clone(), task);
     let (delay, injected) = {
@@ -67,6 +85,8 @@ fn set_state(shared: &Shared, id: &str, state: TaskState) {
         && t.state == TaskState::Queued
     {
         t.state = state;
+        t.started = Some(crate::now_rfc3339());
+        t.progress = Some(50);
     }
 }
 
@@ -80,6 +100,8 @@ fn finish(shared: &Shared, id: &str, injected: Option<Fault>, effect: Effect) {
         effect(&mut lock(&shared.inv))
     };
     if let Some(t) = lock(&shared.tasks).get_mut(id) {
+        t.started.get_or_insert_with(crate::now_rfc3339);
+        t.completed = Some(crate::now_rfc3339());
         match outcome {
             Ok(result) => {
                 t.state = TaskState::Success;
@@ -93,7 +115,9 @@ fn finish(shared: &Shared, id: &str, injected: Option<Fault>, effect: Effect) {
     }
 }
 
-/// The `TaskInfo` JSON of a task (VI/JSON renders `LocalizedMethodFault` as the fault itself).
+/// The `TaskInfo` JSON of a task (VI/JSON renders `LocalizedMethodFault` as the fault itself),
+/// with the properties the specification requires (`reason`, `queueTime`, `eventChainId`, ...)
+/// and `progress` while it runs.
 pub(crate) fn info_json(t: &Task) -> Value {
     let state = match t.state {
         TaskState::Queued => "queued",
@@ -111,7 +135,20 @@ pub(crate) fn info_json(t: &Task) -> Value {
         "state": state,
         "cancelled": t.cancel_requested && t.state == TaskState::Error,
         "cancelable": matches!(t.state, TaskState::Queued | TaskState::Running),
+        "entityName": t.entity_name,
+        "reason": {"_typeName": "TaskReasonUser", "userName": crate::SIM_USER},
+        "queueTime": t.queued,
+        "eventChainId": t.chain_id,
     });
+    if let Some(s) = &t.started {
+        info["startTime"] = json!(s);
+    }
+    if let Some(c) = &t.completed {
+        info["completeTime"] = json!(c);
+    }
+    if let Some(p) = t.progress.filter(|_| t.state == TaskState::Running) {
+        info["progress"] = json!(p);
+    }
     if let Some(r) = &t.result {
         info["result"] = r.clone();
     }

@@ -10,7 +10,7 @@
 //! `GET VirtualMachineSnapshot/{id}/config`, `GET Task/{id}/info`.
 
 use crate::server::{Reply, Req, authenticated, end_session, new_session};
-use crate::state::{Fault, Inventory, PowerState, VmConfig};
+use crate::state::{Disk, DiskBacking, Fault, Inventory, NetworkKind, PowerState, Vm, VmConfig};
 use crate::tasks::{self, moref};
 use crate::{SIM_PASSWORD, SIM_USER, Shared, lock};
 use axum::http::Method;
@@ -23,6 +23,16 @@ fn fault(status: u16, f: Fault) -> Reply {
 
 fn invalid(msg: impl Into<String>) -> Reply {
     fault(500, Fault::new("InvalidArgument", msg))
+}
+
+/// `MethodNotFound` (with its `receiver` and `method`) for a member this simulator does not serve.
+fn method_not_found(kind: &str, id: &str, member: &str) -> Reply {
+    fault(
+        404,
+        Fault::new("MethodNotFound", format!("Method or property {member} of {kind} is not implemented"))
+            .with("receiver", moref(kind, id))
+            .with("method", json!(member)),
+    )
 }
 
 pub(crate) fn handle(shared: &Arc<Shared>, req: &Req, burst: bool) -> Reply {
@@ -39,42 +49,65 @@ pub(crate) fn handle(shared: &Arc<Shared>, req: &Req, burst: bool) -> Reply {
             stats.unchecked_endpoints.push(entry);
         }
     }
+    if shared.vim_release.is_none() {
+        // A vCenter 7.0.x: `/sdk` speaks SOAP only, there is no VI/JSON endpoint.
+        return Reply::empty(404);
+    }
     if burst {
         return Reply::empty(503);
     }
     let segs: Vec<&str> = req.path.trim_start_matches("/sdk/vim25/").split('/').collect();
     let [release, kind, id, member] = segs.as_slice() else {
-        return Reply::empty(404);
+        let kind = segs.get(1).copied().unwrap_or("ServiceInstance");
+        return method_not_found(kind, segs.get(2).copied().unwrap_or(""), segs.last().copied().unwrap_or(""));
     };
-    if !release.split('.').all(|p| p.parse::<u32>().is_ok()) {
-        return Reply::empty(404);
+    if !shared.serves(release) {
+        return fault(
+            404,
+            Fault::new("InvalidRequest", format!("release {release} is not served by this vCenter")),
+        );
     }
     if req.raw_body_invalid {
         return invalid("request body is not JSON");
     }
     let body = req.body.clone().unwrap_or(Value::Null);
-    if *kind == "SessionManager" && *member == "Login" && req.method == Method::POST {
-        return login(shared, &body);
+    if (*kind, *id, *member) == ("ServiceInstance", "ServiceInstance", "content") && req.method == Method::GET {
+        // Anonymous, as the specification allows: clients read it before logging in.
+        return Reply::json(200, service_content(shared, release));
+    }
+    if *kind == "SessionManager" && *id == shared.session_manager && *member == "Login" && req.method == Method::POST {
+        return login(shared, req, &body);
     }
     if !authenticated(shared, req, true) {
-        return fault(401, Fault::new("NotAuthenticated", "The session is not authenticated."));
+        return fault(
+            401,
+            Fault::new("NotAuthenticated", "The session is not authenticated.")
+                .with("object", moref("SessionManager", &shared.session_manager))
+                .with("privilegeId", json!("System.View")),
+        );
     }
     let result = match (&req.method, *kind, *member) {
-        (&Method::POST, "SessionManager", "Logout") => {
+        (&Method::POST, "SessionManager", "Logout") if *id == shared.session_manager => {
             end_session(shared, req);
             lock(&shared.stats).vim_logouts += 1;
             return Reply::empty(204);
         }
         (&Method::GET, "Task", "info") => task_info(shared, id),
-        (&Method::POST, "Task", "CancelTask") => cancel(shared, id),
-        (&Method::GET, "VirtualMachine", "snapshot") => vm_snapshot_info(&lock(&shared.inv), id),
+        (&Method::POST, "Task", "CancelTask") => match cancel(shared, id) {
+            Ok(()) => return Reply::empty(204), // a void method
+            Err(f) => Err(f),
+        },
+        (&Method::GET, "VirtualMachine", "snapshot") => match vm_snapshot_info(&lock(&shared.inv), id) {
+            Ok(Value::Null) => return Reply::empty(204), // the property is unset
+            other => other,
+        },
         (&Method::GET, "VirtualMachine", "config") => {
             let inv = lock(&shared.inv);
-            inv.vm(id).map(|vm| config_json(&inv, &vm.name, &vm.config))
+            inv.vm(id).map(|vm| config_json(&inv, vm, &vm.name, &vm.config))
         }
         (&Method::GET, "VirtualMachineSnapshot", "config") => {
             let inv = lock(&shared.inv);
-            inv.snapshot(id).map(|s| config_json(&inv, &s.name, &s.config))
+            inv.snapshot(id).and_then(|s| Ok(config_json(&inv, inv.vm(&s.vm)?, &s.name, &s.config)))
         }
         (&Method::POST, "VirtualMachine", "QueryChangedDiskAreas") => changed_areas(shared, id, &body),
         (&Method::POST, "VirtualMachine", "CreateSnapshotEx_Task") => create_snapshot(shared, id, &body),
@@ -82,7 +115,7 @@ pub(crate) fn handle(shared: &Arc<Shared>, req: &Req, burst: bool) -> Reply {
         (&Method::POST, "VirtualMachine", "ReconfigVM_Task") => reconfig(shared, id, &body),
         (&Method::POST, "VirtualMachineSnapshot", "RevertToSnapshot_Task") => revert(shared, id, &body),
         (&Method::POST, "VirtualMachineSnapshot", "RemoveSnapshot_Task") => remove(shared, id, &body),
-        _ => return Reply::empty(404),
+        _ => return method_not_found(kind, id, member),
     };
     match result {
         Ok(v) => Reply::json(200, v),
@@ -90,7 +123,46 @@ pub(crate) fn handle(shared: &Arc<Shared>, req: &Req, burst: bool) -> Reply {
     }
 }
 
-fn login(shared: &Shared, body: &Value) -> Reply {
+/// `about.version` for a release: `8.0.2.0` → `8.0.2`.
+fn product_version(release: &str) -> String {
+    let parts: Vec<&str> = release.split('.').collect();
+    parts[..parts.len().min(3)].join(".")
+}
+
+/// `ServiceContent` as a vCenter of the simulator's release presents it.
+fn service_content(shared: &Shared, _asked: &str) -> Value {
+    let release = shared.vim_release.clone().unwrap_or_default();
+    let version = product_version(&release);
+    let mo = |kind: &str, id: &str| moref(kind, id);
+    json!({
+        "_typeName": "ServiceContent",
+        "rootFolder": mo("Folder", "group-d1"),
+        "propertyCollector": mo("PropertyCollector", "propertyCollector"),
+        "viewManager": mo("ViewManager", "ViewManager"),
+        "about": {
+            "_typeName": "AboutInfo", "name": "VMware vCenter Server",
+            "fullName": format!("VMware vCenter Server {version} build-22385739 (simulated)"),
+            "vendor": "VMware, Inc.", "version": version, "build": "22385739",
+            "localeVersion": "INTL", "localeBuild": "000", "osType": "linux-x64",
+            "productLineId": "vpx", "apiType": "VirtualCenter", "apiVersion": release,
+            "instanceUuid": "5c1d7a2e-3f40-4e8b-9a6c-7d8e9f0a1b2c",
+            "licenseProductName": "VMware VirtualCenter Server", "licenseProductVersion": "8.0",
+        },
+        "setting": mo("OptionManager", "VpxSettings"),
+        "userDirectory": mo("UserDirectory", "UserDirectory"),
+        "sessionManager": mo("SessionManager", &shared.session_manager),
+        "authorizationManager": mo("AuthorizationManager", "AuthorizationManager"),
+        "perfManager": mo("PerformanceManager", "PerfMgr"),
+        "eventManager": mo("EventManager", "EventManager"),
+        "taskManager": mo("TaskManager", "TaskManager"),
+        "searchIndex": mo("SearchIndex", "SearchIndex"),
+        "fileManager": mo("FileManager", "FileManager"),
+        "virtualDiskManager": mo("VirtualDiskManager", "virtualDiskManager"),
+        "guestOperationsManager": mo("GuestOperationsManager", "guestOperationsManager"),
+    })
+}
+
+fn login(shared: &Shared, req: &Req, body: &Value) -> Reply {
     let (Some(user), Some(password)) = (body["userName"].as_str(), body["password"].as_str()) else {
         return invalid("userName and password are required");
     };
@@ -102,9 +174,15 @@ fn login(shared: &Shared, body: &Value) -> Reply {
     }
     lock(&shared.stats).vim_logins += 1;
     let token = new_session(shared, true);
+    let now = crate::now_rfc3339();
+    let locale = body["locale"].as_str().unwrap_or("en");
+    let agent = req.headers.get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("");
     let mut reply = Reply::json(
         200,
-        json!({"_typeName": "UserSession", "key": uuid::Uuid::new_v4().to_string(), "userName": user}),
+        json!({"_typeName": "UserSession", "key": uuid::Uuid::new_v4().to_string(), "userName": user,
+               "fullName": "Administrator vsphere.local", "loginTime": now, "lastActiveTime": now,
+               "locale": locale, "messageLocale": locale, "extensionSession": false,
+               "ipAddress": "127.0.0.1", "userAgent": agent, "callCount": 0}),
     );
     reply.headers.push(("vmware-api-session-id", token));
     reply
@@ -112,17 +190,16 @@ fn login(shared: &Shared, body: &Value) -> Reply {
 
 fn task_info(shared: &Shared, id: &str) -> Result<Value, Fault> {
     let tasks = lock(&shared.tasks);
-    let t = tasks.get(id).ok_or_else(|| Fault::new("ManagedObjectNotFound", format!("Task {id} does not exist")))?;
+    let t = tasks.get(id).ok_or_else(|| Fault::not_found("Task", id))?;
     Ok(tasks::info_json(t))
 }
 
-fn cancel(shared: &Shared, id: &str) -> Result<Value, Fault> {
+fn cancel(shared: &Shared, id: &str) -> Result<(), Fault> {
     lock(&shared.stats).task_cancels += 1;
     let mut tasks = lock(&shared.tasks);
-    let t =
-        tasks.get_mut(id).ok_or_else(|| Fault::new("ManagedObjectNotFound", format!("Task {id} does not exist")))?;
+    let t = tasks.get_mut(id).ok_or_else(|| Fault::not_found("Task", id))?;
     t.cancel_requested = true;
-    Ok(Value::Null)
+    Ok(())
 }
 
 fn string<'a>(body: &'a Value, field: &str) -> Result<&'a str, Fault> {
@@ -140,8 +217,8 @@ fn tree_json(inv: &Inventory, id: &str) -> Value {
     let Some(s) = inv.snapshots.get(id) else { return Value::Null };
     let children: Vec<Value> = s.children.iter().map(|c| tree_json(inv, c)).collect();
     json!({"_typeName": "VirtualMachineSnapshotTree", "snapshot": moref("VirtualMachineSnapshot", &s.id),
-           "vm": moref("VirtualMachine", &s.vm), "name": s.name, "description": s.description,
-           "createTime": "2024-01-01T00:00:00Z", "state": s.power.vim(), "quiesced": false,
+           "vm": moref("VirtualMachine", &s.vm), "name": s.name, "description": s.description, "id": s.number,
+           "createTime": s.created, "state": s.power.vim(), "quiesced": false,
            "childSnapshotList": children})
 }
 
@@ -158,32 +235,116 @@ fn vm_snapshot_info(inv: &Inventory, id: &str) -> Result<Value, Fault> {
     Ok(info)
 }
 
-fn config_json(inv: &Inventory, name: &str, c: &VmConfig) -> Value {
-    let mut devices: Vec<Value> = c
-        .disks
-        .iter()
-        .map(|d| {
-            let mut backing = json!({"_typeName": "VirtualDiskFlatVer2BackingInfo", "fileName": d.file, "diskMode": "persistent"});
-            if c.cbt {
-                backing["changeId"] = json!(d.change_id());
-            }
-            if let Some(p) = &d.parent_file {
-                backing["parent"] = json!({"_typeName": "VirtualDiskFlatVer2BackingInfo", "fileName": p});
-            }
-            json!({"_typeName": "VirtualDisk", "key": d.key, "deviceInfo": {"_typeName": "Description", "label": d.label, "summary": ""},
-                   "capacityInBytes": d.capacity, "backing": backing})
-        })
-        .collect();
-    devices.extend(c.nics.iter().map(|n| {
-        let net_name = inv.network_by_id(&n.network).map(|x| x.name.clone()).unwrap_or_default();
-        json!({"_typeName": "VirtualVmxnet3", "key": n.key, "deviceInfo": {"_typeName": "Description", "label": n.label, "summary": net_name},
-               "macAddress": n.mac, "addressType": "generated",
-               "backing": {"_typeName": "VirtualEthernetCardNetworkBackingInfo", "deviceName": net_name,
-                           "network": moref("Network", &n.network)}})
-    }));
-    json!({"_typeName": "VirtualMachineConfigInfo", "name": name, "changeTrackingEnabled": c.cbt,
-           "hardware": {"_typeName": "VirtualHardware", "numCPU": c.cpus, "numCoresPerSocket": 1,
-                        "memoryMB": c.memory_mib, "device": devices}})
+/// A disk backing (or its parent) in VI/JSON form.
+fn disk_backing(d: &Disk, file: &str, parent: bool) -> Value {
+    let mut b = match &d.backing {
+        DiskBacking::Flat => json!({"_typeName": "VirtualDiskFlatVer2BackingInfo", "fileName": file,
+            "datastore": moref("Datastore", "datastore-11"), "diskMode": "persistent", "split": false,
+            "writeThrough": false, "thinProvisioned": true, "eagerlyScrub": false, "sharing": "sharingNone"}),
+        DiskBacking::Sparse => json!({"_typeName": "VirtualDiskSparseVer2BackingInfo", "fileName": file,
+            "datastore": moref("Datastore", "datastore-11"), "diskMode": "persistent", "split": false,
+            "writeThrough": false, "spaceUsedInKB": 1024}),
+        DiskBacking::Rdm { lun_uuid } => json!({"_typeName": "VirtualDiskRawDiskMappingVer1BackingInfo",
+            "fileName": file, "datastore": moref("Datastore", "datastore-11"), "lunUuid": lun_uuid,
+            "deviceName": format!("/vmfs/devices/disks/naa.{}", &lun_uuid[lun_uuid.len().saturating_sub(32)..]),
+            "compatibilityMode": "virtualMode", "diskMode": "persistent", "sharing": "sharingNone"}),
+    };
+    if !parent {
+        b["uuid"] = json!(format!("6000C29{:01x}-{}", d.key % 16, d.cbt_epoch.get(9..).unwrap_or("0000")));
+    }
+    b
+}
+
+/// `VirtualMachineConfigInfo` with every property the specification requires and a full device
+/// list: PCI and IDE controllers, a paravirtual SCSI controller, a CD-ROM, disks (flat, sparse or
+/// RDM backings; `parent` on linked clones) and NICs (standard, distributed or opaque backings).
+fn config_json(inv: &Inventory, vm: &Vm, name: &str, c: &VmConfig) -> Value {
+    let connect = |connected: bool| {
+        json!({"_typeName": "VirtualDeviceConnectInfo", "startConnected": connected, "allowGuestControl": true,
+               "connected": connected, "status": if connected { "ok" } else { "untried" }})
+    };
+    let desc = |label: &str, summary: &str| json!({"_typeName": "Description", "label": label, "summary": summary});
+    let disk_keys: Vec<i32> = c.disks.iter().map(|d| d.key).collect();
+    let nic_keys: Vec<i32> = c.nics.iter().map(|n| n.key).collect();
+    let pci_devices: Vec<i32> = std::iter::once(1000).chain(nic_keys.iter().copied()).collect();
+    let mut devices = vec![
+        json!({"_typeName": "VirtualIDEController", "key": 200, "deviceInfo": desc("IDE 0", "IDE 0"), "busNumber": 0}),
+        json!({"_typeName": "VirtualIDEController", "key": 201, "deviceInfo": desc("IDE 1", "IDE 1"), "busNumber": 1, "device": [3002]}),
+        json!({"_typeName": "VirtualPCIController", "key": 100, "deviceInfo": desc("PCI controller 0", "PCI controller 0"),
+               "busNumber": 0, "device": pci_devices}),
+        json!({"_typeName": "ParaVirtualSCSIController", "key": 1000, "deviceInfo": desc("SCSI controller 0", "VMware paravirtual SCSI"),
+               "controllerKey": 100, "unitNumber": 3, "busNumber": 0, "device": disk_keys, "hotAddRemove": true,
+               "sharedBus": "noSharing", "scsiCtlrUnitNumber": 7}),
+        json!({"_typeName": "VirtualCdrom", "key": 3002, "deviceInfo": desc("CD/DVD drive 1", "Remote device"),
+               "backing": {"_typeName": "VirtualCdromRemotePassthroughBackingInfo", "deviceName": "", "useAutoDetect": false, "exclusive": false},
+               "connectable": connect(false), "controllerKey": 201, "unitNumber": 0}),
+    ];
+    for (i, d) in c.disks.iter().enumerate() {
+        let mut backing = disk_backing(d, &d.file, false);
+        if c.cbt {
+            backing["changeId"] = json!(d.change_id());
+        }
+        if let Some(p) = &d.parent_file {
+            backing["parent"] = disk_backing(d, p, true);
+        }
+        let unit = if i >= 7 { i + 1 } else { i }; // unit 7 is the controller itself
+        devices.push(json!({"_typeName": "VirtualDisk", "key": d.key,
+            "deviceInfo": desc(&d.label, &format!("{} KB", d.capacity / 1024)),
+            "backing": backing, "controllerKey": 1000, "unitNumber": unit,
+            "capacityInKB": d.capacity / 1024, "capacityInBytes": d.capacity,
+            "shares": {"_typeName": "SharesInfo", "shares": 1000, "level": "normal"},
+            "storageIOAllocation": {"_typeName": "StorageIOAllocationInfo", "limit": -1,
+                                    "shares": {"_typeName": "SharesInfo", "shares": 1000, "level": "normal"}, "reservation": 0},
+            "diskObjectId": format!("{}-{}", vm.id.trim_start_matches("vm-"), d.key),
+            "nativeUnmanagedLinkedClone": false}));
+    }
+    for (i, n) in c.nics.iter().enumerate() {
+        let net = inv.network_by_id(&n.network);
+        let net_name = net.map(|x| x.name.clone()).unwrap_or_default();
+        let backing = match net.map(|x| &x.kind) {
+            Some(NetworkKind::Distributed { switch_uuid, portgroup_key }) => json!({
+                "_typeName": "VirtualEthernetCardDistributedVirtualPortBackingInfo",
+                "port": {"_typeName": "DistributedVirtualSwitchPortConnection", "switchUuid": switch_uuid,
+                         "portgroupKey": portgroup_key, "portKey": format!("{}", n.key - 3900),
+                         "connectionCookie": n.key * 7 + 11}}),
+            Some(NetworkKind::Opaque { opaque_id, opaque_type }) => json!({
+                "_typeName": "VirtualEthernetCardOpaqueNetworkBackingInfo",
+                "opaqueNetworkId": opaque_id, "opaqueNetworkType": opaque_type}),
+            _ => json!({"_typeName": "VirtualEthernetCardNetworkBackingInfo", "deviceName": net_name,
+                        "useAutoDetect": false, "network": moref("Network", &n.network)}),
+        };
+        devices.push(json!({"_typeName": "VirtualVmxnet3", "key": n.key, "deviceInfo": desc(&n.label, &net_name),
+            "backing": backing, "connectable": connect(vm.power == PowerState::On), "controllerKey": 100,
+            "unitNumber": 7 + i, "macAddress": n.mac, "addressType": "assigned", "wakeOnLanEnabled": true,
+            "uptCompatibilityEnabled": true, "slotInfo": {"_typeName": "VirtualDevicePciBusSlotInfo", "pciSlotNumber": 192 + 32 * i}}));
+    }
+    let dir = format!("[datastore1] {}", vm.name);
+    json!({
+        "_typeName": "VirtualMachineConfigInfo",
+        "changeVersion": crate::now_rfc3339(), "modified": "1970-01-01T00:00:00Z",
+        "name": name, "guestFullName": "Debian GNU/Linux 12 (64-bit)", "version": "vmx-19",
+        "uuid": vm.bios_uuid, "createDate": "2024-01-01T00:00:00Z", "instanceUuid": vm.instance_uuid,
+        "npivTemporaryDisabled": true, "locationId": "564d1f0e-0c1a-2b3c-4d5e-6f708192a3b4",
+        "template": false, "guestId": "debian12_64Guest", "alternateGuestName": "",
+        "files": {"_typeName": "VirtualMachineFileInfo", "vmPathName": format!("{dir}/{}.vmx", vm.name),
+                  "snapshotDirectory": dir, "suspendDirectory": dir, "logDirectory": dir},
+        "flags": {"_typeName": "VirtualMachineFlagInfo", "disableAcceleration": false, "enableLogging": true,
+                  "useToe": false, "runWithDebugInfo": false, "monitorType": "release", "htSharing": "any",
+                  "snapshotDisabled": false, "snapshotLocked": false, "diskUuidEnabled": false,
+                  "snapshotPowerOffBehavior": "powerOff", "recordReplayEnabled": false, "faultToleranceType": "unset",
+                  "cbrcCacheEnabled": false, "vvtdEnabled": false, "vbsEnabled": false},
+        "defaultPowerOps": {"_typeName": "VirtualMachineDefaultPowerOpInfo", "powerOffType": "soft",
+                            "suspendType": "hard", "resetType": "soft", "defaultPowerOffType": "soft",
+                            "defaultSuspendType": "hard", "defaultResetType": "soft", "standbyAction": "checkpoint"},
+        "hardware": {"_typeName": "VirtualHardware", "numCPU": c.cpus, "numCoresPerSocket": 1,
+                     "autoCoresPerSocket": true, "memoryMB": c.memory_mib, "virtualICH7MPresent": false,
+                     "virtualSMCPresent": false, "device": devices, "motherboardLayout": "i440bxHostBridge",
+                     "simultaneousThreads": 1},
+        "cpuHotAddEnabled": false, "cpuHotRemoveEnabled": false, "memoryHotAddEnabled": false,
+        "changeTrackingEnabled": c.cbt, "firmware": "bios", "maxMksConnections": 40,
+        "guestAutoLockEnabled": false, "swapPlacement": "inherit", "migrateEncryption": "opportunistic",
+        "sgxInfo": {"_typeName": "VirtualMachineSgxInfo", "epcSize": 0, "flcMode": "unlocked", "requireAttestation": false},
+            })
 }
 
 fn changed_areas(shared: &Shared, vm: &str, body: &Value) -> Result<Value, Fault> {
@@ -332,7 +493,7 @@ fn clone_vm(shared: &Arc<Shared>, vm: &str, body: &Value) -> Result<Value, Fault
         }
         for (_, net) in &nic_changes {
             if inv.network_by_id(net).is_none() {
-                return Err(Fault::new("ManagedObjectNotFound", format!("Network {net} does not exist")));
+                return Err(Fault::not_found("Network", net));
             }
         }
     }
@@ -343,20 +504,27 @@ fn clone_vm(shared: &Arc<Shared>, vm: &str, body: &Value) -> Result<Value, Fault
         vm,
         Box::new(move |inv| {
             if inv.name_taken(&folder, &name) {
-                return Err(Fault::new("DuplicateName", format!("The name '{name}' already exists.")));
+                return Err(Fault::new("DuplicateName", format!("The name '{name}' already exists."))
+                    .with("name", json!(name))
+                    .with("object", moref("Folder", &folder)));
             }
-            let mut config = match &snapshot {
-                Some(s) => inv.snapshot(s)?.config.clone(),
-                None => inv.vm(&vm_id)?.config.clone(),
+            let (mut config, guest) = match &snapshot {
+                Some(s) => {
+                    let s = inv.snapshot(s)?;
+                    (s.config.clone(), s.guest.clone())
+                }
+                None => (inv.vm(&vm_id)?.config.clone(), inv.guests.get(&vm_id).cloned()),
             };
             for (key, net) in &nic_changes {
                 let nic =
                     config.nics.iter_mut().find(|n| n.key == *key).ok_or_else(|| {
                         Fault::new("InvalidDeviceSpec", format!("device {key} is not a NIC of {vm_id}"))
+                            .with("property", json!("virtualDeviceSpec.device.key"))
+                            .with("deviceIndex", json!(0))
                     })?;
                 nic.network = net.clone();
             }
-            let id = inv.create_vm(&name, &folder, config, linked);
+            let id = inv.create_vm(&name, &folder, config, linked, guest);
             if power_on {
                 inv.vm_mut(&id)?.power = PowerState::On;
             }
