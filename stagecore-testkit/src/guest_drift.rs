@@ -246,7 +246,9 @@ fn request(prod: &DynEnvironment, stage: &DynEnvironment, gates: Vec<ProbeGate>)
 }
 
 async fn package_version(env: &dyn Environment, fx: &GuestFixture) -> Option<String> {
-    let inv = inventory::collect(env, Some(&[fx.machine.clone()]), &InventoryConfig::default(), None).await.unwrap();
+    let inv = inventory::collect(env, Some(std::slice::from_ref(&fx.machine)), &InventoryConfig::default(), None)
+        .await
+        .unwrap();
     match &inv[&fx.machine] {
         MachineInventory::Collected { inventory } => inventory.packages.get(&fx.package).map(|p| p.version.clone()),
         MachineInventory::NotCollected { reason } => panic!("inventory of {}/{}: {reason}", env.name(), fx.machine),

@@ -46,8 +46,8 @@ pub use change::{Change, ChangeSet, DiskScope};
 pub use environment::{DiskIo, Environment, GuestChannel, GuestExec, GuestOutput, Snapshot};
 pub use error::{BoxError, Error, Result, Secret};
 pub use ext::{BackendExt, EnvironmentExt, Fingerprint};
-pub use progress::{Progress, ProgressEvent};
 pub use extent::{ChangeMap, DiskChanges, Extent};
+pub use progress::{Progress, ProgressEvent};
 pub use spec::{
     BootSpec, DiskFormat, DiskSpec, EnvironmentSpec, Firmware, Identities, MachineSpec, NetworkSpec, NicSpec,
     SpecFormat, check_mac, random_mac,

@@ -31,6 +31,21 @@ fn not_checked(machines: &BTreeSet<String>, reason: &str) -> GuestLayer {
     }
 }
 
+/// Whether two inventories have the same items (the cheap check before building them).
+fn same_items(a: &inventory::GuestInventory, b: &inventory::GuestInventory) -> bool {
+    a.os == b.os
+        && a.kernel == b.kernel
+        && a.packages == b.packages
+        && a.services == b.services
+        && a.ports == b.ports
+        && a.files == b.files
+}
+
+/// How many items an inventory has (`items(inv).len()` without building them).
+fn item_count(inv: &inventory::GuestInventory) -> usize {
+    2 + inv.packages.len() + inv.services.len() + inv.ports.len() + inv.files.len()
+}
+
 /// Builds the guest layer.
 pub(crate) async fn layer(
     production: &dyn Environment,
@@ -90,6 +105,11 @@ pub(crate) async fn layer(
         checked = true;
         for note in [p.incomplete(config.max_files), s.incomplete(config.max_files)].into_iter().flatten() {
             notes.push(format!("{m}: {note}"));
+        }
+        if same_items(p, s) {
+            compared += item_count(p);
+            out.machines.insert(m.clone(), (Status::InSync, 0, None));
+            continue;
         }
         let b_items: Option<BTreeMap<ItemKey, Value>> =
             baseline.as_ref().and_then(|b| b.machines.get(m)).and_then(MachineInventory::inventory).map(items);
@@ -153,4 +173,98 @@ pub(crate) async fn layer(
     out.reason = (!notes.is_empty()).then(|| notes.join("; "));
     out.score = checked.then_some((drift, compared.max(drift)));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::drift::Drift;
+    use crate::memory::{MemoryBackend, sample_spec};
+    use crate::{Backend, BackendExt, GuestExec, StageOptions};
+
+    async fn setup(with_inventory: bool) -> (MemoryBackend, Arc<dyn Environment>, Arc<dyn Environment>) {
+        let backend = MemoryBackend::new();
+        let prod = backend.create(&sample_spec("prod")).await.unwrap();
+        prod.start().await.unwrap();
+        let stage = if with_inventory {
+            let (b, inv) = inventory::take_baseline(&*prod, &InventoryConfig::default(), None).await.unwrap();
+            inventory::stage(&backend, &b, &inv, &StageOptions::linked("try")).await.unwrap()
+        } else {
+            let b = prod.take_baseline().await.unwrap();
+            backend.stage(&b, &StageOptions::linked("try")).await.unwrap()
+        };
+        stage.start().await.unwrap();
+        (backend, prod, stage)
+    }
+
+    async fn sim(env: &dyn Environment, machine: &str, args: &[&str]) {
+        let argv = std::iter::once("stagecore-sim").chain(args.iter().copied());
+        let out = env.guest().unwrap().exec(machine, &GuestExec::new(argv)).await.unwrap();
+        assert!(out.success(), "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_does_not_answer_is_not_checked() {
+        let (backend, prod, stage) = setup(true).await;
+        sim(&*stage, "db", &["agent-off"]).await;
+        let r = backend.drift(&*prod, &*stage).await.unwrap();
+        let db = r.machines.iter().find(|m| m.machine == "db").unwrap();
+        assert_eq!(db.guest, Status::NotChecked, "{r}");
+        assert!(db.guest_reason.as_deref().unwrap().contains("does not answer"), "{r}");
+        assert_eq!(r.guest.status, Status::NotChecked, "{r}");
+        assert!(r.guest.reason.as_deref().unwrap().contains("db: stage:"), "{r}");
+        assert!(r.machines.iter().filter(|m| m.machine != "db").all(|m| m.guest == Status::InSync), "{r}");
+    }
+
+    #[tokio::test]
+    async fn output_over_the_cap_is_not_checked() {
+        let (_, prod, stage) = setup(true).await;
+        let cfg = InventoryConfig { output_cap: 64, ..InventoryConfig::default() };
+        let r = crate::drift::DriftEngine::new().with_inventory(cfg).drift(&*prod, &*stage).await.unwrap();
+        assert_eq!(r.guest.status, Status::NotChecked, "{r}");
+        assert!(r.guest.reason.as_deref().unwrap().contains("exceeded the cap"), "{r}");
+        assert!(r.guest.records.is_empty());
+    }
+
+    #[tokio::test]
+    async fn without_a_baseline_inventory_the_side_is_unknown() {
+        let (backend, prod, stage) = setup(false).await;
+        sim(&*prod, "web", &["pkg", "install", "nginx", "1.22"]).await;
+        let r = backend.drift(&*prod, &*stage).await.unwrap();
+        let rec = r.guest.records.iter().find(|x| x.path == "/machines/web/guest/packages/nginx").expect("record");
+        assert_eq!((rec.kind, rec.side, rec.intended), (RecordKind::Remove, None, false), "{r}");
+        assert_eq!(rec.baseline, Value::Null);
+        assert!(r.guest.reason.as_deref().unwrap().contains("no baseline inventory"), "{r}");
+        assert_eq!(r.status, Status::Drifted);
+    }
+
+    #[tokio::test]
+    async fn both_sides_changing_a_package_is_a_conflict_and_progress_is_reported() {
+        let (_, prod, stage) = setup(true).await;
+        sim(&*prod, "app", &["pkg", "install", "stagecore-demo-app", "1.1"]).await;
+        sim(&*stage, "app", &["pkg", "install", "stagecore-demo-app", "1.2"]).await;
+        sim(&*stage, "web", &["service", "stop", "app"]).await;
+        sim(&*stage, "web", &["port", "close", "8080"]).await;
+        let (progress, mut events) = Progress::channel();
+        let r = crate::drift::DriftEngine::new().with_progress(progress).drift(&*prod, &*stage).await.unwrap();
+        let pkg = r.guest.records.iter().find(|x| x.path == "/machines/app/guest/packages/stagecore-demo-app").unwrap();
+        assert_eq!((pkg.kind, pkg.side), (RecordKind::NotEqual, Some(Side::Both)), "{r}");
+        assert_eq!(pkg.baseline["version"], "1.0");
+        let svc = r.guest.records.iter().find(|x| x.path == "/machines/web/guest/services/app").unwrap();
+        assert_eq!((svc.side, svc.actual["running"].clone()), (Some(Side::Stage), Value::Bool(false)), "{r}");
+        assert!(
+            r.guest
+                .records
+                .iter()
+                .any(|x| x.path == "/machines/web/guest/ports/tcp:8080" && x.kind == RecordKind::Remove)
+        );
+        let mut seen = Vec::new();
+        while let Ok(ev) = events.try_recv() {
+            seen.push(ev);
+        }
+        assert_eq!(seen.iter().filter(|e| e.operation == "inventory").count(), 6, "{seen:?}");
+        assert!(seen.iter().all(|e| e.total == 3 && e.step == "collected"), "{seen:?}");
+    }
 }

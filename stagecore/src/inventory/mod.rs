@@ -482,3 +482,95 @@ pub fn combined_footprint(change_sets: &[ChangeSet]) -> BTreeMap<(String, String
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    //! The collector script runs for real here, with this host's `/bin/sh`, dpkg, coreutils and
+    //! /proc (the project's machines are Debian 12, like the test guest).
+
+    use std::process::Command;
+    use std::time::SystemTime;
+
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+
+    fn run_script(args: &[&str]) -> String {
+        let out = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(SCRIPT)
+            .arg("stagecore-inventory")
+            .args(args)
+            .output()
+            .expect("run /bin/sh");
+        assert!(out.status.success(), "collector failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    fn hex(data: &[u8]) -> String {
+        Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn atime(path: &std::path::Path) -> SystemTime {
+        std::fs::metadata(path).unwrap().accessed().unwrap()
+    }
+
+    /// Sets the access time to 2000-01-01, before the modification time: a plain read on a
+    /// `relatime` mount then updates it.
+    fn age(path: &std::path::Path) {
+        let st = Command::new("touch").args(["-a", "-d", "@946684800"]).arg(path).status().expect("touch");
+        assert!(st.success());
+    }
+
+    #[test]
+    fn collector_runs_on_this_host_and_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("a.txt"), b"alpha\n").unwrap();
+        std::fs::write(dir.path().join("sub/b.conf"), b"beta\n").unwrap();
+        let d = dir.path().to_str().unwrap();
+        let inv = parse::parse("host", &run_script(&["100", "1", d, "/nonexistent-stagecore"])).unwrap();
+        assert!(!inv.os.id.is_empty() && !inv.kernel.is_empty(), "{inv:?}");
+        assert_eq!(inv.package_format, "dpkg");
+        assert!(
+            inv.packages.contains_key("dpkg") && inv.packages.contains_key("coreutils"),
+            "{:?}",
+            inv.packages.keys()
+        );
+        assert_eq!(inv.files.get(&format!("{d}/a.txt")), Some(&hex(b"alpha\n")));
+        assert_eq!(inv.files.get(&format!("{d}/sub/b.conf")), Some(&hex(b"beta\n")));
+        assert_eq!(inv.watched.len(), 2);
+        assert!(inv.watched[1].missing);
+        let limited = parse::parse("host", &run_script(&["1", "1", d])).unwrap();
+        assert_eq!(limited.files.len(), 1, "the per-path file limit holds");
+        assert!(limited.incomplete(1).is_some_and(|n| n.contains("only the first 1")));
+    }
+
+    #[test]
+    fn hashing_keeps_access_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, control) = (dir.path().join("f.conf"), dir.path().join("control"));
+        std::fs::write(&f, b"data\n").unwrap();
+        std::fs::write(&control, b"control\n").unwrap();
+        age(&f);
+        age(&control);
+        let old = atime(&f);
+        std::fs::read(&control).unwrap();
+        assert_ne!(
+            atime(&control),
+            old,
+            "this test's directory does not update access times on read, so it cannot show anything: \
+             run it on a relatime filesystem"
+        );
+        let d = dir.path().to_str().unwrap();
+        // Without the opt-in, a relatime mount is skipped with the reason.
+        let inv = parse::parse("host", &run_script(&["100", "0", d])).unwrap();
+        let why = inv.watched[0].skipped.clone().unwrap_or_default();
+        assert!(inv.files.is_empty() && why.contains("access-time"), "{inv:?}");
+        assert_eq!(atime(&f), old, "skipping must not read");
+        // With it, every file is read with O_NOATIME.
+        let inv = parse::parse("host", &run_script(&["100", "1", d])).unwrap();
+        assert_eq!(inv.files.get(&format!("{d}/f.conf")), Some(&hex(b"data\n")));
+        assert_eq!(atime(&f), old, "hashing updated the access time");
+    }
+}

@@ -50,10 +50,13 @@ fn out(code: i32, stdout: impl Into<Vec<u8>>, stderr: &str) -> GuestOutput {
 }
 
 fn hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(64);
+    for b in Sha256::digest(data) {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
 }
 
 /// A probe the simulated guest cannot answer alone (it needs another machine).
@@ -134,7 +137,7 @@ impl SimGuest {
         }
         let prog = argv.first().map(|p| p.rsplit('/').next().unwrap_or(p)).unwrap_or("");
         let done = |o| Ok(Exec::Done(o));
-        match (prog, &argv.get(1..).unwrap_or_default()[..]) {
+        match (prog, argv.get(1..).unwrap_or_default()) {
             ("true", _) => done(out(0, "", "")),
             ("false", _) => done(out(1, "", "")),
             ("stagecore-sim", args) => self.sim(args, req),

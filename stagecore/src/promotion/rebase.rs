@@ -324,3 +324,74 @@ async fn reapply(
     }
     Ok(applied)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ProgressEvent;
+    use crate::memory::{MemoryBackend, sample_spec};
+    use crate::promotion::{PreconditionPolicy, Promotion, PromotionEngine, PromotionRequest, Strategy};
+
+    fn drain(rx: &mut tokio::sync::mpsc::UnboundedReceiver<ProgressEvent>) -> Vec<ProgressEvent> {
+        let mut out = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            out.push(ev);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn rebase_and_promotion_report_progress() {
+        let backend = std::sync::Arc::new(MemoryBackend::new());
+        let prod = backend.create(&sample_spec("prod")).await.unwrap();
+        prod.start().await.unwrap();
+        let (b, inv) = inventory::take_baseline(&*prod, &InventoryConfig::default(), None).await.unwrap();
+        let stage = inventory::stage(&*backend, &b, &inv, &StageOptions::linked("try")).await.unwrap();
+        stage.start().await.unwrap();
+        let cs = ChangeSet {
+            id: "cs-1".into(),
+            description: String::new(),
+            changes: vec![
+                Change::SetVcpus { machine: "web".into(), vcpus: 2 },
+                Change::GuestCommand {
+                    machine: "web".into(),
+                    command: vec![
+                        "stagecore-sim".into(),
+                        "pkg".into(),
+                        "install".into(),
+                        "nginx".into(),
+                        "1.24".into(),
+                    ],
+                    timeout_secs: None,
+                },
+            ],
+        };
+        inventory::apply_change_set(&*stage, &cs, &InventoryConfig::default()).await.unwrap();
+        let (progress, mut rx) = Progress::channel();
+        let out = rebase(&*backend, &*prod, &*stage, &RebaseOptions::new("try-2"), Some(&progress)).await.unwrap();
+        let RebaseOutcome::Rebased { stage: new, .. } = out else { panic!("conflict: {out:?}") };
+        let steps: Vec<String> =
+            drain(&mut rx).into_iter().filter(|e| e.operation == "rebase").map(|e| e.step).collect();
+        assert_eq!(steps, ["checking conflicts", "baseline taken", "stage created", "applied cs-1", "done"]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let engine = PromotionEngine::new(dir.path(), backend.clone()).unwrap().with_progress(progress);
+        let receipt = engine
+            .promote(PromotionRequest {
+                production: prod.clone(),
+                stage: new.clone(),
+                strategy: Strategy::Replay,
+                policy: PreconditionPolicy::Anywhere,
+                requested_by: "test".into(),
+                gates: Vec::new(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(receipt.outcome, crate::promotion::Outcome::Committed, "{receipt:#?}");
+        let events = drain(&mut rx);
+        let steps: Vec<&str> = events.iter().filter(|e| e.operation == "promotion").map(|e| e.step.as_str()).collect();
+        assert_eq!(steps, ["precondition", "snapshot", "apply", "verify", "commit"]);
+        assert!(events.iter().any(|e| e.operation == "inventory"), "the precondition's inventories report too");
+        assert_eq!(prod.spec().await.unwrap().machine("web").unwrap().vcpus, 2);
+    }
+}
