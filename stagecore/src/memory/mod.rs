@@ -3,6 +3,11 @@
 //! Machines, disks as sparse block maps with copy-on-write layers (so linked clones and "changed
 //! since baseline" behave like qcow2), whole-environment snapshots, fencing flags, swap, and a
 //! [`FaultInjector`] that fails the Nth call of an operation. It runs the whole conformance kit.
+//!
+//! Its guest channel reaches a **simulated** guest per machine (files, packages, services and
+//! ports as maps; see `docs/drift.md`): enough for the inventory collector, the gate probes and a
+//! small documented `stagecore-sim` command set, so the guest engines are tested without VMs. It is
+//! not a real guest and runs no commands.
 //! State lives as long as the [`MemoryBackend`] (and its clones) do.
 
 mod disk;

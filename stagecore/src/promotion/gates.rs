@@ -286,3 +286,56 @@ pub async fn test_environment(env: &dyn Environment, gates: &[ProbeGate], progre
     }
     TestReport { environment: env.name().into(), passed: results.iter().all(|r| r.passed), results }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The probe script runs for real here, with this host's sh, bash and coreutils, against a
+    //! loopback listener.
+
+    use std::io::{Read, Write};
+    use std::process::Command;
+
+    use super::*;
+
+    fn probe(args: &[&str]) -> std::process::Output {
+        Command::new("/bin/sh")
+            .arg("-c")
+            .arg(PROBE_SCRIPT)
+            .arg("stagecore-probe")
+            .args(args)
+            .output()
+            .expect("run /bin/sh")
+    }
+
+    #[test]
+    fn probe_script_speaks_tcp_and_http() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port().to_string();
+        let server = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut buf = [0u8; 512];
+                let n = conn.read(&mut buf).unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]).to_string();
+                let _ = conn.write_all(b"HTTP/1.0 204 No Content\r\n\r\n");
+                if request.starts_with("GET /health HTTP/1.0") {
+                    return request;
+                }
+            }
+            String::new()
+        });
+        let tcp = probe(&["tcp", "127.0.0.1", &port, "", "5"]);
+        assert!(tcp.status.success(), "{tcp:?}");
+        let http = probe(&["http", "127.0.0.1", &port, "/health", "5"]);
+        assert!(http.status.success(), "{http:?}");
+        assert_eq!(String::from_utf8_lossy(&http.stdout).trim(), "HTTP/1.0 204 No Content");
+        assert!(server.join().unwrap().contains("Host: 127.0.0.1"), "the request had a Host header");
+
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = closed.local_addr().unwrap().port().to_string();
+        drop(closed);
+        let refused = probe(&["tcp", "127.0.0.1", &dead, "", "5"]);
+        assert!(!refused.status.success(), "{refused:?}");
+        assert_eq!(probe(&["udp", "127.0.0.1", &dead, "", "5"]).status.code(), Some(2));
+    }
+}
