@@ -13,7 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use stagecore::{
     Backend, Baseline, Capabilities, CloneKind, Environment, EnvironmentInfo, EnvironmentSpec, Error, Result, Role,
-    Selector, StageOptions,
+    Secret, Selector, StageOptions,
 };
 use tokio::sync::Mutex;
 use tracing::Instrument;
@@ -33,12 +33,24 @@ pub struct VsphereOptions {
     pub folder: Option<String>,
     /// The registry directory: one JSON file per environment (see the crate docs).
     pub state_dir: PathBuf,
+    /// Guest OS credentials for guest operations (VMware Tools); `None`: no guest channel.
+    pub guest_credentials: Option<GuestCredentials>,
+}
+
+/// A guest OS account for guest operations. The password is a [`Secret`]: never in `Debug`,
+/// errors or logs.
+#[derive(Clone, Debug)]
+pub struct GuestCredentials {
+    /// Guest user name, e.g. `root`.
+    pub username: String,
+    /// Guest password.
+    pub password: Secret,
 }
 
 impl VsphereOptions {
-    /// Options with a registry directory, no isolated network and no stage folder.
+    /// Options with a registry directory, no isolated network, no stage folder, no guest channel.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
-        VsphereOptions { isolated_network: None, folder: None, state_dir: state_dir.into() }
+        VsphereOptions { isolated_network: None, folder: None, state_dir: state_dir.into(), guest_credentials: None }
     }
 }
 
@@ -77,6 +89,12 @@ impl VsphereBackend {
         let registry = Registry::open(&options.state_dir)?;
         let client = VsphereClient::connect(config).await?;
         Ok(VsphereBackend { shared: Arc::new(Shared { client, opts: options, registry, lock: Mutex::new(()) }) })
+    }
+
+    /// Why the capabilities that need VI/JSON (snapshots, linked and full clones of a baseline,
+    /// CBT drift) are false, or `None` when VI/JSON is available.
+    pub fn vim_unavailable(&self) -> Option<&str> {
+        self.shared.client.vim_endpoint().err()
     }
 
     /// The HTTP client (for inspection and tests).
@@ -170,13 +188,17 @@ impl Backend for VsphereBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
+        // Snapshots, clones of a baseline snapshot and CBT all go through VI/JSON: without it
+        // (vCenter 7.0.x) they are false; `vim_unavailable()` says why.
+        let vim = self.shared.client.vim_endpoint().is_ok();
         let mut c = Capabilities::default();
-        c.linked_clone = true;
-        c.full_clone = true;
-        c.fencing = self.shared.opts.isolated_network.is_some();
-        c.live_snapshot = true;
+        c.linked_clone = vim;
+        c.full_clone = vim;
+        c.fencing = vim && self.shared.opts.isolated_network.is_some();
+        c.live_snapshot = vim;
         c.atomic_snapshot = false;
-        c.disk_drift = true;
+        c.disk_drift = vim;
+        c.guest_channel = self.shared.opts.guest_credentials.is_some();
         c.persistent = true;
         c
     }

@@ -3,8 +3,8 @@
 //! Contract: the registry record says which VMs form the environment; everything else is read
 //! live from vCenter (spec, power, identities). Baselines are `CreateSnapshotEx_Task` snapshots
 //! (no memory) of every production VM, recorded with the disks' CBT change ids. `apply` supports
-//! `SetMemory`/`SetVcpus` (`ReconfigVM_Task`); other changes are `NotSupported`. There is no raw
-//! disk access and no guest channel.
+//! `SetMemory`/`SetVcpus` (`ReconfigVM_Task`) and, with guest credentials, guest commands and
+//! files (`guest.rs`); other changes are `NotSupported`. There is no raw disk access.
 
 use std::sync::Arc;
 
@@ -25,7 +25,7 @@ use crate::{BACKEND, Reconfig, VmInfo};
 /// the registry.
 #[derive(Clone)]
 pub struct VsphereEnvironment {
-    name: String,
+    pub(crate) name: String,
     pub(crate) shared: Arc<Shared>,
 }
 
@@ -211,9 +211,10 @@ impl Environment for VsphereEnvironment {
                 Change::SetVcpus { machine, vcpus } => {
                     self.reconfigure(machine, Reconfig { cpus: Some(*vcpus), ..Default::default() }).await
                 }
-                Change::GuestCommand { .. } | Change::GuestFile { .. } => {
-                    Err(Error::not_supported("guest changes", BACKEND))
-                }
+                Change::GuestCommand { .. } | Change::GuestFile { .. } => match self.guest() {
+                    Some(g) => stagecore::guest::apply_guest_change(&self.name, g, change).await,
+                    None => Err(Error::not_supported("guest changes without guest credentials", BACKEND)),
+                },
                 Change::WriteDisk { .. } => Err(Error::not_supported("raw disk writes", BACKEND)),
                 _ => Err(Error::not_supported("NIC and disk changes", BACKEND)),
             }
@@ -238,6 +239,6 @@ impl Environment for VsphereEnvironment {
     }
 
     fn guest(&self) -> Option<&dyn GuestChannel> {
-        None
+        self.shared.opts.guest_credentials.as_ref().map(|_| self as &dyn GuestChannel)
     }
 }

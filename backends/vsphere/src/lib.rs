@@ -17,20 +17,22 @@ mod backend;
 mod client;
 mod drift;
 mod env;
+mod guest;
 mod inspect;
 mod registry;
 mod snapshots;
 mod stage;
 
-pub use backend::{VsphereBackend, VsphereOptions};
+pub use backend::{GuestCredentials, VsphereBackend, VsphereOptions};
 pub use env::VsphereEnvironment;
 
-pub use client::VsphereClient;
+pub use client::{VIM_RELEASES, VimEndpoint, VsphereClient};
 pub use client::config::{RetryPolicy, TaskPolicy, VsphereConfig};
 pub use client::error::VsphereFault;
 pub use client::rest::{
     BootInfo, CpuInfo, DiskInfo, FolderSummary, Identity, MemoryInfo, NetworkSummary, NicInfo, VmInfo, VmSummary,
 };
+pub use client::guest::{GuestProcess, GuestProcessSummary};
 pub use client::task::TaskOutcome;
 pub use client::vim::{
     ChangedArea, LinkedCloneSpec, MoRef, Reconfig, SnapshotNode, SnapshotTree, VimConfig, VimDisk, VimNic,

@@ -64,12 +64,13 @@ pub struct VsphereConfig {
     pub retry: RetryPolicy,
     /// Task polling policy.
     pub task: TaskPolicy,
-    /// The VI/JSON release segment, e.g. `8.0.2.0`.
-    pub release: String,
+    /// The VI/JSON release segment to use, e.g. `8.0.2.0`; `None` (the default) negotiates it at
+    /// connect (`POST /api/vcenter/system?action=hello` with [`crate::VIM_RELEASES`]).
+    pub release: Option<String>,
 }
 
 impl VsphereConfig {
-    /// A configuration with defaults (60 s deadline, release `8.0.2.0`, system roots only).
+    /// A configuration with defaults (60 s deadline, negotiated VI/JSON release, system roots only).
     pub fn new(base_url: &str, username: impl Into<String>, password: Secret) -> Result<Self> {
         let url =
             url::Url::parse(base_url).map_err(|e| Error::invalid("vsphere.base_url", format!("not a URL: {e}")))?;
@@ -95,7 +96,7 @@ impl VsphereConfig {
             deadline: Duration::from_secs(60),
             retry: RetryPolicy::default(),
             task: TaskPolicy::default(),
-            release: "8.0.2.0".to_string(),
+            release: None,
         })
     }
 

@@ -8,6 +8,7 @@
 
 pub(crate) mod config;
 pub(crate) mod error;
+pub(crate) mod guest;
 pub(crate) mod rest;
 pub(crate) mod retry;
 pub(crate) mod task;
@@ -37,6 +38,23 @@ pub(crate) struct Raw {
     session_header: Option<Secret>,
 }
 
+/// The VI/JSON releases this client speaks, newest first. VI/JSON exists from vSphere 8.0U1
+/// (release 8.0.1.0); every method the backend uses is in 8.0.1.0.
+pub const VIM_RELEASES: [&str; 4] = ["9.0.0.0", "8.0.3.0", "8.0.2.0", "8.0.1.0"];
+
+/// What was negotiated with the server's VI/JSON API at connect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VimEndpoint {
+    /// The release segment of every VI/JSON path (`8.0.2.0`).
+    pub release: String,
+    /// `ServiceContent.sessionManager` (the id Login and Logout go to).
+    pub session_manager: String,
+    /// `ServiceContent.about.apiVersion`: the server's own newest release.
+    pub api_version: String,
+    /// `ServiceContent.about.fullName`.
+    pub full_name: String,
+}
+
 /// A client for one vCenter. Cheap to share behind an `Arc`; all methods take `&self`.
 pub struct VsphereClient {
     http: reqwest::Client,
@@ -44,6 +62,8 @@ pub struct VsphereClient {
     endpoint: String,
     rest_token: Mutex<Option<Secret>>,
     vim_token: Mutex<Option<Secret>>,
+    /// `Ok`: VI/JSON is available; `Err(reason)`: it is not (vCenter 7.0.x, no common release).
+    vim: std::result::Result<VimEndpoint, String>,
 }
 
 impl fmt::Debug for VsphereClient {
@@ -52,7 +72,7 @@ impl fmt::Debug for VsphereClient {
         f.debug_struct("VsphereClient")
             .field("endpoint", &self.endpoint)
             .field("username", &self.config.username)
-            .field("release", &self.config.release)
+            .field("vim", &self.vim)
             .finish_non_exhaustive()
     }
 }
@@ -64,16 +84,102 @@ impl VsphereClient {
         let span = tracing::info_span!("vsphere.connect", endpoint = %endpoint, user = %config.username);
         async move {
             let http = build_http(&config)?;
-            let client =
-                VsphereClient { http, config, endpoint, rest_token: Mutex::new(None), vim_token: Mutex::new(None) };
+            let mut client = VsphereClient {
+                http,
+                config,
+                endpoint,
+                rest_token: Mutex::new(None),
+                vim_token: Mutex::new(None),
+                vim: Err("not negotiated yet".into()),
+            };
             let deadline = Instant::now() + client.config.deadline;
             let token = client.login(Api::Rest, deadline).await?;
             *client.rest_token.lock().await = Some(token);
-            tracing::info!("connected");
+            client.vim = client.negotiate(deadline).await?;
+            match &client.vim {
+                Ok(v) => tracing::info!(release = %v.release, server = %v.full_name, "connected"),
+                Err(reason) => tracing::warn!(%reason, "connected without VI/JSON: no snapshots, linked clones or CBT"),
+            }
             Ok(client)
         }
         .instrument(span)
         .await
+    }
+
+    /// Finds the VI/JSON release and the SessionManager: `POST /api/vcenter/system?action=hello`
+    /// (unless `config.release` is set), then the anonymous `ServiceContent`. A server without
+    /// VI/JSON (404) is not an error: the reason is kept and VI/JSON calls fail with it.
+    async fn negotiate(&self, deadline: Instant) -> Result<std::result::Result<VimEndpoint, String>> {
+        let span = tracing::debug_span!("vsphere.negotiate");
+        async {
+            let release = match &self.config.release {
+                Some(r) => r.clone(),
+                None => {
+                    let body = serde_json::json!({"api_releases": VIM_RELEASES});
+                    let query = [("action", "hello".to_string())];
+                    let raw = self
+                        .send(Method::POST, "/api/vcenter/system", &query, Some(&body), None, deadline, "negotiate")
+                        .await?;
+                    if raw.status == 404 {
+                        return Ok(Err(format!(
+                            "vCenter at {} offers no VI/JSON API (POST /api/vcenter/system?action=hello: HTTP 404; \
+                             VI/JSON needs vSphere 8.0U1 or later)",
+                            self.endpoint
+                        )));
+                    }
+                    let v = self.decode(Api::Rest, raw, "negotiate")?;
+                    match v["api_release"].as_str() {
+                        Some("") => {
+                            return Ok(Err(format!(
+                                "vCenter at {} shares no VI/JSON release with this client (it speaks {})",
+                                self.endpoint,
+                                VIM_RELEASES.join(", ")
+                            )));
+                        }
+                        Some(r) => r.to_string(),
+                        None => return Err(error::malformed("negotiate", "hello answer without api_release")),
+                    }
+                }
+            };
+            if release.is_empty() || !release.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+                return Err(error::malformed("negotiate", format!("`{release}` is not a VI/JSON release")));
+            }
+            let path = format!("/sdk/vim25/{release}/ServiceInstance/ServiceInstance/content");
+            let raw = self.send(Method::GET, &path, &[], None, None, deadline, "service content").await?;
+            if raw.status == 404 {
+                return Ok(Err(format!("vCenter at {} does not serve VI/JSON release {release} (HTTP 404)", self.endpoint)));
+            }
+            let content = self.decode(Api::Vim, raw, "service content")?;
+            let session_manager = content["sessionManager"]["value"]
+                .as_str()
+                .ok_or_else(|| error::malformed("service content", "ServiceContent without sessionManager"))?
+                .to_string();
+            rest::check_id("sessionManager", &session_manager)?;
+            let about = &content["about"];
+            let endpoint = VimEndpoint {
+                release,
+                session_manager,
+                api_version: about["apiVersion"].as_str().unwrap_or_default().to_string(),
+                full_name: about["fullName"].as_str().unwrap_or_default().to_string(),
+            };
+            tracing::debug!(release = %endpoint.release, api_version = %endpoint.api_version, "VI/JSON negotiated");
+            Ok(Ok(endpoint))
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// What was negotiated with VI/JSON, or why it is unavailable.
+    pub fn vim_endpoint(&self) -> std::result::Result<&VimEndpoint, &str> {
+        self.vim.as_ref().map_err(String::as_str)
+    }
+
+    /// The VI/JSON endpoint, or `NotSupported` when the server has none.
+    pub(crate) fn vim(&self) -> Result<&VimEndpoint> {
+        self.vim.as_ref().map_err(|reason| {
+            tracing::debug!(%reason, "VI/JSON unavailable");
+            Error::not_supported("snapshots, linked clones and CBT (they need VI/JSON, vSphere 8.0U1+)", BACKEND)
+        })
     }
 
     /// The configuration this client was built from.
@@ -91,8 +197,8 @@ impl VsphereClient {
                 first_error.get_or_insert(e);
             }
         }
-        if let Some(token) = self.vim_token.lock().await.take() {
-            let path = format!("/sdk/vim25/{}/SessionManager/SessionManager/Logout", self.config.release);
+        if let (Some(token), Ok(vim)) = (self.vim_token.lock().await.take(), &self.vim) {
+            let path = format!("/sdk/vim25/{}/SessionManager/{}/Logout", vim.release, vim.session_manager);
             let r = self.send(Method::POST, &path, &[], None, Some(&token), deadline, "logout").await;
             if let Err(e) = r.and_then(|raw| self.decode(Api::Vim, raw, "logout").map(|_| ())) {
                 first_error.get_or_insert(e);
@@ -125,9 +231,14 @@ impl VsphereClient {
                 let raw = self.send(method.clone(), path, query, body, Some(&token), deadline, context).await?;
                 if session_rejected(api, &raw) {
                     if relogged {
-                        return Err(Error::Unauthenticated {
-                            endpoint: self.endpoint.clone(),
-                            reason: "session rejected again right after a fresh login".into(),
+                        // Keep the server's reason when it gives one (wrong guest credentials
+                        // are a 401 too); never the request body.
+                        return Err(match self.decode(api, raw, context) {
+                            Err(e @ Error::Unauthenticated { .. }) => e,
+                            _ => Error::Unauthenticated {
+                                endpoint: self.endpoint.clone(),
+                                reason: "session rejected again right after a fresh login".into(),
+                            },
                         });
                     }
                     tracing::info!("session expired; logging in again");
@@ -178,7 +289,8 @@ impl VsphereClient {
             let raw = match api {
                 Api::Rest => self.send(Method::POST, "/api/session", &[], None, None, deadline, "login").await?,
                 Api::Vim => {
-                    let path = format!("/sdk/vim25/{}/SessionManager/SessionManager/Login", self.config.release);
+                    let vim = self.vim()?;
+                    let path = format!("/sdk/vim25/{}/SessionManager/{}/Login", vim.release, vim.session_manager);
                     let body = serde_json::json!({"userName": self.config.username, "password": self.config.password.expose()});
                     self.send(Method::POST, &path, &[], Some(&body), None, deadline, "login").await?
                 }

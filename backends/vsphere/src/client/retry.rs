@@ -22,7 +22,8 @@ pub(crate) fn repeatable(method: &Method, path: &str, context: &str) -> bool {
     if matches!(*method, Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS) {
         return true;
     }
-    if context == "login" || context == "logout" {
+    // `negotiate` is `POST /api/vcenter/system?action=hello`: it only reads which release to use.
+    if context == "login" || context == "logout" || context == "negotiate" {
         return true;
     }
     if path.starts_with("/sdk/vim25/") {
@@ -54,6 +55,7 @@ mod tests {
         assert!(repeatable(&Method::GET, "/api/vcenter/vm", "list"));
         assert!(repeatable(&Method::DELETE, "/api/vcenter/vm/vm-1", "delete"));
         assert!(repeatable(&Method::POST, "/api/session", "login"));
+        assert!(repeatable(&Method::POST, "/api/vcenter/system", "negotiate"));
         assert!(repeatable(&Method::POST, "/sdk/vim25/8.0.2.0/PropertyCollector/pc/RetrievePropertiesEx", "props"));
         assert!(repeatable(&Method::POST, &vim("QueryChangedDiskAreas"), "cbt"));
         assert!(!repeatable(&Method::POST, &vim("CloneVM_Task"), "clone"));

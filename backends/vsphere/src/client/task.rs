@@ -34,7 +34,7 @@ impl VsphereClient {
             let context = format!("task {} ({operation})", task.value);
             let started = Instant::now();
             let mut interval = policy.initial_interval;
-            let path = format!("/sdk/vim25/{}/Task/{}/info", self.config.release, task.value);
+            let path = format!("/sdk/vim25/{}/Task/{}/info", self.vim()?.release, task.value);
             loop {
                 let info = self.call(Api::Vim, Method::GET, &path, &[], None, &context).await?;
                 match info["state"].as_str() {
@@ -71,7 +71,8 @@ impl VsphereClient {
 
     /// Best-effort `CancelTask`; failures are logged, not returned.
     async fn cancel_task(&self, task: &MoRef) {
-        let path = format!("/sdk/vim25/{}/Task/{}/CancelTask", self.config.release, task.value);
+        let Ok(vim) = self.vim() else { return };
+        let path = format!("/sdk/vim25/{}/Task/{}/CancelTask", vim.release, task.value);
         if let Err(e) = self.call(Api::Vim, Method::POST, &path, &[], None, "cancel task").await {
             tracing::warn!(task = %task.value, error = %e, "could not cancel task");
         }

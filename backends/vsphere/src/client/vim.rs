@@ -165,22 +165,22 @@ pub struct LinkedCloneSpec {
 }
 
 impl VsphereClient {
-    fn vim_path(&self, mo: &MoRef, member: &str) -> String {
-        format!("/sdk/vim25/{}/{}/{}/{}", self.config.release, mo.kind, mo.value, member)
+    fn vim_path(&self, mo: &MoRef, member: &str) -> Result<String> {
+        Ok(format!("/sdk/vim25/{}/{}/{}/{}", self.vim()?.release, mo.kind, mo.value, member))
     }
 
     /// Invokes a VI/JSON method and returns its JSON result (`Null` for none).
     pub async fn invoke(&self, mo: &MoRef, method: &str, body: Value) -> Result<Value> {
         validate_id("moId", &mo.value)?;
         let context = format!("{method} on {}/{}", mo.kind, mo.value);
-        self.call(Api::Vim, Method::POST, &self.vim_path(mo, method), &[], Some(&body), &context).await
+        self.call(Api::Vim, Method::POST, &self.vim_path(mo, method)?, &[], Some(&body), &context).await
     }
 
     /// Reads one property (`GET .../{moType}/{moId}/{property}`).
     pub async fn property(&self, mo: &MoRef, property: &str) -> Result<Value> {
         validate_id("moId", &mo.value)?;
         let context = format!("read {property} of {}/{}", mo.kind, mo.value);
-        self.call(Api::Vim, Method::GET, &self.vim_path(mo, property), &[], None, &context).await
+        self.call(Api::Vim, Method::GET, &self.vim_path(mo, property)?, &[], None, &context).await
     }
 
     /// Starts a `*_Task` method; returns the task reference without waiting.
@@ -385,7 +385,11 @@ fn parse_nodes(list: &Value) -> Result<Vec<SnapshotNode>> {
         .collect()
 }
 
-fn parse_config(v: &Value) -> Result<VimConfig> {
+/// Reads the parts of a `VirtualMachineConfigInfo` stagecore uses. Devices are recognised by
+/// shape, not by a closed list of `_typeName`s: a disk is a `VirtualDisk`, a NIC any device with a
+/// `VirtualEthernetCard…` backing or a MAC address; every other device (controllers, CD-ROMs, and
+/// types this client has never heard of) is ignored, never a parse failure.
+pub(crate) fn parse_config(v: &Value) -> Result<VimConfig> {
     let hw = &v["hardware"];
     let (Some(cpus), Some(mem)) = (hw["numCPU"].as_u64(), hw["memoryMB"].as_u64()) else {
         return Err(error::malformed("config", "VirtualMachineConfigInfo without hardware.numCPU/memoryMB"));
@@ -393,35 +397,77 @@ fn parse_config(v: &Value) -> Result<VimConfig> {
     let mut disks = Vec::new();
     let mut nics = Vec::new();
     for d in hw["device"].as_array().into_iter().flatten() {
-        let key = d["key"].as_i64().unwrap_or_default() as i32;
+        let Some(key) = d["key"].as_i64().and_then(|k| i32::try_from(k).ok()) else { continue };
         let label = d["deviceInfo"]["label"].as_str().unwrap_or_default().to_string();
         let backing = &d["backing"];
+        let backing_type = backing["_typeName"].as_str().unwrap_or_default();
         if d["_typeName"] == "VirtualDisk" {
+            let capacity = d["capacityInBytes"]
+                .as_u64()
+                .or_else(|| d["capacityInKB"].as_u64().map(|kb| kb.saturating_mul(1024)))
+                .unwrap_or_default();
             disks.push(VimDisk {
                 key,
                 label,
-                capacity_bytes: d["capacityInBytes"].as_u64().unwrap_or_default(),
+                capacity_bytes: capacity,
                 file_name: backing["fileName"].as_str().map(str::to_string),
                 parent_file_name: backing["parent"]["fileName"].as_str().map(str::to_string),
                 change_id: backing["changeId"].as_str().map(str::to_string),
             });
-        } else if d.get("macAddress").is_some() || d.get("addressType").is_some() {
+        } else if backing_type.starts_with("VirtualEthernetCard") || d.get("macAddress").is_some() {
+            // Standard port group: `network` + `deviceName`; distributed: `port.portgroupKey`;
+            // NSX opaque network: `opaqueNetworkId`.
+            let network = backing["network"]["value"]
+                .as_str()
+                .or_else(|| backing["port"]["portgroupKey"].as_str())
+                .or_else(|| backing["opaqueNetworkId"].as_str())
+                .map(str::to_string);
             nics.push(VimNic {
                 key,
                 device_type: d["_typeName"].as_str().unwrap_or("VirtualEthernetCard").to_string(),
                 label,
                 mac_address: d["macAddress"].as_str().map(str::to_string),
-                network: backing["network"]["value"].as_str().map(str::to_string),
+                network,
                 network_name: backing["deviceName"].as_str().map(str::to_string),
             });
         }
     }
     Ok(VimConfig {
         name: v["name"].as_str().unwrap_or_default().to_string(),
-        num_cpu: cpus as u32,
+        num_cpu: u32::try_from(cpus).unwrap_or(u32::MAX),
         memory_mb: mem,
         change_tracking_enabled: v["changeTrackingEnabled"].as_bool().unwrap_or(false),
         disks,
         nics,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_device_types_are_ignored_not_fatal() {
+        let v = json!({"_typeName": "VirtualMachineConfigInfo", "name": "x", "changeTrackingEnabled": true,
+            "hardware": {"_typeName": "VirtualHardware", "numCPU": 2, "memoryMB": 1024, "device": [
+                {"_typeName": "VirtualQuantumEntangler", "key": 77, "backing": {"_typeName": "VirtualQuantumBackingInfo"}},
+                {"_typeName": "ParaVirtualSCSIController", "key": 1000, "busNumber": 0, "sharedBus": "noSharing"},
+                {"_typeName": "VirtualDisk", "key": 2000, "deviceInfo": {"label": "Hard disk 1"}, "capacityInKB": 4,
+                 "backing": {"_typeName": "VirtualDiskSparseVer2BackingInfo", "fileName": "[ds] a.vmdk", "diskMode": "persistent", "changeId": "c/1"}},
+                {"_typeName": "VirtualFutureNic", "key": 4000, "deviceInfo": {"label": "Network adapter 1"},
+                 "backing": {"_typeName": "VirtualEthernetCardDistributedVirtualPortBackingInfo",
+                             "port": {"switchUuid": "u", "portgroupKey": "dvportgroup-9"}}},
+                {"_typeName": "VirtualVmxnet3", "key": 4001, "macAddress": "00:50:56:00:00:01",
+                 "backing": {"_typeName": "VirtualEthernetCardOpaqueNetworkBackingInfo", "opaqueNetworkId": "seg-1", "opaqueNetworkType": "nsx.LogicalSwitch"}},
+                {"key": "not-a-number"}
+            ]}});
+        let c = parse_config(&v).unwrap();
+        assert_eq!(c.disks.len(), 1);
+        assert_eq!(c.disks[0].capacity_bytes, 4096);
+        assert_eq!(c.disks[0].change_id.as_deref(), Some("c/1"));
+        assert_eq!(c.nics.len(), 2);
+        assert_eq!(c.nics[0].device_type, "VirtualFutureNic");
+        assert_eq!(c.nics[0].network.as_deref(), Some("dvportgroup-9"));
+        assert_eq!(c.nics[1].network.as_deref(), Some("seg-1"));
+    }
 }
