@@ -5,6 +5,7 @@
 //! - `test` — setup, the guest image, then fmt, clippy, nextest, doctests, the quickstart (debug) and docs:
 //!   what CI runs.
 //! - `demo [ARGS]` — setup, then the `quickstart` example with `ARGS`.
+//! - `hosts [start|stop|status]` — the two extra libvirtd hosts of the remote tests (namespaces).
 //! - `guest-image` — build (or find cached) the test guest image and print its directory.
 //! - `bench [ARGS]` — `cargo bench -p stagekit ARGS`.
 //!
@@ -12,6 +13,7 @@
 
 mod apt;
 mod guest;
+mod hosts;
 mod run;
 mod setup;
 mod tasks;
@@ -25,6 +27,7 @@ commands:
   setup          install QEMU + libvirt if missing (root on Debian) and start virtlogd/libvirtd
   test           setup, guest image, then fmt --check, clippy -D warnings, nextest, doctests, doc -D warnings
   demo [ARGS]    setup, guest image, then `cargo run --release -p stagekit --example quickstart -- ARGS`
+  hosts [SUB]    start (default; reuses running hosts), stop or status the libvirtd test hosts A and B
   guest-image    build (or find cached) the test guest image; prints its directory
   bench [ARGS]   `cargo bench -p stagekit ARGS`
   help           show this text
@@ -44,6 +47,8 @@ fn main() -> ExitCode {
             eprintln!("xtask: `{command}` takes no arguments\n\n{USAGE}");
             return ExitCode::from(2);
         }
+        "hosts" => hosts::command(rest),
+        "__relay" => hosts::relay(rest),
         "demo" => tasks::demo(rest),
         "bench" => tasks::bench(rest),
         "help" | "-h" | "--help" => {

@@ -65,9 +65,11 @@ fn test_steps(nextest: bool) -> Vec<Step> {
 }
 
 /// `cargo xtask test`: setup, the guest image, then fmt, clippy, tests, doctests, the quickstart
-/// and docs. Every cargo step gets `STAGECORE_GUEST_IMAGE=<image dir>`.
+/// and docs. Every cargo step gets `STAGECORE_GUEST_IMAGE=<image dir>` and the URIs of the
+/// libvirtd test hosts (`STAGECORE_LIBVIRT_HOST_A`/`_B`, see [`crate::hosts`]).
 pub(crate) fn test() -> Result<()> {
     setup()?;
+    let hosts = crate::hosts::ensure()?;
     let image = guest::for_tasks()?;
     let nextest = nextest_available();
     if !nextest {
@@ -77,6 +79,7 @@ pub(crate) fn test() -> Result<()> {
         println!("xtask: step {}: cargo {}", step.name, step.args.join(" "));
         let mut cmd = cargo();
         cmd.args(&step.args).envs(step.env.iter().copied()).env(guest::ENV_VAR, &image);
+        cmd.envs(hosts.iter().map(|(k, v)| (*k, v.as_str())));
         run(&format!("test step `{}`", step.name), &mut cmd)?;
     }
     println!("xtask: all test steps passed");

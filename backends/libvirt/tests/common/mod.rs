@@ -88,3 +88,20 @@ impl Drop for Guard {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The URI of one of the libvirtd test hosts `cargo xtask test` starts in network namespaces
+/// (`STAGECORE_LIBVIRT_HOST_A` / `_B`); panics (fails the test) with instructions when unset.
+pub(crate) fn host_uri(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!(
+            "{var} is not set: the remote tests need the libvirtd test hosts. Run `cargo xtask hosts start` \
+             and export the variables it prints (`cargo xtask test` does both)"
+        )
+    })
+}
+
+/// Runs virsh against `uri` and returns its non-empty output lines.
+pub(crate) fn virsh_at(uri: &str, args: &[&str]) -> Vec<String> {
+    let out = Command::new("virsh").arg("-c").arg(uri).args(args).output().expect("virsh runs");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
+}
