@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use stagecore::inventory::{self, InventoryConfig};
 use stagecore::promotion::{Outcome, PreconditionPolicy, Promotion, PromotionEngine, PromotionRequest, Strategy};
 use stagecore::{
     Backend, Change, ChangeSet, DynEnvironment, Environment, EnvironmentExt, Error, GuestChannel, GuestExec,
@@ -176,6 +177,17 @@ pub async fn snapshot_revert_restores_guest_file(kit: &Kit) {
     cleanup(&*kit.backend, &[&pname]).await;
 }
 
+/// A started linked stage of `prod` whose baseline carries production's guest inventory (so the
+/// drift engine and the promotion's precondition know which side moved inside the guests).
+async fn guest_stage(kit: &Kit, prod: &DynEnvironment, name: &str) -> DynEnvironment {
+    let config = InventoryConfig::default();
+    let (baseline, at_baseline) = inventory::take_baseline(&**prod, &config, None).await.expect("baseline");
+    let options = StageOptions { start: true, ..StageOptions::linked(name) };
+    let stage = inventory::stage(&*kit.backend, &baseline, &at_baseline, &options).await.expect("started stage");
+    wait_all(&*stage).await.expect("the stage's agents answer");
+    stage
+}
+
 /// A stage with a recorded guest ChangeSet and an engine over a fresh state directory.
 struct Promo {
     pname: String,
@@ -190,15 +202,11 @@ impl Promo {
         let (pname, sname) = (unique("kit-gpromo-prod"), unique("kit-gpromo"));
         let prod = kit.production(&pname).await.expect("production of real guests");
         channel(kit, &prod);
-        let baseline = prod.take_baseline().await.expect("baseline");
-        let stage = kit
-            .backend
-            .stage(&baseline, &StageOptions { start: true, ..StageOptions::linked(&sname) })
-            .await
-            .expect("started stage");
-        wait_all(&*stage).await.expect("the stage's agents answer");
+        let stage = guest_stage(kit, &prod, &sname).await;
         let cs = ChangeSet { id: "cs-kit-guest-promo".into(), description: "guest change".into(), changes };
-        stage.apply_change_set(&cs).await.expect("the ChangeSet works on the stage");
+        inventory::apply_change_set(&*stage, &cs, &InventoryConfig::default())
+            .await
+            .expect("the ChangeSet works on the stage");
         Promo { pname, sname, prod, stage, dir: tempfile::tempdir().expect("state dir") }
     }
 
@@ -261,13 +269,7 @@ pub async fn failing_guest_command_rolls_back(kit: &Kit) {
     channel(kit, &prod);
     let uuid = prod.info().await.unwrap().machines.iter().find(|m| m.name == "app").expect("app").uuid.clone();
     assert!(!uuid.is_empty(), "the backend reports machine UUIDs");
-    let baseline = prod.take_baseline().await.expect("baseline");
-    let stage = kit
-        .backend
-        .stage(&baseline, &StageOptions { start: true, ..StageOptions::linked(&sname) })
-        .await
-        .expect("started stage");
-    wait_all(&*stage).await.expect("the stage's agents answer");
+    let stage = guest_stage(kit, &prod, &sname).await;
     let check = format!("! grep -qi {uuid} /sys/class/dmi/id/product_uuid || exit 3");
     let cs = ChangeSet {
         id: "cs-kit-guest-fails".into(),
@@ -286,7 +288,9 @@ pub async fn failing_guest_command_rolls_back(kit: &Kit) {
             },
         ],
     };
-    stage.apply_change_set(&cs).await.expect("the check passes on the stage (other UUID)");
+    inventory::apply_change_set(&*stage, &cs, &InventoryConfig::default())
+        .await
+        .expect("the check passes on the stage (other UUID)");
     let p = Promo { pname, sname, prod, stage, dir: tempfile::tempdir().expect("state dir") };
     let receipt = p.promote(kit).await;
     let Outcome::RolledBack { reason } = &receipt.outcome else { panic!("not rolled back: {receipt:#?}") };

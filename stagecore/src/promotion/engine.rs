@@ -310,15 +310,15 @@ impl PromotionEngine {
         self.step(run, "precondition", 1);
         let drift = self.drift_engine();
         let checked = steps::precondition(&run.plan, &drift, &*req.production, &*req.stage).instrument(span).await;
-        let report = match checked {
-            Ok(report) => report,
+        let (report, note) = match checked {
+            Ok(checked) => checked,
             Err(refusal) => {
                 run.done(t.record("precondition", format!("refused: {}", refusal.reason)), refusal.drift, None).await?;
                 run.log(JournalStep::Refuse { reason: refusal.reason.clone() }).await?;
                 return Ok(Outcome::Refused { reason: refusal.reason });
             }
         };
-        run.done(t.record("precondition", steps::unchecked_note(&report)), Some(report), None).await?;
+        run.done(t.record("precondition", note), Some(report), None).await?;
         match self.forward(run, req).await {
             Ok(()) => {}
             Err(Halt::Failed(reason)) => {

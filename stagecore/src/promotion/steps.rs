@@ -7,9 +7,9 @@ use std::collections::BTreeSet;
 use super::journal::{JournalStep, Plan};
 use super::run::{Halt, Run, Timer};
 use super::types::{PreconditionPolicy, Strategy};
-use crate::drift::{Drift, DriftEngine, DriftReport, Side, config_differences};
+use crate::drift::{Drift, DriftEngine, DriftReport, Side, Status, config_differences};
 use crate::inventory::{self, InventoryConfig, MachineInventory};
-use crate::{Backend, Change, Environment, EnvironmentSpec, Result};
+use crate::{Backend, Change, ConsistencyLevel, Environment, EnvironmentSpec, Result};
 
 /// Whether two config paths overlap (equal, or one lies below the other).
 pub(crate) fn related(a: &str, b: &str) -> bool {
@@ -30,12 +30,13 @@ pub(crate) async fn precondition(
     engine: &DriftEngine,
     production: &dyn Environment,
     stage: &dyn Environment,
-) -> std::result::Result<DriftReport, Refusal> {
+) -> std::result::Result<(DriftReport, String), Refusal> {
     let report = engine
         .drift(production, stage)
         .await
         .map_err(|e| Refusal { reason: format!("the drift report failed: {e}"), drift: None })?;
-    let mut problems = failures(&report, plan);
+    let judged = guest_judged(&report, stage).await;
+    let mut problems = failures(&report, plan, &judged);
     if plan.strategy == Strategy::Replay {
         let mut scratch = plan.production_spec.clone();
         for (i, change) in plan.changes().enumerate() {
@@ -46,14 +47,34 @@ pub(crate) async fn precondition(
         }
     }
     if problems.is_empty() {
-        Ok(report)
+        let note = unchecked_note(&report, &judged);
+        Ok((report, note))
     } else {
         let reason = format!("production {} cannot take the change: {}", plan.production, problems.join("; "));
         Err(Refusal { reason, drift: Some(report) })
     }
 }
 
-fn failures(report: &DriftReport, plan: &Plan) -> Vec<String> {
+/// The machines whose movement in production is judged by their guest layer rather than by raw
+/// disk bytes: running at the baseline (a running OS writes its disks all the time — journal
+/// commits, the superblock ext4 rewrites on every thaw), with a guest layer checked on both sides
+/// and production's inventory at the baseline recorded on the stage. Their guest layer says
+/// whether production moved inside the guest; their disk bytes are only reported.
+async fn guest_judged(report: &DriftReport, stage: &dyn Environment) -> BTreeSet<String> {
+    let Ok(info) = stage.info().await else { return BTreeSet::new() };
+    let Some(staged) = info.stage() else { return BTreeSet::new() };
+    let Some(at_baseline) = inventory::baseline_inventory(staged) else { return BTreeSet::new() };
+    report
+        .machines
+        .iter()
+        .filter(|m| m.guest != Status::NotChecked)
+        .filter(|m| at_baseline.machines.get(&m.machine).is_some_and(|i| i.inventory().is_some()))
+        .filter(|m| staged.baseline.consistency.get(&m.machine).is_some_and(|c| c.level != ConsistencyLevel::Stopped))
+        .map(|m| m.machine.clone())
+        .collect()
+}
+
+fn failures(report: &DriftReport, plan: &Plan, guest_judged: &BTreeSet<String>) -> Vec<String> {
     // Swap replaces every machine, so everything is "touched".
     let everywhere = plan.policy == PreconditionPolicy::Anywhere || plan.strategy == Strategy::Swap;
     let paths: Vec<String> = plan.changes().flat_map(Change::config_paths).collect();
@@ -92,6 +113,9 @@ fn failures(report: &DriftReport, plan: &Plan) -> Vec<String> {
         }
     }
     for d in &report.disk.records {
+        if guest_judged.contains(&d.machine) {
+            continue;
+        }
         if d.production.bytes > 0 && (everywhere || machines.contains(d.machine.as_str())) {
             out.push(format!(
                 "disk {}/{}: {} bytes written in production since the baseline",
@@ -102,12 +126,27 @@ fn failures(report: &DriftReport, plan: &Plan) -> Vec<String> {
     out
 }
 
-/// A summary of what the precondition could not check, for the step's outcome.
-pub(crate) fn unchecked_note(report: &DriftReport) -> String {
-    match &report.disk.reason {
+/// A summary of what the precondition could not check, and of the disk bytes it judged by guest
+/// layers, for the step's outcome.
+pub(crate) fn unchecked_note(report: &DriftReport, guest_judged: &BTreeSet<String>) -> String {
+    let mut note = match &report.disk.reason {
         Some(reason) => format!("ok: disk layer not fully checked: {reason}"),
-        None => "ok".into(),
+        None => "ok".to_string(),
+    };
+    let live: Vec<String> = report
+        .disk
+        .records
+        .iter()
+        .filter(|d| d.production.bytes > 0 && guest_judged.contains(&d.machine))
+        .map(|d| format!("{}/{} {} B", d.machine, d.disk, d.production.bytes))
+        .collect();
+    if !live.is_empty() {
+        note.push_str(&format!(
+            "; written by running guests since the baseline, judged by their guest layers: {}",
+            live.join(", ")
+        ));
     }
+    note
 }
 
 /// Replay: applies every change of the ChangeSets, journalling each index first.
