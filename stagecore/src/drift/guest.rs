@@ -71,7 +71,8 @@ pub(crate) async fn layer(
         (Err(e), _) => return not_checked(&names, &format!("production's inventory failed: {e}")),
         (_, Err(e)) => return not_checked(&names, &format!("the stage's inventory failed: {e}")),
     };
-    let baseline = inventory::baseline_inventory(staged);
+    // Decoded only when some machine differs (it can be megabytes of JSON).
+    let mut baseline: Option<Option<inventory::BaselineInventory>> = None;
     let footprint = inventory::combined_footprint(&staged.change_sets);
     // ChangeSets with guest changes but no footprint record: their machines' stage-side guest
     // changes count as intended as a whole (as the disk layer does for guest changes).
@@ -111,8 +112,12 @@ pub(crate) async fn layer(
             out.machines.insert(m.clone(), (Status::InSync, 0, None));
             continue;
         }
-        let b_items: Option<BTreeMap<ItemKey, Value>> =
-            baseline.as_ref().and_then(|b| b.machines.get(m)).and_then(MachineInventory::inventory).map(items);
+        let b_items: Option<BTreeMap<ItemKey, Value>> = baseline
+            .get_or_insert_with(|| inventory::baseline_inventory(staged))
+            .as_ref()
+            .and_then(|b| b.machines.get(m))
+            .and_then(MachineInventory::inventory)
+            .map(items);
         let (pi, si) = (items(p), items(s));
         let keys: BTreeSet<&ItemKey> = pi.keys().chain(si.keys()).collect();
         compared += keys.len();

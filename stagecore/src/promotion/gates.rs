@@ -33,6 +33,7 @@ command -v bash >/dev/null 2>&1 || { echo "stagecore-probe: bash is needed for /
 case $kind in
   tcp) exec timeout "$secs" bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$host" "$port" ;;
   http) exec timeout "$secs" bash -c 'exec 3<>"/dev/tcp/$0/$1" || exit 1
+        trap "" PIPE
         printf "GET %s HTTP/1.0\r\nHost: %s\r\nConnection: close\r\n\r\n" "$2" "$0" >&3
         IFS= read -r line <&3 || exit 1
         printf "%s\n" "$line"' "$host" "$port" "$path" ;;
@@ -314,9 +315,14 @@ mod tests {
         let server = std::thread::spawn(move || {
             for _ in 0..2 {
                 let (mut conn, _) = listener.accept().unwrap();
-                let mut buf = [0u8; 512];
-                let n = conn.read(&mut buf).unwrap_or(0);
-                let request = String::from_utf8_lossy(&buf[..n]).to_string();
+                let (mut request, mut buf) = (Vec::new(), [0u8; 512]);
+                while !request.ends_with(b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let request = String::from_utf8_lossy(&request).to_string();
                 let _ = conn.write_all(b"HTTP/1.0 204 No Content\r\n\r\n");
                 if request.starts_with("GET /health HTTP/1.0") {
                     return request;
