@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Feature, Result, corrupt, ctx, unsupported};
 use crate::header::{Header, is_qcow2};
-use crate::layer::{Layer, Qcow2Layer, open_file};
+use crate::layer::{Layer, Qcow2Layer, open_file, open_source};
+use crate::source::{ReadAt, Resolver, Source};
 use crate::types::ImageFormat;
 
 /// Longest chain accepted (qemu refuses deeper ones too).
@@ -21,6 +22,8 @@ const MAX_DEPTH: usize = 1000;
 /// All layers of a chain, top first.
 pub(crate) struct Chain {
     pub(crate) layers: Vec<Layer>,
+    /// Whether the layers came from a resolver (identity by path) rather than local files.
+    resolved: bool,
 }
 
 /// Resolves a stored backing name the way qemu does: relative names are relative to the
@@ -39,16 +42,32 @@ pub(crate) fn parse_backing_format(path: &Path, s: Option<&str>) -> Result<Optio
     }
 }
 
-/// (device, inode) of an open file: identity for loop detection and `base` lookups.
-pub(crate) fn identity(file: &File, path: &Path) -> Result<(u64, u64)> {
+/// Identity of a layer for loop detection and `base` lookups.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Ident {
+    /// (device, inode) of a local file.
+    Inode(u64, u64),
+    /// The path a resolver opened.
+    Path(PathBuf),
+}
+
+/// Identity of an opened source: (device, inode) for files, the path otherwise.
+pub(crate) fn identity(file: &Source, path: &Path) -> Result<Ident> {
+    match file.as_file() {
+        Some(f) => file_identity(f, path),
+        None => Ok(Ident::Path(path.to_path_buf())),
+    }
+}
+
+fn file_identity(file: &File, path: &Path) -> Result<Ident> {
     let m = file.metadata().map_err(ctx("stat", path))?;
-    Ok((m.dev(), m.ino()))
+    Ok(Ident::Inode(m.dev(), m.ino()))
 }
 
 /// Opens the qcow2 header of `path` only (no tables) and describes it.
-pub(crate) fn describe(path: &Path) -> Result<crate::ImageInfo> {
-    let file = open_file(path, false)?;
-    let len = file.metadata().map_err(ctx("stat", path))?.len();
+pub(crate) fn describe(resolver: Option<&dyn Resolver>, path: &Path) -> Result<crate::ImageInfo> {
+    let file = open_source(resolver, path, false)?;
+    let len = file.size().map_err(ctx("stat", path))?;
     let h = Header::read(&file, path, len)?;
     info_of(path, &h)
 }
@@ -67,7 +86,13 @@ fn info_of(path: &Path, h: &Header) -> Result<crate::ImageInfo> {
 impl Chain {
     /// Opens `top` (qcow2) and every backing file below it.
     pub(crate) fn open(top: &Path, write_top: bool) -> Result<Chain> {
-        let mut layers = vec![Layer::open(top, Some(ImageFormat::Qcow2), write_top)?];
+        Chain::open_in(None, top, write_top)
+    }
+
+    /// Opens `top` (qcow2) and every backing file below it through `resolver` (local files when
+    /// `None`).
+    pub(crate) fn open_in(resolver: Option<&dyn Resolver>, top: &Path, write_top: bool) -> Result<Chain> {
+        let mut layers = vec![Layer::open(resolver, top, Some(ImageFormat::Qcow2), write_top)?];
         let mut seen = HashSet::new();
         loop {
             let last = layers.last().expect("non-empty");
@@ -81,7 +106,7 @@ impl Chain {
             if layers.len() >= MAX_DEPTH {
                 return Err(corrupt(top, format!("backing chain deeper than {MAX_DEPTH}")));
             }
-            let layer = Layer::open(&next, fmt, false).map_err(|e| match e {
+            let layer = Layer::open(resolver, &next, fmt, false).map_err(|e| match e {
                 Error::NotFound { path, .. } => Error::NotFound { kind: "backing file", path },
                 other => other,
             })?;
@@ -92,7 +117,7 @@ impl Chain {
             }
             layers.push(layer);
         }
-        Ok(Chain { layers })
+        Ok(Chain { layers, resolved: resolver.is_some() })
     }
 
     /// The top layer as qcow2.
@@ -105,8 +130,11 @@ impl Chain {
 
     /// Index of the layer that is the same file as `base`; `BaseNotInChain` if none is.
     pub(crate) fn index_of(&self, base: &Path) -> Result<usize> {
-        let file = open_file(base, false)?;
-        let id = identity(&file, base)?;
+        let id = if self.resolved {
+            Ident::Path(base.to_path_buf())
+        } else {
+            file_identity(&open_file(base, false)?, base)?
+        };
         for (i, l) in self.layers.iter().enumerate() {
             let f = match l {
                 Layer::Qcow2(q) => &q.file,

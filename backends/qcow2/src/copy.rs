@@ -234,6 +234,8 @@ fn copy_pieces(chain: &Chain, plan: &Plan, data_off: u64, f: &File, tmp: &Path) 
                     Layer::Qcow2(q) => (&q.file, &q.path),
                     Layer::Raw(r) => (&r.file, &r.path),
                 };
+                // Chain::open (local files) is the only way into a copy.
+                let src = src.as_file().ok_or_else(|| invalid(path, "source", "full copies need local files"))?;
                 copy_range(src, path, host, f, tmp, at, len, &mut buf)?;
             }
             Seg::Compressed { layer, host, clen, skip, len } => {

@@ -6,12 +6,11 @@
 //! bits) or `Corrupt` with the first problem found. [`encode_v3`] produces cluster 0 of a new image.
 
 use std::ffi::OsString;
-use std::fs::File;
 use std::os::unix::ffi::OsStringExt;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Feature, Result, corrupt, ctx, not_qcow2, unsupported};
+use crate::source::ReadAt;
 use crate::types::ImageFormat;
 
 /// `QFI\xfb`.
@@ -62,14 +61,14 @@ fn be64(b: &[u8], at: usize) -> u64 {
 }
 
 /// Reads `len` bytes at 0 (fewer if the file is shorter).
-fn read_prefix(file: &File, path: &Path, len: u64) -> Result<Vec<u8>> {
+fn read_prefix(file: &dyn ReadAt, path: &Path, len: u64) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
     file.read_exact_at(&mut buf, 0).map_err(ctx("read header of", path))?;
     Ok(buf)
 }
 
 /// Whether the first bytes of a file are the qcow2 magic.
-pub(crate) fn is_qcow2(file: &File) -> bool {
+pub(crate) fn is_qcow2(file: &dyn ReadAt) -> bool {
     let mut m = [0u8; 4];
     file.read_exact_at(&mut m, 0).is_ok() && u32::from_be_bytes(m) == MAGIC
 }
@@ -96,7 +95,7 @@ impl Header {
     }
 
     /// Reads and validates the header of `file` (`file_len` bytes long).
-    pub(crate) fn read(file: &File, path: &Path, file_len: u64) -> Result<Header> {
+    pub(crate) fn read(file: &dyn ReadAt, path: &Path, file_len: u64) -> Result<Header> {
         if file_len < 72 {
             return Err(not_qcow2(path, format!("file is {file_len} bytes, a qcow2 header needs 72")));
         }

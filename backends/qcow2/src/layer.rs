@@ -9,13 +9,13 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Feature, Result, corrupt, ctx, unsupported};
 use crate::header::{COMPRESSED, Header, INCOMPAT_DATA_FILE, OFFSET_MASK, is_qcow2};
+use crate::source::{ReadAt, Resolver, Source};
 use crate::types::{Extent, ImageFormat, push_extent};
 
 /// Where the content of one guest cluster of a qcow2 layer lives.
@@ -41,7 +41,7 @@ pub(crate) const SUBCLUSTERS: u64 = 32;
 /// An opened qcow2 file.
 pub(crate) struct Qcow2Layer {
     pub(crate) path: PathBuf,
-    pub(crate) file: File,
+    pub(crate) file: Source,
     pub(crate) file_len: u64,
     pub(crate) header: Header,
     pub(crate) l1: Vec<u64>,
@@ -51,7 +51,7 @@ pub(crate) struct Qcow2Layer {
 /// An opened raw file.
 pub(crate) struct RawLayer {
     pub(crate) path: PathBuf,
-    pub(crate) file: File,
+    pub(crate) file: Source,
     pub(crate) len: u64,
 }
 
@@ -66,17 +66,30 @@ pub(crate) fn open_file(path: &Path, write: bool) -> Result<File> {
     OpenOptions::new().read(true).write(write).open(path).map_err(ctx("open", path))
 }
 
-fn file_len(file: &File, path: &Path) -> Result<u64> {
-    Ok(file.metadata().map_err(ctx("stat", path))?.len())
+fn file_len(file: &dyn ReadAt, path: &Path) -> Result<u64> {
+    file.size().map_err(ctx("stat", path))
+}
+
+/// Opens `path` as a [`Source`]: a local file, or through `resolver` when given.
+pub(crate) fn open_source(resolver: Option<&dyn Resolver>, path: &Path, write: bool) -> Result<Source> {
+    match resolver {
+        None => Ok(Source::File(open_file(path, write)?)),
+        Some(r) => Ok(Source::Other(r.open(path, write).map_err(ctx("open", path))?)),
+    }
 }
 
 impl Layer {
-    /// Opens `path` as `format`; `None` probes the qcow2 magic.
-    pub(crate) fn open(path: &Path, format: Option<ImageFormat>, write: bool) -> Result<Layer> {
-        let file = open_file(path, write)?;
+    /// Opens `path` as `format`; `None` probes the qcow2 magic. Through `resolver` when given.
+    pub(crate) fn open(
+        resolver: Option<&dyn Resolver>,
+        path: &Path,
+        format: Option<ImageFormat>,
+        write: bool,
+    ) -> Result<Layer> {
+        let file = open_source(resolver, path, write)?;
         let format = format.unwrap_or(if is_qcow2(&file) { ImageFormat::Qcow2 } else { ImageFormat::Raw });
         match format {
-            ImageFormat::Qcow2 => Ok(Layer::Qcow2(Qcow2Layer::from_file(path, file)?)),
+            ImageFormat::Qcow2 => Ok(Layer::Qcow2(Qcow2Layer::from_source(path, file)?)),
             ImageFormat::Raw => {
                 let len = file_len(&file, path)?;
                 Ok(Layer::Raw(RawLayer { path: path.to_path_buf(), file, len }))
@@ -112,7 +125,13 @@ impl Layer {
 impl RawLayer {
     /// Data extents by SEEK_DATA/SEEK_HOLE (the whole file if the filesystem cannot tell).
     pub(crate) fn data_extents(&self) -> Result<Vec<Extent>> {
-        let fd = self.file.as_raw_fd();
+        let Some(file) = self.file.as_file() else {
+            // Not a local file: no SEEK_DATA, so all of it counts as data.
+            let mut out = Vec::new();
+            push_extent(&mut out, 0, self.len);
+            return Ok(out);
+        };
+        let fd = file.as_raw_fd();
         let mut out = Vec::new();
         let mut pos: i64 = 0;
         let len = self.len as i64;
@@ -139,6 +158,11 @@ impl RawLayer {
 impl Qcow2Layer {
     /// Reads the header and the L1 table of an opened qcow2 file.
     pub(crate) fn from_file(path: &Path, file: File) -> Result<Qcow2Layer> {
+        Qcow2Layer::from_source(path, Source::File(file))
+    }
+
+    /// Reads the header and the L1 table of an opened source.
+    pub(crate) fn from_source(path: &Path, file: Source) -> Result<Qcow2Layer> {
         let file_len = file_len(&file, path)?;
         let header = Header::read(&file, path, file_len)?;
         if header.incompatible & INCOMPAT_DATA_FILE != 0 {

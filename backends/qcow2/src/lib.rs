@@ -58,6 +58,7 @@ mod layer;
 mod publish;
 mod read;
 mod seal;
+mod source;
 mod types;
 mod write;
 
@@ -67,6 +68,7 @@ use std::path::Path;
 
 pub use error::{Error, Feature, Result};
 pub use seal::LayerSeal;
+pub use source::{ReadAt, Resolver};
 pub use types::{CopyStats, Extent, ImageFormat, ImageInfo};
 
 /// Creates a qcow2 overlay at `path` whose backing file is `backing` (an absolute path, in

@@ -5,7 +5,7 @@
 //! unallocated cluster reads the backing file; beyond a backing file's size reads zeros; beyond
 //! the bottom layer reads zeros). Layers at or below `floor` are reported as [`Seg::Below`].
 
-use std::os::unix::fs::FileExt;
+use crate::source::ReadAt as _;
 
 use std::io::Read as _;
 

@@ -11,8 +11,7 @@
 //! resets the mtime on purpose). [`verify`](crate::verify) names the first difference in
 //! [`Error::LayerChanged`](crate::Error::LayerChanged).
 
-use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -21,6 +20,7 @@ use sha2::{Digest as _, Sha256};
 use crate::error::{Error, Result, ctx};
 use crate::header::{OFFSET_MASK, is_qcow2};
 use crate::layer::{Qcow2Layer, open_file};
+use crate::source::ReadAt;
 use crate::types::ImageFormat;
 
 /// What a read-only layer looked like when it was sealed. Serialise it next to the baseline
@@ -62,7 +62,7 @@ fn hex(d: impl AsRef<[u8]>) -> String {
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn read_region(file: &File, path: &Path, off: u64, len: u64, what: &'static str, h: &mut Sha256) -> Result<()> {
+fn read_region(file: &dyn ReadAt, path: &Path, off: u64, len: u64, what: &'static str, h: &mut Sha256) -> Result<()> {
     let mut buf = vec![0u8; len.min(1 << 20) as usize];
     let mut done = 0;
     while done < len {

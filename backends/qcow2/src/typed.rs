@@ -8,6 +8,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::chain::Chain;
 use crate::error::Result;
+use crate::source::Resolver;
 use crate::types::merge_extents;
 use crate::{
     CopyStats, Extent, ImageFormat, ImageInfo, LayerSeal, chain as chain_mod, copy, create, layer, seal as seal_mod,
@@ -38,7 +39,7 @@ pub fn create_overlay(
 /// truncated one `Corrupt`; both name the file and say what is wrong.
 #[tracing::instrument(level = "debug", skip_all, fields(path = %path.display()))]
 pub fn info(path: &Path) -> Result<ImageInfo> {
-    chain_mod::describe(path)
+    chain_mod::describe(None, path)
 }
 
 /// Describes every layer of the chain of the qcow2 image `top`, top first.
@@ -113,6 +114,10 @@ pub fn write_at(top: &Path, offset: u64, data: &[u8]) -> Result<()> {
 #[tracing::instrument(level = "debug", skip_all, fields(top = %top.display()))]
 pub fn digest(top: &Path) -> Result<[u8; 32]> {
     let mut chain = Chain::open(top, false)?;
+    digest_chain(&mut chain)
+}
+
+fn digest_chain(chain: &mut Chain) -> Result<[u8; 32]> {
     let size = chain.layers[0].virtual_size();
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 4 << 20];
@@ -142,4 +147,62 @@ pub fn seal(path: &Path) -> Result<LayerSeal> {
 #[tracing::instrument(level = "debug", skip_all, fields(path = %path.display()))]
 pub fn verify(path: &Path, seal: &LayerSeal) -> Result<()> {
     seal_mod::verify(path, seal)
+}
+
+// The same reads over any byte source: every image (the top and each backing file, by the path
+// the chain names) is opened through a [`Resolver`], never from the local filesystem. Identity
+// (for `base` and loop detection) is the path as the chain names it.
+
+/// [`info`] of an image opened through `resolver`.
+#[tracing::instrument(level = "debug", skip_all, fields(path = %path.display()))]
+pub fn info_in(resolver: &dyn Resolver, path: &Path) -> Result<ImageInfo> {
+    chain_mod::describe(Some(resolver), path)
+}
+
+/// [`chain`] with every layer opened through `resolver`.
+#[tracing::instrument(level = "debug", skip_all, fields(top = %top.display()))]
+pub fn chain_in(resolver: &dyn Resolver, top: &Path) -> Result<Vec<ImageInfo>> {
+    Chain::open_in(Some(resolver), top, false)?.infos()
+}
+
+/// [`allocated_extents`] of an image opened through `resolver`: reads the header, the L1 table
+/// and the allocated L2 tables only.
+#[tracing::instrument(level = "debug", skip_all, fields(path = %path.display()))]
+pub fn allocated_extents_in(resolver: &dyn Resolver, path: &Path) -> Result<Vec<Extent>> {
+    let file = layer::open_source(Some(resolver), path, false)?;
+    layer::Qcow2Layer::from_source(path, file)?.allocated()
+}
+
+/// [`changed_since`] over layers opened through `resolver`; `base` is matched by path against
+/// the backing names of the chain (as resolved). Reads metadata only: O(changed).
+#[tracing::instrument(level = "debug", skip_all, fields(top = %top.display(), base = %base.display()))]
+pub fn changed_since_in(resolver: &dyn Resolver, top: &Path, base: &Path) -> Result<Vec<Extent>> {
+    let mut chain = Chain::open_in(Some(resolver), top, false)?;
+    let floor = chain.index_of(base)?;
+    let mut all = Vec::new();
+    for l in &mut chain.layers[..floor] {
+        all.extend(l.allocated()?);
+    }
+    Ok(merge_extents(all))
+}
+
+/// [`read_at`] through `resolver`.
+#[tracing::instrument(level = "trace", skip_all, fields(top = %top.display(), offset, len = buf.len()))]
+pub fn read_at_in(resolver: &dyn Resolver, top: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
+    Chain::open_in(Some(resolver), top, false)?.read(offset, buf)
+}
+
+/// [`write_at`] through `resolver` (the top is opened for writing; its source must implement
+/// [`ReadAt::write_all_at`](crate::ReadAt::write_all_at) and
+/// [`ReadAt::set_len`](crate::ReadAt::set_len)).
+#[tracing::instrument(level = "debug", skip_all, fields(top = %top.display(), offset, len = data.len()))]
+pub fn write_at_in(resolver: &dyn Resolver, top: &Path, offset: u64, data: &[u8]) -> Result<()> {
+    write::write_at_in(Some(resolver), top, offset, data)
+}
+
+/// [`digest`] through `resolver`.
+#[tracing::instrument(level = "debug", skip_all, fields(top = %top.display()))]
+pub fn digest_in(resolver: &dyn Resolver, top: &Path) -> Result<[u8; 32]> {
+    let mut chain = Chain::open_in(Some(resolver), top, false)?;
+    digest_chain(&mut chain)
 }

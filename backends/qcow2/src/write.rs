@@ -7,7 +7,7 @@
 //! sync themselves. Images with internal snapshots (shared clusters), extended L2 entries,
 //! encryption or refcount widths other than 16 bits are refused with `UnsupportedFeature`.
 
-use std::os::unix::fs::FileExt;
+use crate::source::{ReadAt as _, Resolver};
 use std::path::Path;
 
 use crate::chain::Chain;
@@ -17,7 +17,12 @@ use crate::layer::{Mapping, Qcow2Layer};
 
 /// See [`crate::write_at`].
 pub(crate) fn write_at(top: &Path, offset: u64, data: &[u8]) -> Result<()> {
-    let mut chain = Chain::open(top, true)?;
+    write_at_in(None, top, offset, data)
+}
+
+/// [`write_at`] with the chain opened through `resolver` (local files when `None`).
+pub(crate) fn write_at_in(resolver: Option<&dyn Resolver>, top: &Path, offset: u64, data: &[u8]) -> Result<()> {
+    let mut chain = Chain::open_in(resolver, top, true)?;
     let q = chain.top();
     let h = &q.header;
     if h.incompatible & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT) != 0 {
