@@ -7,8 +7,14 @@
 //! (single and double quotes, backslash), `<FILE`, `>FILE`, `2>FILE` redirect standard input,
 //! output and error to guest files, and the remaining words run as one command of this set:
 //! `true`, `false`, `exit N`, `echo WORDS`, `cat [FILE...]` (stdin without files), `rm [-f] FILE...`,
-//! `hostname`, `sleep N` (runs N seconds of wall time, so it shows in a process list), `sh -c SCRIPT`,
-//! and `stagecore-sim file write PATH CONTENT`. Anything else exits 127. Guest credentials are
+//! `hostname`, `env`, `sleep N` (runs N seconds of wall time, so it shows in a process list),
+//! `sh -c SCRIPT`, the `stagecore-sim` commands of the memory backend's simulated guest
+//! (`pkg install|upgrade|remove`, `repo set`, `service`, `port`, `file write|rm`, `exit`), and two
+//! scripts recognised by their first line as `stagecore/src/memory/guest.rs` does: the inventory
+//! collector (answered with the same sections: os-release, kernel, hostname, dpkg lines, services,
+//! `/proc/net/tcp` lines, sha256 of watched files) and the gate probe (only to the guest itself).
+//! Redirection words are recognised after quote removal, so an argument that itself starts with
+//! `<` or `>` is misread: this is a simulation, not a shell. Anything else exits 127. Guest credentials are
 //! [`SIM_GUEST_USER`] / [`SIM_GUEST_PASSWORD`]; a VM that is powered off has no running VMware
 //! Tools (503). A clone gets the guest of its source (at the snapshot it is cloned from) with
 //! the new VM's name as hostname; a revert restores the guest as it was at the snapshot.
@@ -49,6 +55,16 @@ pub struct SimGuest {
     pub files: BTreeMap<String, (Vec<u8>, u32)>,
     /// Processes started, by pid.
     pub processes: BTreeMap<u64, Process>,
+    /// Kernel release.
+    pub kernel: String,
+    /// Installed packages: name → (version, architecture).
+    pub packages: BTreeMap<String, (String, String)>,
+    /// Services: name → (enabled, running).
+    pub services: BTreeMap<String, (bool, bool)>,
+    /// Listening TCP ports.
+    pub ports: std::collections::BTreeSet<u16>,
+    /// What `stagecore-sim pkg upgrade NAME` installs: the guest's package repository.
+    pub repo: BTreeMap<String, String>,
     next_pid: u64,
 }
 
@@ -64,19 +80,44 @@ pub(crate) struct Transfer {
 impl SimGuest {
     /// A fresh guest called `hostname` with `/etc/hostname` and `/etc/os-release`.
     pub fn new(hostname: &str) -> Self {
-        let mut g = SimGuest { hostname: hostname.to_string(), files: BTreeMap::new(), processes: BTreeMap::new(), next_pid: 1000 };
-        g.files.insert("/etc/hostname".into(), (format!("{hostname}\n").into_bytes(), 0o644));
+        let packages = [
+            ("base-files", "12.4+deb12u11", "amd64"),
+            ("bash", "5.2.15-2+b8", "amd64"),
+            ("dpkg", "1.21.22", "amd64"),
+            ("open-vm-tools", "2:12.2.0-1+deb12u2", "amd64"),
+            ("stagecore-demo-app", "1.0", "all"),
+        ];
+        let mut g = SimGuest {
+            hostname: String::new(),
+            files: BTreeMap::new(),
+            processes: BTreeMap::new(),
+            kernel: "6.1.0-sim-amd64".into(),
+            packages: packages.iter().map(|(n, v, a)| (n.to_string(), (v.to_string(), a.to_string()))).collect(),
+            services: [("app".to_string(), (true, true))].into(),
+            ports: [8080].into(),
+            repo: BTreeMap::new(),
+            next_pid: 1000,
+        };
         g.files.insert(
             "/etc/os-release".into(),
-            (b"PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nID=debian\nVERSION_ID=\"12\"\n".to_vec(), 0o644),
+            (b"PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm) [simulated]\"\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"12\"\nVERSION_CODENAME=bookworm\nID=debian\n".to_vec(), 0o644),
         );
+        g.files.insert("/etc/app/app.conf".into(), (b"port=8080\ngreeting=hello\n".to_vec(), 0o644));
+        g.files.insert("/opt/app/bin/app".into(), (b"#!/bin/sh\nexec httpd -f -p 8080\n".to_vec(), 0o755));
+        g.cloned_as(hostname);
         g
     }
 
     /// What a clone's guest looks like: same files, new hostname, no processes.
+    /// New hostname, machine-id and SSH host keys (as a clone that regenerates its identity).
     pub(crate) fn cloned_as(&mut self, hostname: &str) {
         self.hostname = hostname.to_string();
+        let id = uuid::Uuid::new_v4().simple().to_string();
         self.files.insert("/etc/hostname".into(), (format!("{hostname}\n").into_bytes(), 0o644));
+        self.files.insert("/etc/machine-id".into(), (format!("{id}\n").into_bytes(), 0o444));
+        for key in ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"] {
+            self.files.insert(format!("/etc/ssh/{key}"), (format!("simulated key {id}\n").into_bytes(), 0o600));
+        }
         self.processes.clear();
     }
 
@@ -210,13 +251,153 @@ impl SimGuest {
                 (code, Vec::new(), err, Duration::ZERO)
             }
             ["sleep", n] => (0, Vec::new(), Vec::new(), Duration::from_secs_f64(n.parse().unwrap_or(0.0))),
-            ["stagecore-sim", "file", "write", path, content] => {
-                let mode = self.files.get(*path).map_or(0o644, |(_, m)| *m);
-                self.files.insert(path.to_string(), (content.as_bytes().to_vec(), mode));
-                ok(Vec::new())
+            [sh, "-c", script, _name, rest @ ..]
+                if (sh.ends_with("/sh") || *sh == "sh") && script.starts_with(INVENTORY_MARKER) =>
+            {
+                ok(self.inventory(rest))
+            }
+            [sh, "-c", script, _name, kind, host, port, ..]
+                if (sh.ends_with("/sh") || *sh == "sh") && script.starts_with(PROBE_MARKER) =>
+            {
+                self.probe(kind, host, port)
+            }
+            ["stagecore-sim", rest @ ..] => self.sim(rest),
+            [prog, rest @ ..] if prog.ends_with("/stagecore-sim") => self.sim(rest),
+            [cmd, ..] if cmd.contains('/') && !cmd.starts_with('/') => {
+                (127, Vec::new(), format!("sh: 1: {cmd}: not found\n").into_bytes(), Duration::ZERO)
             }
             [cmd, ..] => (127, Vec::new(), format!("sh: 1: {cmd}: not found\n").into_bytes(), Duration::ZERO),
         }
+    }
+}
+
+/// The first line of stagecore's gate probe (`stagecore::promotion::PROBE_MARKER`).
+const PROBE_MARKER: &str = "# stagecore-probe v1";
+
+/// The first line of stagecore's inventory collector (`stagecore::inventory::SCRIPT_MARKER`).
+const INVENTORY_MARKER: &str = "# stagecore-inventory v1";
+
+fn hex_sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl SimGuest {
+    /// A gate probe from inside this guest: only to itself (`localhost`, `127.0.0.1`, its own
+    /// hostname); other machines cannot be resolved from a simulated guest.
+    fn probe(&self, kind: &str, host: &str, port: &str) -> (i64, Vec<u8>, Vec<u8>, Duration) {
+        let reply = |code: i64, out: String, err: String| (code, out.into_bytes(), err.into_bytes(), Duration::ZERO);
+        if !matches!(host, "localhost" | "127.0.0.1" | "::1" | "") && host != self.hostname {
+            return reply(1, String::new(), format!("stagecore-probe: cannot resolve {host} (simulated)"));
+        }
+        match port.parse::<u16>() {
+            Ok(p) if self.ports.contains(&p) => match kind {
+                "http" => reply(0, "HTTP/1.0 200 simulated\n".into(), String::new()),
+                _ => reply(0, String::new(), String::new()),
+            },
+            Ok(_) => reply(1, String::new(), format!("connect to {host}:{port}: connection refused (simulated)")),
+            Err(_) => reply(2, String::new(), "stagecore-probe: bad port".into()),
+        }
+    }
+
+    /// `stagecore-sim` commands, as the memory backend's simulated guest answers them.
+    fn sim(&mut self, args: &[&str]) -> (i64, Vec<u8>, Vec<u8>, Duration) {
+        let done = |code: i64, err: &str| (code, Vec::new(), err.as_bytes().to_vec(), Duration::ZERO);
+        match args {
+            ["pkg", "install", name, version, rest @ ..] => {
+                let arch = rest.first().copied().unwrap_or("amd64");
+                self.packages.insert(name.to_string(), (version.to_string(), arch.to_string()));
+                done(0, "")
+            }
+            ["repo", "set", name, version] => {
+                self.repo.insert(name.to_string(), version.to_string());
+                done(0, "")
+            }
+            ["pkg", "upgrade", name] => match self.repo.get(*name).cloned() {
+                Some(version) => {
+                    let arch = self.packages.get(*name).map_or_else(|| "amd64".to_string(), |p| p.1.clone());
+                    self.packages.insert(name.to_string(), (version, arch));
+                    done(0, "")
+                }
+                None => done(100, &format!("E: Unable to locate package {name}")),
+            },
+            ["pkg", "remove", name] => match self.packages.remove(*name) {
+                Some(_) => done(0, ""),
+                None => done(100, &format!("dpkg: package {name} is not installed")),
+            },
+            ["service", action, name] => {
+                let entry = self.services.entry(name.to_string()).or_insert((false, false));
+                match *action {
+                    "start" => entry.1 = true,
+                    "stop" => entry.1 = false,
+                    "enable" => entry.0 = true,
+                    "disable" => entry.0 = false,
+                    _ => return done(2, "usage: service start|stop|enable|disable NAME"),
+                }
+                done(0, "")
+            }
+            ["port", action, port] => {
+                let Ok(port) = port.parse::<u16>() else { return done(2, "bad port") };
+                if *action == "open" {
+                    self.ports.insert(port);
+                } else {
+                    self.ports.remove(&port);
+                }
+                done(0, "")
+            }
+            ["file", "write", path, content] if path.starts_with('/') => {
+                let mode = self.files.get(*path).map_or(0o644, |(_, m)| *m);
+                self.files.insert(path.to_string(), (content.as_bytes().to_vec(), mode));
+                done(0, "")
+            }
+            ["file", "rm", path] => {
+                self.files.remove(*path);
+                done(0, "")
+            }
+            ["exit", code] => done(code.parse().unwrap_or(2), &format!("exit {code}")),
+            _ => done(127, &format!("stagecore-sim: unknown command {}", args.join(" "))),
+        }
+    }
+
+    /// The inventory collector's output, in the real script's format (the same sections the
+    /// memory backend's simulated guest prints, so stagecore's parser reads both).
+    fn inventory(&self, args: &[&str]) -> Vec<u8> {
+        use std::fmt::Write as _;
+        let max: usize = args.first().and_then(|m| m.parse().ok()).unwrap_or(usize::MAX);
+        let watched = args.get(2..).unwrap_or_default();
+        let mut s = String::from("@@os\n");
+        s.push_str(&String::from_utf8_lossy(self.files.get("/etc/os-release").map(|f| &f.0[..]).unwrap_or(b"")));
+        let _ = writeln!(s, "@@kernel\n{}\n@@hostname\n{}\n@@packages\nformat dpkg", self.kernel, self.hostname);
+        for (name, (version, arch)) in &self.packages {
+            let _ = writeln!(s, "ii \t{name}\t{version}\t{arch}");
+        }
+        s.push_str("@@services\nformat systemd\n");
+        for (name, (enabled, _)) in &self.services {
+            let state = if *enabled { "enabled" } else { "disabled" };
+            let _ = writeln!(s, "F {name}.service {state} enabled");
+        }
+        for (name, _) in self.services.iter().filter(|(_, (_, running))| *running) {
+            let _ = writeln!(s, "R {name}.service loaded active running simulated");
+        }
+        s.push_str("@@ports\nfile tcp\n  sl  local_address rem_address   st\n");
+        for (i, port) in self.ports.iter().enumerate() {
+            let _ = writeln!(s, "   {i}: 00000000:{port:04X} 00000000:0000 0A 00000000:00000000 00:00000000");
+        }
+        s.push_str("@@files\n");
+        for p in watched {
+            let prefix = format!("{}/", p.trim_end_matches('/'));
+            let under: Vec<_> = self.files.iter().filter(|(f, _)| f.starts_with(&prefix) || f == p).collect();
+            if under.is_empty() {
+                let _ = writeln!(s, "missing {p}");
+                continue;
+            }
+            let _ = writeln!(s, "path bulk rw,noatime {p}");
+            for (path, (data, _)) in under.into_iter().take(max) {
+                let _ = writeln!(s, "{}  {path}", hex_sha256(data));
+            }
+        }
+        s.push_str("@@end\n");
+        s.into_bytes()
     }
 }
 
