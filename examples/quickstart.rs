@@ -110,6 +110,7 @@ async fn main() -> Result<()> {
     if let Some(guest) = stage.guest().filter(|_| guests) {
         guest.write_file("web", "/etc/motd", b"hand-edited on the stage\n", None).await?;
         guest.write_file("app", "/opt/app/www/index.html", b"<h1>oops, a stray edit</h1>\n", None).await?;
+        common::wait_all(&*stage).await?; // db restarted for its new vCPU count
         clock.step("snapshot `tested` taken; then unrecorded edits: db's vCPUs, /etc/motd on web, the app's page");
     } else {
         stage.disk_io().expect("disk io").write("app", "disk0", 0, b"oops").await?;
