@@ -54,7 +54,8 @@ impl VsphereEnvironment {
 #[async_trait]
 impl GuestChannel for VsphereEnvironment {
     async fn exec(&self, machine: &str, request: &GuestExec) -> Result<GuestOutput> {
-        let span = tracing::info_span!("vsphere.guest_exec", environment = %self.name, machine, command = %request.display());
+        let span =
+            tracing::info_span!("vsphere.guest_exec", environment = %self.name, machine, command = %request.display());
         async {
             if request.argv.is_empty() {
                 return Err(Error::invalid("guest.argv", "is empty"));
@@ -75,9 +76,8 @@ impl GuestChannel for VsphereEnvironment {
             };
             let mut env = BTreeMap::new();
             for kv in &request.env {
-                let (k, v) = kv
-                    .split_once('=')
-                    .ok_or_else(|| Error::invalid("guest.env", "entries must be KEY=VALUE"))?;
+                let (k, v) =
+                    kv.split_once('=').ok_or_else(|| Error::invalid("guest.env", "entries must be KEY=VALUE"))?;
                 env.insert(k.to_string(), v.to_string());
             }
             let argv: Vec<String> = request.argv.iter().map(|a| shell_quote(a)).collect();

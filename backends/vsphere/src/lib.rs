@@ -26,17 +26,17 @@ mod stage;
 pub use backend::{GuestCredentials, VsphereBackend, VsphereOptions};
 pub use env::VsphereEnvironment;
 
-pub use client::{VIM_RELEASES, VimEndpoint, VsphereClient};
 pub use client::config::{RetryPolicy, TaskPolicy, VsphereConfig};
 pub use client::error::VsphereFault;
+pub use client::guest::{GuestProcess, GuestProcessSummary};
 pub use client::rest::{
     BootInfo, CpuInfo, DiskInfo, FolderSummary, Identity, MemoryInfo, NetworkSummary, NicInfo, VmInfo, VmSummary,
 };
-pub use client::guest::{GuestProcess, GuestProcessSummary};
 pub use client::task::TaskOutcome;
 pub use client::vim::{
     ChangedArea, LinkedCloneSpec, MoRef, Reconfig, SnapshotNode, SnapshotTree, VimConfig, VimDisk, VimNic,
 };
+pub use client::{VIM_RELEASES, VimEndpoint, VsphereClient};
 
 /// The backend name used in errors.
 pub const BACKEND: &str = "vsphere";

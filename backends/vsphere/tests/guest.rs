@@ -27,7 +27,8 @@ async fn fixture(password: &str) -> Fixture {
     let mut opts = VsphereOptions::new(dir.path());
     opts.isolated_network = Some("isolated-pg".into());
     opts.folder = Some("stage".into());
-    opts.guest_credentials = Some(GuestCredentials { username: SIM_GUEST_USER.into(), password: Secret::new(password) });
+    opts.guest_credentials =
+        Some(GuestCredentials { username: SIM_GUEST_USER.into(), password: Secret::new(password) });
     let backend = Arc::new(VsphereBackend::connect(config(sim.http_url()), opts).await.unwrap());
     Fixture { sim: Arc::new(sim), backend, _dir: dir }
 }
@@ -75,7 +76,8 @@ async fn processes_create_list_get() {
     let pw = Secret::new(SIM_GUEST_PASSWORD);
     let env = Default::default();
     let long = client.guest_process_create("vm-103", SIM_GUEST_USER, &pw, "/bin/sleep", "30", &env).await.unwrap();
-    let short = client.guest_process_create("vm-103", SIM_GUEST_USER, &pw, "/bin/sh", "-c 'exit 3'", &env).await.unwrap();
+    let short =
+        client.guest_process_create("vm-103", SIM_GUEST_USER, &pw, "/bin/sh", "-c 'exit 3'", &env).await.unwrap();
     let list = client.guest_process_list("vm-103", SIM_GUEST_USER, &pw).await.unwrap();
     assert!(list.iter().any(|p| p.pid == long && p.name == "sleep"), "{list:?}");
     assert!(!list.iter().any(|p| p.pid == short), "a finished process is not listed: {list:?}");
@@ -136,11 +138,20 @@ async fn guest_change_on_a_stage_stays_there_and_revert_restores_it() {
     let stage_vm = f.sim.vm_by_name(&stage.info().await.unwrap().machines[0].instance_name).unwrap().id;
     f.backend.client().power_on(&stage_vm).await.unwrap();
     stage.create_snapshot("before").await.unwrap();
-    let change = Change::GuestFile { machine: "app".into(), path: "/etc/app/app.conf".into(), content: b"port=9090\n".to_vec(), mode: None };
+    let change = Change::GuestFile {
+        machine: "app".into(),
+        path: "/etc/app/app.conf".into(),
+        content: b"port=9090\n".to_vec(),
+        mode: None,
+    };
     stage.apply(&change).await.unwrap();
     let guest = stage.guest().unwrap();
     assert_eq!(guest.read_file("app", "/etc/app/app.conf").await.unwrap(), b"port=9090\n");
-    assert_eq!(f.sim.guest("vm-103").unwrap().files["/etc/app/app.conf"].0, b"port=8080\ngreeting=hello\n", "production untouched");
+    assert_eq!(
+        f.sim.guest("vm-103").unwrap().files["/etc/app/app.conf"].0,
+        b"port=8080\ngreeting=hello\n",
+        "production untouched"
+    );
     let cmd = Change::GuestCommand { machine: "app".into(), command: vec!["false".into()], timeout_secs: None };
     let e = stage.apply(&cmd).await.unwrap_err();
     assert!(matches!(e, Error::GuestCommand { exit_code: 1, .. }), "{e:?}");

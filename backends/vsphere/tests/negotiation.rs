@@ -11,7 +11,8 @@ use stagecore_vsphere_sim::{SimOptions, Simulator};
 
 async fn snapshot_round_trip(sim: &Simulator, client: &VsphereClient, release: &str) {
     assert_eq!(client.vim_endpoint().map(|v| v.release.as_str()), Ok(release));
-    let snap = client.create_snapshot("vm-101", "first", "", false).await.expect("a snapshot at the negotiated release");
+    let snap =
+        client.create_snapshot("vm-101", "first", "", false).await.expect("a snapshot at the negotiated release");
     client.revert_snapshot(&snap, true).await.unwrap();
     client.remove_snapshot(&snap, false).await.unwrap();
     let paths: Vec<String> = sim.vim_answers().iter().map(|a| a.path.clone()).collect();
@@ -60,7 +61,10 @@ async fn the_session_manager_id_comes_from_service_content() {
         .collect();
     assert_eq!(
         logins,
-        ["/sdk/vim25/8.0.1.0/SessionManager/SessionManager-7/Login 200", "/sdk/vim25/8.0.1.0/SessionManager/SessionManager-7/Logout 204"]
+        [
+            "/sdk/vim25/8.0.1.0/SessionManager/SessionManager-7/Login 200",
+            "/sdk/vim25/8.0.1.0/SessionManager/SessionManager-7/Logout 204"
+        ]
     );
     assert_eq!(sim.stats().vim_logouts, 1);
 }
@@ -86,7 +90,10 @@ async fn vcenter_7_without_vi_json_connects_with_the_reason() {
     let reason = backend.vim_unavailable().expect("a reason").to_string();
     assert!(reason.contains("no VI/JSON") && reason.contains("8.0U1"), "{reason}");
     let caps = backend.capabilities();
-    assert!(!caps.linked_clone && !caps.full_clone && !caps.live_snapshot && !caps.disk_drift && !caps.fencing, "{caps:?}");
+    assert!(
+        !caps.linked_clone && !caps.full_clone && !caps.live_snapshot && !caps.disk_drift && !caps.fencing,
+        "{caps:?}"
+    );
     // REST still works: attach and read the spec.
     let names = vec!["web".to_string()];
     let prod = backend.attach(&Selector::Machines { environment: "prod".into(), names }).await.unwrap();

@@ -163,7 +163,10 @@ impl SimGuest {
 
     /// Runs words (`sh -c SCRIPT` or a command); returns the exit code and how long it runs.
     fn run(&mut self, words: &[String], env: &BTreeMap<String, String>, depth: u32) -> (i64, Duration) {
-        if words.first().map(String::as_str) == Some("sh") && words.get(1).map(String::as_str) == Some("-c") && depth < 4 {
+        if words.first().map(String::as_str) == Some("sh")
+            && words.get(1).map(String::as_str) == Some("-c")
+            && depth < 4
+        {
             let script = words.get(2).cloned().unwrap_or_default();
             return self.script(&script, env, depth + 1);
         }
@@ -215,7 +218,12 @@ impl SimGuest {
     }
 
     /// The command set; returns (exit code, stdout, stderr, run time).
-    fn command(&mut self, argv: &[String], stdin: &[u8], env: &BTreeMap<String, String>) -> (i64, Vec<u8>, Vec<u8>, Duration) {
+    fn command(
+        &mut self,
+        argv: &[String],
+        stdin: &[u8],
+        env: &BTreeMap<String, String>,
+    ) -> (i64, Vec<u8>, Vec<u8>, Duration) {
         let args: Vec<&str> = argv.iter().map(String::as_str).collect();
         let ok = |out: Vec<u8>| (0, out, Vec::new(), Duration::ZERO);
         match args.as_slice() {
@@ -232,7 +240,12 @@ impl SimGuest {
                     match self.files.get(*f) {
                         Some((c, _)) => out.extend_from_slice(c),
                         None => {
-                            return (1, out, format!("cat: {f}: No such file or directory\n").into_bytes(), Duration::ZERO);
+                            return (
+                                1,
+                                out,
+                                format!("cat: {f}: No such file or directory\n").into_bytes(),
+                                Duration::ZERO,
+                            );
                         }
                     }
                 }
@@ -456,24 +469,6 @@ pub(crate) fn split_words(s: &str) -> Vec<String> {
     words
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn words_and_redirections() {
-        assert_eq!(split_words(r#"-c 'echo '\''a b'\'' >/tmp/o'"#), vec!["-c", "echo 'a b' >/tmp/o"]);
-        let mut g = SimGuest::new("app");
-        let pid = g.start("/bin/sh", r#"-c 'echo hi '\''there'\'' </dev/null >/tmp/o 2>/tmp/e'"#, &BTreeMap::new());
-        g.settle();
-        assert_eq!(g.processes[&pid].exit_code, 0);
-        assert_eq!(g.files["/tmp/o"].0, b"hi there\n");
-        let pid = g.start("/bin/sh", "-c 'nope >/tmp/o 2>/tmp/e'", &BTreeMap::new());
-        assert_eq!(g.processes[&pid].exit_code, 127);
-        assert_eq!(g.files["/tmp/e"].0, b"sh: 1: nope: not found\n");
-    }
-}
-
 // ---- The Automation API endpoints over the simulated guests ----
 
 use crate::rest::error;
@@ -489,7 +484,11 @@ fn credentials(body: &Value) -> Result<(), Reply> {
         return Err(error(400, "INVALID_ARGUMENT", "credentials.type must be USERNAME_PASSWORD"));
     }
     if c["user_name"] != SIM_GUEST_USER || c["password"] != SIM_GUEST_PASSWORD {
-        return Err(error(401, "UNAUTHENTICATED", "Failed to authenticate with the guest operating system using the supplied credentials."));
+        return Err(error(
+            401,
+            "UNAUTHENTICATED",
+            "Failed to authenticate with the guest operating system using the supplied credentials.",
+        ));
     }
     Ok(())
 }
@@ -572,7 +571,9 @@ pub(crate) fn handle_rest(shared: &Shared, req: &Req, vm: &str, rest: &[&str], a
                         None => None,
                         Some(p) => match u32::from_str_radix(p, 8) {
                             Ok(m) if m <= 0o7777 => Some(m),
-                            _ => return error(400, "INVALID_ARGUMENT", format!("posix.permissions `{p}` is not octal")),
+                            _ => {
+                                return error(400, "INVALID_ARGUMENT", format!("posix.permissions `{p}` is not octal"));
+                            }
                         },
                     };
                     Some((size, overwrite, mode))
@@ -580,7 +581,8 @@ pub(crate) fn handle_rest(shared: &Shared, req: &Req, vm: &str, rest: &[&str], a
             };
             drop(inv);
             let token = uuid::Uuid::new_v4().simple().to_string();
-            lock(&shared.transfers).insert(token.clone(), Transfer { vm: vm.to_string(), path: path.to_string(), upload });
+            lock(&shared.transfers)
+                .insert(token.clone(), Transfer { vm: vm.to_string(), path: path.to_string(), upload });
             let host = req.headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
             let scheme = if crate::server::is_https(shared, host) { "https" } else { "http" };
             Reply::json(201, json!(format!("{scheme}://{host}/guestFile?id=1&token={token}")))
@@ -614,5 +616,23 @@ pub(crate) fn transfer(shared: &Shared, req: &Req, raw: &[u8]) -> Reply {
             None => Reply::empty(404),
         },
         _ => Reply::empty(405),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_and_redirections() {
+        assert_eq!(split_words(r#"-c 'echo '\''a b'\'' >/tmp/o'"#), vec!["-c", "echo 'a b' >/tmp/o"]);
+        let mut g = SimGuest::new("app");
+        let pid = g.start("/bin/sh", r#"-c 'echo hi '\''there'\'' </dev/null >/tmp/o 2>/tmp/e'"#, &BTreeMap::new());
+        g.settle();
+        assert_eq!(g.processes[&pid].exit_code, 0);
+        assert_eq!(g.files["/tmp/o"].0, b"hi there\n");
+        let pid = g.start("/bin/sh", "-c 'nope >/tmp/o 2>/tmp/e'", &BTreeMap::new());
+        assert_eq!(g.processes[&pid].exit_code, 127);
+        assert_eq!(g.files["/tmp/e"].0, b"sh: 1: nope: not found\n");
     }
 }

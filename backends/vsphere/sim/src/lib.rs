@@ -17,8 +17,8 @@ mod tasks;
 mod tls;
 mod vim;
 
-pub use openapi::OPENAPI_DIR_ENV;
 pub use guest::{SIM_GUEST_PASSWORD, SIM_GUEST_USER, SimGuest};
+pub use openapi::OPENAPI_DIR_ENV;
 pub use state::{Disk, DiskBacking, Fault, Network, NetworkKind, Nic, PowerState, Snapshot, Vm, VmConfig, Write};
 
 use std::collections::HashMap;

@@ -201,8 +201,11 @@ impl Operation<'_> {
             (None, Some(_)) => errors.push(format!("status {status}: body sent but none is documented")),
             (Some(_), None) => errors.push(format!("status {status}: body documented but none sent")),
             (Some(schema), Some(body)) => {
-                let schema =
-                    if (200..300).contains(&status) { unwrap_single(self.doc, schema) } else { resolve(self.doc, schema) };
+                let schema = if (200..300).contains(&status) {
+                    unwrap_single(self.doc, schema)
+                } else {
+                    resolve(self.doc, schema)
+                };
                 check(self.doc, schema, body, "", &mut errors);
             }
         }

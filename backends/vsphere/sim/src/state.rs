@@ -248,8 +248,11 @@ impl Fault {
     }
     /// `ManagedObjectNotFound` with its required `obj`.
     pub(crate) fn not_found(kind: &str, id: &str) -> Self {
-        Fault::new("ManagedObjectNotFound", format!("The object '{kind}:{id}' has already been deleted or has not been completely created"))
-            .with("obj", crate::tasks::moref(kind, id))
+        Fault::new(
+            "ManagedObjectNotFound",
+            format!("The object '{kind}:{id}' has already been deleted or has not been completely created"),
+        )
+        .with("obj", crate::tasks::moref(kind, id))
     }
     /// The VI/JSON rendering: the `MethodFault` subtype itself, `faultMessage` a `LocalizableMessage` list.
     pub(crate) fn to_json(&self) -> Value {
@@ -277,21 +280,15 @@ impl Inventory {
     }
 
     pub(crate) fn vm(&self, id: &str) -> Result<&Vm, Fault> {
-        self.vms
-            .get(id)
-            .ok_or_else(|| Fault::not_found("VirtualMachine", id))
+        self.vms.get(id).ok_or_else(|| Fault::not_found("VirtualMachine", id))
     }
 
     pub(crate) fn vm_mut(&mut self, id: &str) -> Result<&mut Vm, Fault> {
-        self.vms
-            .get_mut(id)
-            .ok_or_else(|| Fault::not_found("VirtualMachine", id))
+        self.vms.get_mut(id).ok_or_else(|| Fault::not_found("VirtualMachine", id))
     }
 
     pub(crate) fn snapshot(&self, id: &str) -> Result<&Snapshot, Fault> {
-        self.snapshots
-            .get(id)
-            .ok_or_else(|| Fault::not_found("VirtualMachineSnapshot", id))
+        self.snapshots.get(id).ok_or_else(|| Fault::not_found("VirtualMachineSnapshot", id))
     }
 
     pub(crate) fn network_by_id(&self, id: &str) -> Option<&Network> {

@@ -62,10 +62,7 @@ pub(crate) fn handle(shared: &Arc<Shared>, req: &Req, burst: bool) -> Reply {
         return method_not_found(kind, segs.get(2).copied().unwrap_or(""), segs.last().copied().unwrap_or(""));
     };
     if !shared.serves(release) {
-        return fault(
-            404,
-            Fault::new("InvalidRequest", format!("release {release} is not served by this vCenter")),
-        );
+        return fault(404, Fault::new("InvalidRequest", format!("release {release} is not served by this vCenter")));
     }
     if req.raw_body_invalid {
         return invalid("request body is not JSON");
@@ -320,31 +317,31 @@ fn config_json(inv: &Inventory, vm: &Vm, name: &str, c: &VmConfig) -> Value {
     }
     let dir = format!("[datastore1] {}", vm.name);
     json!({
-        "_typeName": "VirtualMachineConfigInfo",
-        "changeVersion": crate::now_rfc3339(), "modified": "1970-01-01T00:00:00Z",
-        "name": name, "guestFullName": "Debian GNU/Linux 12 (64-bit)", "version": "vmx-19",
-        "uuid": vm.bios_uuid, "createDate": "2024-01-01T00:00:00Z", "instanceUuid": vm.instance_uuid,
-        "npivTemporaryDisabled": true, "locationId": "564d1f0e-0c1a-2b3c-4d5e-6f708192a3b4",
-        "template": false, "guestId": "debian12_64Guest", "alternateGuestName": "",
-        "files": {"_typeName": "VirtualMachineFileInfo", "vmPathName": format!("{dir}/{}.vmx", vm.name),
-                  "snapshotDirectory": dir, "suspendDirectory": dir, "logDirectory": dir},
-        "flags": {"_typeName": "VirtualMachineFlagInfo", "disableAcceleration": false, "enableLogging": true,
-                  "useToe": false, "runWithDebugInfo": false, "monitorType": "release", "htSharing": "any",
-                  "snapshotDisabled": false, "snapshotLocked": false, "diskUuidEnabled": false,
-                  "snapshotPowerOffBehavior": "powerOff", "recordReplayEnabled": false, "faultToleranceType": "unset",
-                  "cbrcCacheEnabled": false, "vvtdEnabled": false, "vbsEnabled": false},
-        "defaultPowerOps": {"_typeName": "VirtualMachineDefaultPowerOpInfo", "powerOffType": "soft",
-                            "suspendType": "hard", "resetType": "soft", "defaultPowerOffType": "soft",
-                            "defaultSuspendType": "hard", "defaultResetType": "soft", "standbyAction": "checkpoint"},
-        "hardware": {"_typeName": "VirtualHardware", "numCPU": c.cpus, "numCoresPerSocket": 1,
-                     "autoCoresPerSocket": true, "memoryMB": c.memory_mib, "virtualICH7MPresent": false,
-                     "virtualSMCPresent": false, "device": devices, "motherboardLayout": "i440bxHostBridge",
-                     "simultaneousThreads": 1},
-        "cpuHotAddEnabled": false, "cpuHotRemoveEnabled": false, "memoryHotAddEnabled": false,
-        "changeTrackingEnabled": c.cbt, "firmware": "bios", "maxMksConnections": 40,
-        "guestAutoLockEnabled": false, "swapPlacement": "inherit", "migrateEncryption": "opportunistic",
-        "sgxInfo": {"_typeName": "VirtualMachineSgxInfo", "epcSize": 0, "flcMode": "unlocked", "requireAttestation": false},
-            })
+    "_typeName": "VirtualMachineConfigInfo",
+    "changeVersion": crate::now_rfc3339(), "modified": "1970-01-01T00:00:00Z",
+    "name": name, "guestFullName": "Debian GNU/Linux 12 (64-bit)", "version": "vmx-19",
+    "uuid": vm.bios_uuid, "createDate": "2024-01-01T00:00:00Z", "instanceUuid": vm.instance_uuid,
+    "npivTemporaryDisabled": true, "locationId": "564d1f0e-0c1a-2b3c-4d5e-6f708192a3b4",
+    "template": false, "guestId": "debian12_64Guest", "alternateGuestName": "",
+    "files": {"_typeName": "VirtualMachineFileInfo", "vmPathName": format!("{dir}/{}.vmx", vm.name),
+              "snapshotDirectory": dir, "suspendDirectory": dir, "logDirectory": dir},
+    "flags": {"_typeName": "VirtualMachineFlagInfo", "disableAcceleration": false, "enableLogging": true,
+              "useToe": false, "runWithDebugInfo": false, "monitorType": "release", "htSharing": "any",
+              "snapshotDisabled": false, "snapshotLocked": false, "diskUuidEnabled": false,
+              "snapshotPowerOffBehavior": "powerOff", "recordReplayEnabled": false, "faultToleranceType": "unset",
+              "cbrcCacheEnabled": false, "vvtdEnabled": false, "vbsEnabled": false},
+    "defaultPowerOps": {"_typeName": "VirtualMachineDefaultPowerOpInfo", "powerOffType": "soft",
+                        "suspendType": "hard", "resetType": "soft", "defaultPowerOffType": "soft",
+                        "defaultSuspendType": "hard", "defaultResetType": "soft", "standbyAction": "checkpoint"},
+    "hardware": {"_typeName": "VirtualHardware", "numCPU": c.cpus, "numCoresPerSocket": 1,
+                 "autoCoresPerSocket": true, "memoryMB": c.memory_mib, "virtualICH7MPresent": false,
+                 "virtualSMCPresent": false, "device": devices, "motherboardLayout": "i440bxHostBridge",
+                 "simultaneousThreads": 1},
+    "cpuHotAddEnabled": false, "cpuHotRemoveEnabled": false, "memoryHotAddEnabled": false,
+    "changeTrackingEnabled": c.cbt, "firmware": "bios", "maxMksConnections": 40,
+    "guestAutoLockEnabled": false, "swapPlacement": "inherit", "migrateEncryption": "opportunistic",
+    "sgxInfo": {"_typeName": "VirtualMachineSgxInfo", "epcSize": 0, "flcMode": "unlocked", "requireAttestation": false},
+        })
 }
 
 fn changed_areas(shared: &Shared, vm: &str, body: &Value) -> Result<Value, Fault> {
@@ -516,12 +513,11 @@ fn clone_vm(shared: &Arc<Shared>, vm: &str, body: &Value) -> Result<Value, Fault
                 None => (inv.vm(&vm_id)?.config.clone(), inv.guests.get(&vm_id).cloned()),
             };
             for (key, net) in &nic_changes {
-                let nic =
-                    config.nics.iter_mut().find(|n| n.key == *key).ok_or_else(|| {
-                        Fault::new("InvalidDeviceSpec", format!("device {key} is not a NIC of {vm_id}"))
-                            .with("property", json!("virtualDeviceSpec.device.key"))
-                            .with("deviceIndex", json!(0))
-                    })?;
+                let nic = config.nics.iter_mut().find(|n| n.key == *key).ok_or_else(|| {
+                    Fault::new("InvalidDeviceSpec", format!("device {key} is not a NIC of {vm_id}"))
+                        .with("property", json!("virtualDeviceSpec.device.key"))
+                        .with("deviceIndex", json!(0))
+                })?;
                 nic.network = net.clone();
             }
             let id = inv.create_vm(&name, &folder, config, linked, guest);

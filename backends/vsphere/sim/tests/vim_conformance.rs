@@ -23,8 +23,16 @@ fn https_client(sim: &Simulator) -> reqwest::Client {
 
 fn config(sim: &Simulator) -> VsphereConfig {
     let mut c = VsphereConfig::new(sim.http_url(), SIM_USER, Secret::new(SIM_PASSWORD)).unwrap();
-    c.retry = RetryPolicy { max_attempts: 3, initial_backoff: Duration::from_millis(5), max_backoff: Duration::from_millis(20) };
-    c.task = TaskPolicy { initial_interval: Duration::from_millis(5), max_interval: Duration::from_millis(40), timeout: Duration::from_secs(30) };
+    c.retry = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(20),
+    };
+    c.task = TaskPolicy {
+        initial_interval: Duration::from_millis(5),
+        max_interval: Duration::from_millis(40),
+        timeout: Duration::from_secs(30),
+    };
     c
 }
 
@@ -52,7 +60,10 @@ async fn vim_rs_client_negotiates_logs_in_and_reads_typed_objects() {
     let task = vim_rs::mo::Task::new(client.clone(), &task.value);
     let mut info = task.info().await.expect("TaskInfo parses");
     for _ in 0..200 {
-        if !matches!(info.state, vim_rs::types::enums::TaskInfoStateEnum::Queued | vim_rs::types::enums::TaskInfoStateEnum::Running) {
+        if !matches!(
+            info.state,
+            vim_rs::types::enums::TaskInfoStateEnum::Queued | vim_rs::types::enums::TaskInfoStateEnum::Running
+        ) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -108,7 +119,9 @@ fn check(answer: &VimAnswer) -> Result<&'static str, String> {
             _ => de::<structs::VirtualMachineSnapshotInfo>("VirtualMachineSnapshotInfo", &body),
         },
         ("POST", "VirtualMachine", "QueryChangedDiskAreas") => de::<structs::DiskChangeInfo>("DiskChangeInfo", &body),
-        ("POST", _, m) if m.ends_with("_Task") => de::<structs::ManagedObjectReference>("ManagedObjectReference", &body),
+        ("POST", _, m) if m.ends_with("_Task") => {
+            de::<structs::ManagedObjectReference>("ManagedObjectReference", &body)
+        }
         (method, kind, member) => Err(format!("no declared type known for {method} {kind}.{member}")),
     }
 }
@@ -141,8 +154,14 @@ async fn every_answer_the_simulator_gives_is_shaped_as_the_specification_says() 
     let linked_cfg = client.vm_config(&linked).await.unwrap();
     assert!(linked_cfg.disks[0].parent_file_name.is_some(), "a linked clone's disks have parents");
     client.full_clone_from_snapshot("vm-101", &spec("full")).await.unwrap();
-    client.linked_clone("vm-103", &LinkedCloneSpec { snapshot: s1.clone(), network_name: None, ..spec("app-linked") }).await.unwrap();
-    client.reconfigure("vm-103", &Reconfig { cpus: Some(4), memory_mib: Some(8192), change_tracking: Some(true) }).await.unwrap();
+    client
+        .linked_clone("vm-103", &LinkedCloneSpec { snapshot: s1.clone(), network_name: None, ..spec("app-linked") })
+        .await
+        .unwrap();
+    client
+        .reconfigure("vm-103", &Reconfig { cpus: Some(4), memory_mib: Some(8192), change_tracking: Some(true) })
+        .await
+        .unwrap();
     sim.guest_write("vm-103", 2000, 4096, 8192).unwrap();
     let change = client.vm_config("vm-103").await.unwrap().disks[0].change_id.clone().unwrap();
     client.query_changed_areas("vm-103", None, 2000, &change).await.unwrap();
@@ -151,7 +170,10 @@ async fn every_answer_the_simulator_gives_is_shaped_as_the_specification_says() 
     client.remove_snapshot(&s2, false).await.unwrap();
     // A task that runs for a while (progress), then is cancelled; a failing task; faults.
     sim.set_task_delay(Duration::from_millis(400));
-    let task = client.start_task(&vm, "CreateSnapshotEx_Task", serde_json::json!({"name": "slow", "memory": false})).await.unwrap();
+    let task = client
+        .start_task(&vm, "CreateSnapshotEx_Task", serde_json::json!({"name": "slow", "memory": false}))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(250)).await;
     let token = tokio_util::sync::CancellationToken::new();
     token.cancel();
@@ -196,7 +218,8 @@ async fn every_answer_the_simulator_gives_is_shaped_as_the_specification_says() 
     ] {
         assert!(seen.contains(expected), "no `{expected}` answer was checked: {seen:?}");
     }
-    let progress = answers.iter().any(|a| a.body.as_ref().is_some_and(|b| b["state"] == "running" && b["progress"].is_i64()));
+    let progress =
+        answers.iter().any(|a| a.body.as_ref().is_some_and(|b| b["state"] == "running" && b["progress"].is_i64()));
     assert!(progress, "a running task reports progress");
     eprintln!("checked {} VI/JSON answers against vim_rs types: {seen:?}", answers.len());
     assert!(sim.violations().is_empty(), "{:?}", sim.violations());

@@ -141,13 +141,17 @@ impl VsphereClient {
                     }
                 }
             };
-            if release.is_empty() || !release.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+            if release.is_empty() || !release.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            {
                 return Err(error::malformed("negotiate", format!("`{release}` is not a VI/JSON release")));
             }
             let path = format!("/sdk/vim25/{release}/ServiceInstance/ServiceInstance/content");
             let raw = self.send(Method::GET, &path, &[], None, None, deadline, "service content").await?;
             if raw.status == 404 {
-                return Ok(Err(format!("vCenter at {} does not serve VI/JSON release {release} (HTTP 404)", self.endpoint)));
+                return Ok(Err(format!(
+                    "vCenter at {} does not serve VI/JSON release {release} (HTTP 404)",
+                    self.endpoint
+                )));
             }
             let content = self.decode(Api::Vim, raw, "service content")?;
             let session_manager = content["sessionManager"]["value"]

@@ -449,18 +449,18 @@ mod tests {
     #[test]
     fn unknown_device_types_are_ignored_not_fatal() {
         let v = json!({"_typeName": "VirtualMachineConfigInfo", "name": "x", "changeTrackingEnabled": true,
-            "hardware": {"_typeName": "VirtualHardware", "numCPU": 2, "memoryMB": 1024, "device": [
-                {"_typeName": "VirtualQuantumEntangler", "key": 77, "backing": {"_typeName": "VirtualQuantumBackingInfo"}},
-                {"_typeName": "ParaVirtualSCSIController", "key": 1000, "busNumber": 0, "sharedBus": "noSharing"},
-                {"_typeName": "VirtualDisk", "key": 2000, "deviceInfo": {"label": "Hard disk 1"}, "capacityInKB": 4,
-                 "backing": {"_typeName": "VirtualDiskSparseVer2BackingInfo", "fileName": "[ds] a.vmdk", "diskMode": "persistent", "changeId": "c/1"}},
-                {"_typeName": "VirtualFutureNic", "key": 4000, "deviceInfo": {"label": "Network adapter 1"},
-                 "backing": {"_typeName": "VirtualEthernetCardDistributedVirtualPortBackingInfo",
-                             "port": {"switchUuid": "u", "portgroupKey": "dvportgroup-9"}}},
-                {"_typeName": "VirtualVmxnet3", "key": 4001, "macAddress": "00:50:56:00:00:01",
-                 "backing": {"_typeName": "VirtualEthernetCardOpaqueNetworkBackingInfo", "opaqueNetworkId": "seg-1", "opaqueNetworkType": "nsx.LogicalSwitch"}},
-                {"key": "not-a-number"}
-            ]}});
+        "hardware": {"_typeName": "VirtualHardware", "numCPU": 2, "memoryMB": 1024, "device": [
+            {"_typeName": "VirtualQuantumEntangler", "key": 77, "backing": {"_typeName": "VirtualQuantumBackingInfo"}},
+            {"_typeName": "ParaVirtualSCSIController", "key": 1000, "busNumber": 0, "sharedBus": "noSharing"},
+            {"_typeName": "VirtualDisk", "key": 2000, "deviceInfo": {"label": "Hard disk 1"}, "capacityInKB": 4,
+             "backing": {"_typeName": "VirtualDiskSparseVer2BackingInfo", "fileName": "[ds] a.vmdk", "diskMode": "persistent", "changeId": "c/1"}},
+            {"_typeName": "VirtualFutureNic", "key": 4000, "deviceInfo": {"label": "Network adapter 1"},
+             "backing": {"_typeName": "VirtualEthernetCardDistributedVirtualPortBackingInfo",
+                         "port": {"switchUuid": "u", "portgroupKey": "dvportgroup-9"}}},
+            {"_typeName": "VirtualVmxnet3", "key": 4001, "macAddress": "00:50:56:00:00:01",
+             "backing": {"_typeName": "VirtualEthernetCardOpaqueNetworkBackingInfo", "opaqueNetworkId": "seg-1", "opaqueNetworkType": "nsx.LogicalSwitch"}},
+            {"key": "not-a-number"}
+        ]}});
         let c = parse_config(&v).unwrap();
         assert_eq!(c.disks.len(), 1);
         assert_eq!(c.disks[0].capacity_bytes, 4096);
