@@ -3,7 +3,8 @@
 //! [`VsphereBackend`] implements [`stagecore::Backend`] over vCenter: productions are attached
 //! (existing VMs by name or folder), baselines are per-VM snapshots, stages are linked or full
 //! clones of them (fenced onto an isolated port group), disk drift comes from Changed Block
-//! Tracking. Environment membership is kept in a local registry directory
+//! Tracking; with guest credentials, guest commands and files go through VMware Tools guest
+//! operations. Environment membership is kept in a local registry directory
 //! ([`VsphereOptions::state_dir`]). See `docs/backends/vsphere.md`.
 //!
 //! [`VsphereClient`] talks to vCenter through the Automation REST API (`/api/...`: sessions,

@@ -5,7 +5,9 @@
 //! a CA generated at start, see [`Simulator::ca_pem`]) and over plain HTTP, both on 127.0.0.1 with
 //! random ports. Every `/api` request and response whose endpoint the official 7.0.3 OpenAPI
 //! documents describe is checked against them (see `openapi.rs`); a violation is answered with 500
-//! and recorded ([`Simulator::violations`]). Faults are injected through [`Simulator`] methods.
+//! and recorded ([`Simulator::violations`]). VI/JSON answers are recorded ([`Simulator::vim_answers`])
+//! and checked by the tests against `vim_rs`'s specification types. Every VM runs a simulated guest
+//! behind the guest operations (`guest.rs`). Faults are injected through [`Simulator`] methods.
 //! The servers stop when the [`Simulator`] is dropped.
 
 mod guest;

@@ -1,9 +1,12 @@
 //! The VI/JSON API subset (`/sdk/vim25/{release}/...`), following the vSphere Web Services docs.
 //!
-//! Contract: no OpenAPI document for VI/JSON is available here, so these endpoints are NOT checked
-//! against a schema; each handler checks the fields it needs and answers an `InvalidArgument` fault
-//! (HTTP 500, as VI/JSON does for faults) when one is missing or mistyped. Unauthenticated calls get
-//! 401 with a `NotAuthenticated` fault. Endpoints: `SessionManager/SessionManager/Login|Logout`,
+//! Contract: answers are shaped as VMware's VI/JSON specification says (every required property;
+//! `tests/vim_conformance.rs` deserialises each one into `vim_rs`'s generated types); requests are
+//! checked by each handler for the fields it needs (an `InvalidArgument` fault, HTTP 500, when one is
+//! missing or mistyped). `ServiceInstance/ServiceInstance/content` is anonymous; unauthenticated
+//! calls get 401 with a `NotAuthenticated` fault; an unknown member gets 404 with a `MethodNotFound`
+//! fault; void methods and unset properties answer 204. Only the releases the simulated vCenter
+//! serves exist (`Shared::serves`); a 7.0.x simulator has no VI/JSON at all (404). Endpoints: `SessionManager/SessionManager/Login|Logout`,
 //! `VirtualMachine/{id}/CreateSnapshotEx_Task|CloneVM_Task|ReconfigVM_Task|QueryChangedDiskAreas`,
 //! `VirtualMachineSnapshot/{id}/RevertToSnapshot_Task|RemoveSnapshot_Task`,
 //! `Task/{id}/CancelTask`, and property reads `GET VirtualMachine/{id}/snapshot|config`,
