@@ -349,12 +349,15 @@ async fn disk_changes(shared: &EnvShared, st: &mut EnvState, baseline: &Baseline
                 let info = stagecore_qcow2::info(&top)?;
                 let changes = match origin {
                     None => ChangeMap::NotChecked { reason: format!("{label} is not part of baseline {id}") },
-                    Some(origin) => match stagecore_qcow2::changed_since(&top, &origin) {
+                    Some(origin) => match stagecore_qcow2::typed::changed_since(&top, &origin) {
                         Ok(extents) => ChangeMap::Checked { extents },
-                        Err(Error::InvalidSpec { path, .. }) if path == "base" => ChangeMap::NotChecked {
+                        Err(stagecore_qcow2::Error::BaseNotInChain { .. }) => ChangeMap::NotChecked {
                             reason: format!("the layer of baseline {id} left the chain of {label}"),
                         },
-                        Err(e) => return Err(e),
+                        // Only this disk cannot be read (an image feature the reader lacks, a layer
+                        // rewritten behind our back): it alone is NOT_CHECKED, with the reason.
+                        Err(e) if e.is_not_checked() => ChangeMap::NotChecked { reason: format!("{label}: {e}") },
+                        Err(e) => return Err(e.into()),
                     },
                 };
                 Ok((info.virtual_size, info.cluster_size.unwrap_or(1), changes))
