@@ -8,11 +8,9 @@ use stagecore::{Change, DiskIo, Error, Result, Role, random_mac};
 use virt::sys;
 
 use crate::conn::lv;
-use crate::env::{LibvirtEnvironment, blocking};
+use crate::env::LibvirtEnvironment;
 use crate::error::NAME;
-use crate::layers;
 use crate::machines::Machine;
-use crate::shared::make_dir;
 use crate::xml::edit;
 
 /// Applies one change to `env`.
@@ -73,24 +71,29 @@ pub(crate) async fn apply(env: &LibvirtEnvironment, change: &Change) -> Result<(
             attach(env, &m, xml.expect("apply_to_spec checked the NIC"), config | live, false).await
         }
         Change::AddDisk { disk, .. } => {
-            let dir = env.shared.env_dir(&env.name).join("disks");
-            make_dir(&dir)?;
-            let path = dir.join(format!("{}.{}.qcow2", m.name(), disk.name));
+            let storage = &env.shared.storage;
+            let file = format!("{}.{}.qcow2", m.name(), disk.name);
+            let path = if storage.is_remote() {
+                format!("{}/{file}", storage.env_dir(&env.name))
+            } else {
+                format!("{}/disks/{file}", storage.env_dir(&env.name))
+            };
             let size = disk.size_bytes.unwrap_or(0);
-            let p = path.clone();
-            blocking(move || layers::create_image(&p, "qcow2", size)).await?;
+            let (p, e) = (path.clone(), env.name.clone());
+            env.images(move |s, c, uri| s.create_image(c, uri, &e, &p, "qcow2", size)).await?;
             let used: Vec<String> = m.parsed.devices.disks.iter().map(|d| d.target.dev.clone()).collect();
             let dev = (0..26).map(edit::target_dev).find(|d| !used.contains(d)).unwrap_or_else(|| "vdz".into());
             let mut d = disk.clone();
             d.format = stagecore::DiskFormat::Qcow2;
-            let xml = edit::disk_device(&d, &path.display().to_string(), &dev).render();
+            let xml = edit::disk_device(&d, &path, &dev).render();
             if let Err(e) = attach(env, &m, xml, config | live, true).await {
-                let _ = std::fs::remove_file(&path);
+                let p = path.clone();
+                let _ = env.images(move |s, c, uri| s.remove_image(c, uri, &p)).await;
                 return Err(e);
             }
             let mut ms = env.machines().await?;
             for x in ms.iter_mut().filter(|x| x.name() == m.name()) {
-                x.record.sources.insert(disk.name.clone(), path.display().to_string());
+                x.record.sources.insert(disk.name.clone(), path.clone());
             }
             env.shared.save(&env.name, &ms).await
         }

@@ -16,6 +16,7 @@ use crate::error::NAME;
 use crate::machines;
 use crate::registry;
 use crate::shared::{Shared, make_dir};
+use crate::storage::Storage;
 use crate::xml::meta::{self, MachineRecord};
 
 /// The libvirt backend: one connection (`qemu:///system`, `qemu+ssh://host/system`,
@@ -39,18 +40,36 @@ impl LibvirtBackend {
         let conn = Conn::open(uri).await?;
         let domain_type = if uri.starts_with("test:") { "test" } else { "qemu" }.to_string();
         let start_wait = crate::shared::DEFAULT_START_WAIT;
-        Ok(LibvirtBackend { shared: Arc::new(Shared { conn, dir, domain_type, start_wait }) })
+        let storage = if crate::shared::is_local(uri) {
+            Storage::Local { dir: dir.clone() }
+        } else {
+            Storage::Remote { root: crate::storage::DEFAULT_REMOTE_ROOT.into(), moved: Default::default() }
+        };
+        Ok(LibvirtBackend { shared: Arc::new(Shared { conn, dir, domain_type, start_wait, storage }) })
+    }
+
+    /// For a remote URI: the directory on the host under which each environment gets its
+    /// storage pool `stagecore-<env>` (target `<root>/<env>`); default
+    /// `/var/lib/libvirt/images/stagecore`. No effect on a local URI (images live in the state
+    /// directory).
+    pub fn with_remote_root(self, root: &str) -> Self {
+        let mut shared = (*self.shared).clone();
+        if let Storage::Remote { root: r, .. } = &mut shared.storage {
+            *r = root.trim_end_matches('/').to_string();
+        }
+        LibvirtBackend { shared: Arc::new(shared) }
+    }
+
+    /// Bytes moved over libvirt streams (volume downloads and uploads) by this backend so far;
+    /// always 0 on a local URI.
+    pub fn streamed_bytes(&self) -> u64 {
+        self.shared.storage.moved()
     }
 
     /// Sets `<domain type=…>` for domains created from a spec: `qemu` (TCG, the default), `kvm`.
     pub fn with_domain_type(self, domain_type: &str) -> Self {
-        let s = &self.shared;
-        let shared = Shared {
-            conn: s.conn.clone(),
-            dir: s.dir.clone(),
-            domain_type: domain_type.into(),
-            start_wait: s.start_wait,
-        };
+        let mut shared = (*self.shared).clone();
+        shared.domain_type = domain_type.into();
         LibvirtBackend { shared: Arc::new(shared) }
     }
 
@@ -58,10 +77,31 @@ impl LibvirtBackend {
     /// (machines others start [`after`](stagecore::MachineSpec::after)) before it gives up with
     /// `Timeout`; default 90 s.
     pub fn with_start_wait(self, wait: std::time::Duration) -> Self {
-        let s = &self.shared;
-        let shared =
-            Shared { conn: s.conn.clone(), dir: s.dir.clone(), domain_type: s.domain_type.clone(), start_wait: wait };
+        let mut shared = (*self.shared).clone();
+        shared.start_wait = wait;
         LibvirtBackend { shared: Arc::new(shared) }
+    }
+
+    /// Stages `baseline` of a production that lives on `source`'s host on **this** backend's
+    /// host (cross-host staging). A full clone streams the allocated data of the baseline layer's
+    /// chain into the stage's pool here; a linked clone streams it once per baseline into
+    /// production's pool here (`stagecore-<production>`, reused by later stages of the same
+    /// baseline) and puts the stage's overlays on it. Data goes through libvirt streams
+    /// (download on the source, upload here), so it passes through this process; `progress`
+    /// gets `stage` / `<stage>/<machine>/<disk>` / `streamed` events in bytes. The stage's
+    /// domains come from production's XML as usual; networks are fenced copies (an unfenced
+    /// stage needs production's networks to exist here). With `source` on the same URI this is
+    /// [`Backend::stage`].
+    #[tracing::instrument(skip_all, fields(stage = %options.name, baseline = %baseline.id, from = %source.uri()))]
+    pub async fn stage_from(
+        &self,
+        source: &LibvirtBackend,
+        baseline: &Baseline,
+        options: &StageOptions,
+        progress: Option<&stagecore::Progress>,
+    ) -> Result<Arc<dyn Environment>> {
+        crate::stage::stage(&self.shared, &source.shared, baseline, options, progress).await?;
+        Ok(Arc::new(self.handle(&options.name)))
     }
 
     /// The connection URI.
@@ -173,16 +213,16 @@ impl Backend for LibvirtBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let local = self.shared.local();
+        // Local and remote URIs alike: remote images are storage volumes (see `storage`).
         let mut c = Capabilities::default();
-        c.create = local;
-        c.linked_clone = local;
-        c.full_clone = local;
+        c.create = true;
+        c.linked_clone = true;
+        c.full_clone = true;
         c.fencing = true;
-        c.live_snapshot = local;
-        c.atomic_snapshot = local;
-        c.disk_drift = local;
-        c.disk_io = local;
+        c.live_snapshot = true;
+        c.atomic_snapshot = true;
+        c.disk_drift = true;
+        c.disk_io = true;
         c.config_changes = true;
         c.persistent = true;
         c.swap = true;
@@ -232,7 +272,7 @@ impl Backend for LibvirtBackend {
     }
 
     async fn stage(&self, baseline: &Baseline, options: &StageOptions) -> Result<Arc<dyn Environment>> {
-        crate::stage::stage(&self.shared, baseline, options).await?;
+        crate::stage::stage(&self.shared, &self.shared, baseline, options, None).await?;
         Ok(Arc::new(self.handle(&options.name)))
     }
 
@@ -281,6 +321,7 @@ impl Backend for LibvirtBackend {
         }
         let names: Vec<String> = ms.iter().map(|m| m.instance.clone()).collect();
         let networks = ms[0].record.owned_networks.clone();
+        let (storage, env) = (self.shared.storage.clone(), name.to_string());
         self.shared
             .conn
             .run(move |c, uri| {
@@ -301,7 +342,7 @@ impl Backend for LibvirtBackend {
                         lv(uri, "network", n, net.undefine())?;
                     }
                 }
-                Ok(())
+                storage.remove_env(c, uri, &env)
             })
             .await?;
         let dir: PathBuf = self.shared.env_dir(name);

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use stagecore::{DiskFormat, EnvironmentSpec, Error, Result, Role, random_mac};
 
-use crate::layers;
 use crate::shared::{Shared, make_dir};
 use crate::undo::Undo;
 use crate::xml::{edit, meta};
@@ -14,8 +13,6 @@ use crate::xml::{edit, meta};
 /// Creates `spec` as a production; on failure everything made so far is removed.
 pub(crate) async fn create(shared: &Shared, spec: &EnvironmentSpec) -> Result<()> {
     spec.validate()?;
-    // Image files are made by this process: on a remote host they would not be where the domains look.
-    crate::freeze::require_local(shared, "create")?;
     if shared.exists(&spec.name).await? {
         return Err(Error::already_exists("environment", &spec.name));
     }
@@ -48,30 +45,50 @@ pub(crate) async fn check_free_domains(shared: &Shared, names: &[String]) -> Res
 }
 
 async fn build(shared: &Shared, spec: &EnvironmentSpec, instances: &[String], undo: &mut Undo) -> Result<()> {
+    // The state directory keeps the environment's directory (baselines' XML) for every URI;
+    // the images go where `storage` says (here, or a storage pool on the remote host).
     let dir = shared.env_dir(&spec.name);
     if !dir.exists() {
         make_dir(&dir)?;
         undo.dirs.push(dir.clone());
     }
+    let storage = shared.storage.clone();
+    let images = storage.env_dir(&spec.name);
+    if storage.is_remote() {
+        let (st, env, probe) = (storage.clone(), spec.name.clone(), format!("{images}/.pool"));
+        shared.conn.run(move |c, uri| st.ensure_dir(c, uri, &env, &probe)).await?;
+        undo.images = Some((storage.clone(), spec.name.clone()));
+    }
     let mut files: BTreeMap<(String, String), String> = BTreeMap::new();
     for (i, m) in spec.machines.iter().enumerate() {
         for (j, d) in m.disks.iter().enumerate() {
-            let path = disk_path(&dir, &d.source);
-            if !path.exists() {
-                let size = d.size_bytes.ok_or_else(|| {
-                    Error::invalid(format!("machines[{i}].disks[{j}].size_bytes"), "a new disk needs a size")
-                })?;
-                if let Some(parent) = path.parent() {
-                    make_dir(parent)?;
-                }
-                let format = if d.format == DiskFormat::Raw { "raw" } else { "qcow2" };
-                let p = path.clone();
-                tokio::task::spawn_blocking(move || layers::create_image(&p, format, size))
-                    .await
-                    .map_err(|e| Error::backend_msg(crate::error::NAME, e))??;
-                undo.files.push(path.clone());
+            let path = disk_path(Path::new(&images), &d.source).display().to_string();
+            let format = if d.format == DiskFormat::Raw { "raw" } else { "qcow2" };
+            let (st, p, env, size, images) =
+                (storage.clone(), path.clone(), spec.name.clone(), d.size_bytes, images.clone());
+            let created = shared
+                .conn
+                .run(move |c, uri| {
+                    if st.exists(c, &p) {
+                        return Ok(false);
+                    }
+                    let size = size.ok_or_else(|| {
+                        Error::invalid(format!("machines[{i}].disks[{j}].size_bytes"), "a new disk needs a size")
+                    })?;
+                    if st.is_remote() && Path::new(&p).parent() != Some(Path::new(&images)) {
+                        return Err(Error::invalid(
+                            format!("machines[{i}].disks[{j}].source"),
+                            format!("{p} is not a volume on the host; new remote disks are made in {images}"),
+                        ));
+                    }
+                    st.create_image(c, uri, &env, &p, format, size)?;
+                    Ok(true)
+                })
+                .await?;
+            if created && !storage.is_remote() {
+                undo.files.push(PathBuf::from(&path));
             }
-            files.insert((m.name.clone(), d.name.clone()), path.display().to_string());
+            files.insert((m.name.clone(), d.name.clone()), path);
         }
     }
     let (networks, owned) = networks(shared, spec, undo).await?;
@@ -84,7 +101,7 @@ async fn build(shared: &Shared, spec: &EnvironmentSpec, instances: &[String], un
         }
         let disks: BTreeMap<String, String> =
             m.disks.iter().map(|d| (d.name.clone(), files[&(m.name.clone(), d.name.clone())].clone())).collect();
-        let serial_log = dir.join(format!("{}.serial.log", m.name)).display().to_string();
+        let serial_log = format!("{images}/{}.serial.log", m.name);
         let mut tree = edit::new_domain(&machine, instance, &shared.domain_type, &disks, &networks, &serial_log);
         let record = meta::MachineRecord {
             environment: spec.name.clone(),

@@ -1,6 +1,5 @@
 //! [`LibvirtEnvironment`]: one production or stage as a set of libvirt domains.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -11,8 +10,7 @@ use stagecore::{
 use time::OffsetDateTime;
 
 use crate::error::NAME;
-use crate::freeze::{self, freeze};
-use crate::layers;
+use crate::freeze::freeze;
 use crate::machines::Machine;
 use crate::shared::{Shared, make_dir};
 use crate::xml::meta;
@@ -59,9 +57,9 @@ impl LibvirtEnvironment {
             .await
     }
 
-    /// The top file of `machine`/`disk` (local URIs only).
-    pub(crate) async fn top(&self, machine: &str, disk: &str) -> Result<(PathBuf, bool)> {
-        freeze::require_local(&self.shared, "disk_io")?;
+    /// The top image of `machine`/`disk` (a local file, or a volume path on the remote host) and
+    /// whether the domain runs.
+    pub(crate) async fn top(&self, machine: &str, disk: &str) -> Result<(String, bool)> {
         let ms = self.machines().await?;
         let m = ms
             .iter()
@@ -73,12 +71,17 @@ impl LibvirtEnvironment {
             .find(|(n, _)| n == disk)
             .ok_or_else(|| Error::not_found("disk", format!("{}/{machine}/{disk}", self.name)))?;
         let path = d.path().ok_or_else(|| Error::not_found("disk file", format!("{}/{machine}/{disk}", self.name)))?;
-        Ok((PathBuf::from(path), m.active()))
+        Ok((path, m.active()))
     }
-}
 
-pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Error::backend_msg(NAME, format!("worker failed: {e}")))?
+    /// Runs a blocking storage call (see [`crate::storage`]) on the connection's worker.
+    pub(crate) async fn images<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&crate::storage::Storage, &virt::connect::Connect, &str) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let storage = self.shared.storage.clone();
+        self.shared.conn.run(move |c, uri| f(&storage, c, uri)).await
+    }
 }
 
 #[async_trait]
@@ -168,7 +171,6 @@ impl Environment for LibvirtEnvironment {
 
     #[tracing::instrument(skip(self), fields(environment = %self.name))]
     async fn take_baseline(&self) -> Result<Baseline> {
-        freeze::require_local(&self.shared, "take_baseline")?;
         let ms = self.machines().await?;
         if ms[0].record.role != Role::Production {
             return Err(Error::Precondition(format!("{} is a stage; baselines are taken of production", self.name)));
@@ -205,8 +207,6 @@ impl Environment for LibvirtEnvironment {
     async fn disk_changes(&self, baseline: &Baseline) -> Result<Vec<DiskChanges>> {
         let ms = self.machines().await?;
         let spec = self.shared.spec_of(&self.name, &ms).await?;
-        let local = self.shared.local();
-        let uri = self.shared.conn.uri().to_string();
         let mut out = Vec::new();
         for m in &ms {
             let own_baseline = matches!(&m.record.role, Role::Stage(s) if s.baseline.id == baseline.id);
@@ -216,19 +216,36 @@ impl Environment for LibvirtEnvironment {
                 let base = if own_baseline { m.record.origins.get(&disk).cloned() } else { None }
                     .or_else(|| baseline.layer(m.name(), &disk).map(|l| l.layer.clone()));
                 let mut granularity = 1;
-                let changes = match (local, base, d.path()) {
-                    (false, _, _) => ChangeMap::NotChecked {
-                        reason: format!(
-                            "disk files of {uri} are not reachable from this process and libvirt offers no \
-                             allocation map here"
-                        ),
-                    },
-                    (true, None, _) => {
+                let changes = match (base, d.path()) {
+                    (None, _) => {
                         ChangeMap::NotChecked { reason: format!("{disk} is not part of baseline {}", baseline.id) }
                     }
-                    (true, _, None) => ChangeMap::NotChecked { reason: format!("{disk} has no file source") },
-                    (true, Some(base), Some(top)) => {
-                        match blocking(move || layers::changed_since(top.as_ref(), base.as_ref())).await? {
+                    (_, None) => ChangeMap::NotChecked { reason: format!("{disk} has no file source") },
+                    (Some(base), Some(top)) => {
+                        // Local files, or (remote URI) qcow2 metadata over download streams.
+                        let t = top.clone();
+                        let found = self.images(move |s, c, uri| s.changed_since(c, uri, &t, &base)).await;
+                        let found = match found {
+                            // A remote disk outside every storage pool cannot be read over the wire.
+                            Err(e @ Error::NotFound { .. }) if self.shared.storage.is_remote() => {
+                                out.push(DiskChanges {
+                                    machine: m.name().into(),
+                                    disk,
+                                    virtual_size,
+                                    granularity,
+                                    changes: ChangeMap::NotChecked {
+                                        reason: format!(
+                                            "{top} is not a storage volume on {} (only files in a storage pool \
+                                             can be read over the connection): {e}",
+                                            self.shared.conn.uri()
+                                        ),
+                                    },
+                                });
+                                continue;
+                            }
+                            other => other?,
+                        };
+                        match found {
                             Some((extents, g)) => {
                                 granularity = g;
                                 ChangeMap::Checked { extents }
@@ -260,9 +277,9 @@ impl Environment for LibvirtEnvironment {
         self.shared.save(&self.name, &ms).await
     }
 
-    /// Only when the disk files are reachable from this process (a local URI).
+    /// Always: local files, or storage-volume streams on a remote URI.
     fn disk_io(&self) -> Option<&dyn DiskIo> {
-        if self.shared.local() { Some(self) } else { None }
+        Some(self)
     }
 
     /// Always: agent commands go through libvirt, for local and remote URIs alike.
@@ -275,14 +292,10 @@ impl Environment for LibvirtEnvironment {
 impl DiskIo for LibvirtEnvironment {
     async fn read(&self, machine: &str, disk: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
         let (top, _) = self.top(machine, disk).await?;
-        let size = blocking({
-            let t = top.clone();
-            move || layers::info(&t)
-        })
-        .await?
-        .virtual_size;
+        let t = top.clone();
+        let size = self.images(move |s, c, uri| s.info(c, uri, &t)).await?.virtual_size;
         check_range(&self.name, machine, disk, size, offset, length)?;
-        blocking(move || layers::read_at(&top, offset, length)).await
+        self.images(move |s, c, uri| s.read_at(c, uri, &top, offset, length)).await
     }
 
     async fn write(&self, machine: &str, disk: &str, offset: u64, data: &[u8]) -> Result<()> {
@@ -293,20 +306,16 @@ impl DiskIo for LibvirtEnvironment {
                 self.name
             )));
         }
-        let size = blocking({
-            let t = top.clone();
-            move || layers::info(&t)
-        })
-        .await?
-        .virtual_size;
+        let t = top.clone();
+        let size = self.images(move |s, c, uri| s.info(c, uri, &t)).await?.virtual_size;
         check_range(&self.name, machine, disk, size, offset, data.len() as u64)?;
         let data = data.to_vec();
-        blocking(move || layers::write_at(&top, offset, &data)).await
+        self.images(move |s, c, uri| s.write_at(c, uri, &top, offset, &data)).await
     }
 
     async fn digest(&self, machine: &str, disk: &str) -> Result<[u8; 32]> {
         let (top, _) = self.top(machine, disk).await?;
-        blocking(move || layers::digest(&top)).await
+        self.images(move |s, c, uri| s.digest(c, uri, &top)).await
     }
 }
 

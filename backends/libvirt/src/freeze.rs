@@ -5,7 +5,6 @@
 //! a baseline's or a snapshot's.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use stagecore::{Error, PowerState, Result};
 use virt::sys;
@@ -13,10 +12,9 @@ use virt::sys;
 use crate::conn::lv;
 use crate::env::LibvirtEnvironment;
 use crate::error::NAME;
-use crate::layers;
 use crate::machines::Machine;
 use crate::quiesce::{self, Consistencies};
-use crate::shared::{Shared, make_dir};
+use crate::shared::Shared;
 use crate::xml::edit;
 use crate::xml::tree::Element;
 
@@ -29,11 +27,10 @@ struct Plan {
     disk: String,
     target: String,
     current: String,
-    next: PathBuf,
+    next: String,
 }
 
 fn plans(shared: &Shared, env: &str, m: &Machine, tag: &str) -> Result<Vec<Plan>> {
-    let dir = shared.env_dir(env).join("layers");
     m.parsed
         .disks()
         .map(|(disk, d)| {
@@ -44,7 +41,7 @@ fn plans(shared: &Shared, env: &str, m: &Machine, tag: &str) -> Result<Vec<Plan>
                         "only file-backed disks can be layered; this disk has no <source file=…>",
                     )
                 })?;
-            let next = dir.join(format!("{}.{disk}.{tag}.qcow2", m.name()));
+            let next = shared.storage.layer_path(env, &format!("{}.{disk}.{tag}.qcow2", m.name()));
             Ok(Plan { disk, target: d.target.dev.clone(), current, next })
         })
         .collect()
@@ -55,8 +52,7 @@ fn snapshot_xml(tag: &str, plans: &[Plan], tree: &Element) -> String {
     for p in plans {
         disks.push_str(&format!(
             "<disk name='{}' snapshot='external'><driver type='qcow2'/><source file='{}'/></disk>",
-            p.target,
-            p.next.display()
+            p.target, p.next
         ));
     }
     let modeled: Vec<&str> = plans.iter().map(|p| p.target.as_str()).collect();
@@ -87,7 +83,7 @@ pub(crate) async fn freeze(env: &LibvirtEnvironment, ms: &[Machine], tag: &str) 
 /// Puts a new layer on every disk of `ms` at one instant (crash-consistent on its own).
 async fn capture(shared: &Shared, env: &str, ms: &[Machine], tag: &str) -> Result<Frozen> {
     let all: Vec<Vec<Plan>> = ms.iter().map(|m| plans(shared, env, m, tag)).collect::<Result<_>>()?;
-    make_dir(&shared.env_dir(env).join("layers"))?;
+    let (storage, env_name) = (shared.storage.clone(), env.to_string());
     let work: Vec<(String, bool, Element, Vec<Plan>)> =
         ms.iter().zip(&all).map(|(m, p)| (m.instance.clone(), m.active(), m.tree.clone(), p.clone())).collect();
     let running: Vec<String> =
@@ -96,6 +92,9 @@ async fn capture(shared: &Shared, env: &str, ms: &[Machine], tag: &str) -> Resul
     shared
         .conn
         .run(move |c, uri| {
+            if let Some(p) = work.iter().flat_map(|w| w.3.first()).next() {
+                storage.ensure_dir(c, uri, &env_name, &p.next)?;
+            }
             let mut suspended = Vec::new();
             let result = (|| {
                 for name in &running {
@@ -115,8 +114,8 @@ async fn capture(shared: &Shared, env: &str, ms: &[Machine], tag: &str) -> Resul
                         let mut tree = tree.clone();
                         let mut paths = BTreeMap::new();
                         for p in plans {
-                            layers::create_overlay(&p.next, std::path::Path::new(&p.current))?;
-                            paths.insert(p.disk.clone(), p.next.display().to_string());
+                            storage.create_overlay(c, uri, &env_name, &p.next, &p.current)?;
+                            paths.insert(p.disk.clone(), p.next.clone());
                         }
                         edit::set_disk_sources(&mut tree, &paths);
                         lv(uri, "domain", name, c.define_domain_xml(&tree.render())).map(drop)?;
@@ -129,13 +128,10 @@ async fn capture(shared: &Shared, env: &str, ms: &[Machine], tag: &str) -> Resul
                     tracing::error!(error = %e, "could not resume a domain after freezing");
                 }
             }
+            // The overlays libvirt wrote for running domains become volumes of the pool.
+            storage.refresh(c, &env_name);
             result
         })
         .await?;
     Ok(all.iter().map(|ps| ps.iter().map(|p| (p.disk.clone(), p.current.clone())).collect()).collect())
-}
-
-/// Fails with `NotSupported` when disk files are not reachable from this process.
-pub(crate) fn require_local(shared: &Shared, operation: &'static str) -> Result<()> {
-    if shared.local() { Ok(()) } else { Err(Error::not_supported(operation, NAME)) }
 }

@@ -44,6 +44,7 @@ mod registry;
 mod shared;
 mod snapshot;
 mod stage;
+mod storage;
 mod swap;
 mod undo;
 mod xml;

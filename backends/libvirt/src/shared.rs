@@ -12,7 +12,7 @@ use crate::machines::{self, Machine, Store};
 use crate::registry;
 
 /// Connection, state directory and settings.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Shared {
     /// The libvirt connection.
     pub(crate) conn: Conn,
@@ -22,18 +22,16 @@ pub(crate) struct Shared {
     pub(crate) domain_type: String,
     /// How long `start` waits for the guest agents of one wave before starting the next.
     pub(crate) start_wait: std::time::Duration,
+    /// Where image files live: the state directory (local URI) or storage pools on the host.
+    pub(crate) storage: crate::storage::Storage,
 }
 
 /// The default of [`Shared::start_wait`].
 pub(crate) const DEFAULT_START_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
 
 impl Shared {
-    /// Whether disk files are reachable from this process (a URI without a host).
-    pub(crate) fn local(&self) -> bool {
-        is_local(self.conn.uri())
-    }
-
-    /// The directory of one environment's files.
+    /// The directory of one environment's files in the (local) state directory: baselines' XML
+    /// for every URI, and the image files too for a local one.
     pub(crate) fn env_dir(&self, env: &str) -> PathBuf {
         self.dir.join(env)
     }

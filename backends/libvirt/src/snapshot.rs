@@ -8,16 +8,14 @@
 //! only forgets the record: every file stays, so every chain stays valid.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use async_trait::async_trait;
 use stagecore::{Consistency, Error, Result, Snapshot, SnapshotInfo};
 use time::OffsetDateTime;
 
 use crate::conn::lv;
-use crate::env::{LibvirtEnvironment, blocking};
-use crate::freeze::{self, freeze};
-use crate::layers;
+use crate::env::LibvirtEnvironment;
+use crate::freeze::freeze;
 use crate::machines::Store;
 use crate::xml::meta::{self, SnapshotRecord};
 use crate::xml::{edit, tree::Element};
@@ -31,7 +29,6 @@ impl Snapshot for LibvirtEnvironment {
     #[tracing::instrument(skip(self), fields(environment = %self.name))]
     async fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo> {
         stagecore::name::validate("snapshot", name)?;
-        freeze::require_local(&self.shared, "create_snapshot")?;
         let mut ms = self.machines().await?;
         if ms[0].record.snapshots.iter().any(|s| s.info.name == name) {
             return Err(Error::already_exists("snapshot", format!("{}/{name}", self.name)));
@@ -66,10 +63,9 @@ impl Snapshot for LibvirtEnvironment {
     #[tracing::instrument(skip(self), fields(environment = %self.name))]
     async fn revert_snapshot(&self, name: &str) -> Result<()> {
         stagecore::name::validate("snapshot", name)?;
-        freeze::require_local(&self.shared, "revert_snapshot")?;
         let ms = self.machines().await?;
         let mut plans = Vec::new();
-        let dir = self.shared.env_dir(&self.name).join("layers");
+        let storage = self.shared.storage.clone();
         let t = tag();
         for m in &ms {
             let snap = m
@@ -81,10 +77,10 @@ impl Snapshot for LibvirtEnvironment {
             let mut tree = Element::parse(&snap.xml, &format!("snapshot {name} of {}", m.instance))?;
             let mut paths = BTreeMap::new();
             for (disk, layer) in &snap.layers {
-                let next = dir.join(format!("{}.{disk}.revert-{t}.qcow2", m.name()));
-                let (n, l) = (next.clone(), layer.clone());
-                blocking(move || layers::create_overlay(&n, Path::new(&l))).await?;
-                paths.insert(disk.clone(), next.display().to_string());
+                let next = storage.layer_path(&self.name, &format!("{}.{disk}.revert-{t}.qcow2", m.name()));
+                let (st, n, l, env) = (storage.clone(), next.clone(), layer.clone(), self.name.clone());
+                self.shared.conn.run(move |c, uri| st.create_overlay(c, uri, &env, &n, &l)).await?;
+                paths.insert(disk.clone(), next);
             }
             edit::set_disk_sources(&mut tree, &paths);
             if m.store == Store::Metadata {

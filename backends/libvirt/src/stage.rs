@@ -8,11 +8,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use stagecore::{Baseline, CloneKind, DiskFormat, Error, Result, Role, StageInfo, StageOptions, random_mac};
+use stagecore::{Baseline, CloneKind, DiskFormat, Error, Progress, Result, Role, StageInfo, StageOptions, random_mac};
 
 use crate::create::{check_free_domains, create_isolated, define_all};
-use crate::env::{LibvirtEnvironment, blocking};
-use crate::layers;
+use crate::env::LibvirtEnvironment;
 use crate::machines::Machine;
 use crate::shared::{Shared, make_dir};
 use crate::undo::Undo;
@@ -21,19 +20,25 @@ use crate::xml::{edit, meta};
 
 /// Creates the stage; see the module docs.
 #[tracing::instrument(skip_all, fields(stage = %options.name, baseline = %baseline.id))]
-pub(crate) async fn stage(shared: &Arc<Shared>, baseline: &Baseline, options: &StageOptions) -> Result<()> {
+pub(crate) async fn stage(
+    shared: &Arc<Shared>,
+    source: &Arc<Shared>,
+    baseline: &Baseline,
+    options: &StageOptions,
+    progress: Option<&Progress>,
+) -> Result<()> {
     options.validate()?;
-    crate::freeze::require_local(shared, "stage")?;
     if shared.exists(&options.name).await? {
         return Err(Error::already_exists("environment", &options.name));
     }
-    let prod = shared.machines(&baseline.environment).await?;
+    let prod = source.machines(&baseline.environment).await?;
     let prefix = options.prefix();
     check_inputs(baseline, options, &prod)?;
     let instances: Vec<String> = baseline.spec.machines.iter().map(|m| format!("{prefix}{}", m.name)).collect();
     check_free_domains(shared, &instances).await?;
     let mut undo = Undo::default();
-    match build(shared, baseline, options, &prod, &mut undo).await {
+    let from = Source { shared: source.clone(), progress: progress.cloned() };
+    match build(shared, &from, baseline, options, &prod, &mut undo).await {
         Ok(()) => Ok(()),
         Err(e) => {
             undo.rollback(&shared.conn).await;
@@ -66,8 +71,21 @@ fn check_inputs(baseline: &Baseline, options: &StageOptions, prod: &[Machine]) -
     Ok(())
 }
 
+/// Where production lives: the same connection as the stage, or another host's backend.
+struct Source {
+    shared: Arc<Shared>,
+    progress: Option<Progress>,
+}
+
+impl Source {
+    fn same_host(&self, shared: &Shared) -> bool {
+        self.shared.conn.uri() == shared.conn.uri()
+    }
+}
+
 async fn build(
     shared: &Arc<Shared>,
+    from: &Source,
     baseline: &Baseline,
     options: &StageOptions,
     prod: &[Machine],
@@ -80,6 +98,13 @@ async fn build(
     }
     make_dir(&dir)?;
     undo.dirs.push(dir.clone());
+    let storage = shared.storage.clone();
+    let images = storage.env_dir(&options.name);
+    if storage.is_remote() {
+        let (st, env, probe) = (storage.clone(), options.name.clone(), format!("{images}/.pool"));
+        shared.conn.run(move |c, uri| st.ensure_dir(c, uri, &env, &probe)).await?;
+        undo.images = Some((storage.clone(), options.name.clone()));
+    }
     let mut networks = BTreeMap::new();
     let mut owned = Vec::new();
     if options.fenced {
@@ -100,22 +125,39 @@ async fn build(
         let mut origins = BTreeMap::new();
         for d in &m.disks {
             let layer = baseline.layer(&m.name, &d.name).expect("checked").layer.clone();
-            let top = dir.join(format!("{}.{}.qcow2", m.name, d.name));
+            let top = format!("{images}/{}.{}.qcow2", m.name, d.name);
+            let env = options.name.clone();
             let origin = match options.clone {
+                _ if !from.same_host(shared) => {
+                    // Another host: stream the data of the baseline layer's chain into this host's
+                    // pool — linked: once per baseline, into production's pool here, shared by every
+                    // stage of that baseline; full: into the stage's own pool.
+                    let file = format!("{}.{}.{}.qcow2", m.name, d.name, baseline.id);
+                    let (env, replica) = match options.clone {
+                        CloneKind::Linked => {
+                            let env = baseline.environment.clone();
+                            (env.clone(), format!("{}/{file}", storage.env_dir(&env)))
+                        }
+                        CloneKind::Full => (env.clone(), format!("{images}/{}.{}.base.qcow2", m.name, d.name)),
+                    };
+                    let subject = format!("{}/{}/{}", options.name, m.name, d.name);
+                    stream_copy(from, shared, &layer, &env, &replica, &subject).await?;
+                    replica
+                }
                 CloneKind::Linked => layer,
                 CloneKind::Full => {
-                    let copy = dir.join(format!("{}.{}.base.qcow2", m.name, d.name));
-                    let (src, dst) = (layer.clone(), copy.clone());
-                    blocking(move || layers::copy_allocated(Path::new(&src), &dst)).await?;
-                    copy.display().to_string()
+                    let copy = format!("{images}/{}.{}.base.qcow2", m.name, d.name);
+                    let (st, src, dst, e) = (storage.clone(), layer.clone(), copy.clone(), env.clone());
+                    shared.conn.run(move |c, uri| st.copy_full(c, uri, &e, &src, &dst)).await?;
+                    copy
                 }
             };
-            let (o, t) = (origin.clone(), top.clone());
-            blocking(move || layers::create_overlay(&t, Path::new(&o))).await?;
-            paths.insert(d.name.clone(), top.display().to_string());
+            let (st, o, t) = (storage.clone(), origin.clone(), top.clone());
+            shared.conn.run(move |c, uri| st.create_overlay(c, uri, &env, &t, &o)).await?;
+            paths.insert(d.name.clone(), top);
             origins.insert(d.name.clone(), origin);
         }
-        let mut tree = source_tree(shared, baseline, p)?;
+        let mut tree = source_tree(&from.shared, baseline, p)?;
         let instance = format!("{prefix}{}", m.name);
         edit::set_identity(&mut tree, &instance, &uuid::Uuid::new_v4().to_string());
         edit::set_disk_sources(&mut tree, &paths);
@@ -123,7 +165,7 @@ async fn build(
         edit::set_macs(&mut tree, &macs);
         // Never keep production's sockets and log files: libvirt assigns new agent sockets, the
         // rest moves into the stage's own directory (removed with the stage).
-        let host_paths = edit::own_host_paths(&mut tree, &dir, &m.name);
+        let host_paths = edit::own_host_paths(&mut tree, Path::new(&images), &m.name);
         if !host_paths.is_empty() {
             tracing::info!(machine = %m.name, changed = ?host_paths, "stage got its own chardev paths");
         }
@@ -167,6 +209,73 @@ fn source_tree(shared: &Shared, baseline: &Baseline, p: &Machine) -> Result<Elem
             let mut t = p.tree.clone();
             meta::strip(&mut t);
             Ok(t)
+        }
+    }
+}
+
+/// Copies what the chain of `layer` (on `from`'s host) allocates into a new qcow2 image `dst`
+/// (in `env`'s directory on `to`'s host), through libvirt streams: reads with
+/// `virStorageVolDownload` on the source, writes with `virStorageVolUpload` on the target. All-zero
+/// chunks are skipped (the new image reads zeros there anyway). A `dst` that already exists is an
+/// earlier copy of the same baseline layer and is reused. Progress: `stage`, `<subject>`,
+/// `streamed`, bytes done of bytes allocated.
+async fn stream_copy(from: &Source, to: &Shared, layer: &str, env: &str, dst: &str, subject: &str) -> Result<()> {
+    const CHUNK: u64 = 4 << 20;
+    let (src_store, dst_store) = (from.shared.storage.clone(), to.storage.clone());
+    let (d, e) = (dst.to_string(), env.to_string());
+    let st = dst_store.clone();
+    if to.conn.run(move |c, uri| st.ensure_dir(c, uri, &e, &d).map(|_| st.exists(c, &d))).await? {
+        tracing::info!(layer, replica = dst, "baseline layer already on this host");
+        return Ok(());
+    }
+    let (l, st) = (layer.to_string(), src_store.clone());
+    let (info, extents) =
+        from.shared.conn.run(move |c, uri| Ok((st.info(c, uri, &l)?, st.allocated(c, uri, &l)?))).await?;
+    let total = stagecore::extent::total(&extents);
+    let tmp = format!("{dst}.partial");
+    let (st, t, e) = (dst_store.clone(), tmp.clone(), env.to_string());
+    to.conn
+        .run(move |c, uri| {
+            if st.exists(c, &t) {
+                st.remove_image(c, uri, &t)?;
+            }
+            st.create_image(c, uri, &e, &t, "qcow2", info.virtual_size)
+        })
+        .await?;
+    let emit = |done: u64| {
+        if let Some(p) = &from.progress {
+            p.emit("stage", subject, "streamed", done, total);
+        } else {
+            tracing::info!(target: "stagecore::progress", subject, done, total, "streamed");
+        }
+    };
+    let copy = async {
+        let mut done = 0;
+        emit(0);
+        for ext in &extents {
+            let mut at = ext.offset;
+            while at < ext.end() {
+                let n = (ext.end() - at).min(CHUNK);
+                let (st, l) = (src_store.clone(), layer.to_string());
+                let data = from.shared.conn.run(move |c, uri| st.read_at(c, uri, &l, at, n)).await?;
+                if data.iter().any(|b| *b != 0) {
+                    let (st, t) = (dst_store.clone(), tmp.clone());
+                    to.conn.run(move |c, uri| st.write_at(c, uri, &t, at, &data)).await?;
+                }
+                at += n;
+                done += n;
+                emit(done);
+            }
+        }
+        Ok::<(), Error>(())
+    };
+    let result = copy.await;
+    let (st, t, d, e) = (dst_store.clone(), tmp.clone(), dst.to_string(), env.to_string());
+    match result {
+        Ok(()) => to.conn.run(move |c, uri| st.rename(c, uri, &e, &t, &d)).await,
+        Err(err) => {
+            let _ = to.conn.run(move |c, uri| st.remove_image(c, uri, &t)).await;
+            Err(err)
         }
     }
 }

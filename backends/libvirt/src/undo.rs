@@ -16,14 +16,16 @@ pub(crate) struct Undo {
     pub(crate) files: Vec<PathBuf>,
     /// Directories created (removed if empty... or entirely, when this operation made them).
     pub(crate) dirs: Vec<PathBuf>,
+    /// A remote environment whose storage pool (and every volume in it) this operation made.
+    pub(crate) images: Option<(crate::storage::Storage, String)>,
 }
 
 impl Undo {
     /// Removes everything recorded; failures are logged, not returned (the original error wins).
     pub(crate) async fn rollback(self, conn: &Conn) {
-        let Undo { domains, networks, files, dirs } = self;
+        let Undo { domains, networks, files, dirs, images } = self;
         let r = conn
-            .run(move |c, _| {
+            .run(move |c, uri| {
                 for d in domains.iter().rev() {
                     if let Ok(dom) = c.lookup_domain_by_name(d) {
                         let _ = dom.destroy();
@@ -39,6 +41,11 @@ impl Undo {
                             tracing::warn!(network = %n, error = %e, "rollback could not undefine");
                         }
                     }
+                }
+                if let Some((storage, env)) = &images
+                    && let Err(e) = storage.remove_env(c, uri, env)
+                {
+                    tracing::warn!(environment = %env, error = %e, "rollback could not remove the storage pool");
                 }
                 Ok(())
             })

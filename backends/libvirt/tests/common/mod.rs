@@ -105,3 +105,87 @@ pub(crate) fn virsh_at(uri: &str, args: &[&str]) -> Vec<String> {
     let out = Command::new("virsh").arg("-c").arg(uri).args(args).output().expect("virsh runs");
     String::from_utf8_lossy(&out.stdout).lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
 }
+
+/// A backend on one of the remote test hosts whose state directory is on the client (a temp
+/// directory) and whose images live on the host under a unique root; removes everything the
+/// test made there when dropped: domains using files under the root, the networks they use,
+/// and the pools under the root.
+pub(crate) struct RemoteGuard {
+    /// Unique tag.
+    pub(crate) tag: String,
+    /// The host's URI.
+    pub(crate) uri: String,
+    /// The root directory on the host (never present on the client).
+    pub(crate) root: String,
+    /// The client-side state directory.
+    pub(crate) state: tempfile::TempDir,
+}
+
+impl RemoteGuard {
+    /// A guard on the host named by `var` (`STAGECORE_LIBVIRT_HOST_A` / `_B`).
+    pub(crate) fn new(var: &str, prefix: &str) -> Self {
+        let tag = format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let root = format!("/var/lib/libvirt/images/stagecore-test-{tag}");
+        RemoteGuard { tag, uri: host_uri(var), root, state: tempfile::tempdir().expect("temp dir") }
+    }
+
+    /// The backend over `qemu+tcp://` with its images under the guard's root on the host.
+    pub(crate) async fn backend(&self) -> LibvirtBackend {
+        LibvirtBackend::connect(&self.uri, self.state.path())
+            .await
+            .unwrap_or_else(|e| panic!("the libvirtd test host must answer on {}: {e}", self.uri))
+            .with_remote_root(&self.root)
+    }
+
+    /// Domains on the host whose definition uses a file under the root or carries the tag.
+    pub(crate) fn domains(&self) -> Vec<String> {
+        virsh_at(&self.uri, &["list", "--all", "--name"])
+            .into_iter()
+            .filter(|d| {
+                d.contains(&self.tag)
+                    || virsh_at(&self.uri, &["dumpxml", "--inactive", d]).join("\n").contains(&self.root)
+            })
+            .collect()
+    }
+}
+
+impl Drop for RemoteGuard {
+    fn drop(&mut self) {
+        let local_copy = std::path::Path::new(&self.root).exists();
+        let mut nets = Vec::new();
+        for d in self.domains() {
+            let xml = virsh_at(&self.uri, &["dumpxml", "--inactive", &d]).join("\n");
+            for part in xml.split("<source network='").skip(1) {
+                let net = part.split('\'').next().unwrap_or_default().to_string();
+                if net != "default" && !nets.contains(&net) {
+                    nets.push(net);
+                }
+            }
+            virsh_at(&self.uri, &["destroy", &d]);
+            virsh_at(&self.uri, &["undefine", &d]);
+        }
+        for n in nets
+            .into_iter()
+            .chain(virsh_at(&self.uri, &["net-list", "--all", "--name"]).into_iter().filter(|n| n.contains(&self.tag)))
+        {
+            virsh_at(&self.uri, &["net-destroy", &n]);
+            virsh_at(&self.uri, &["net-undefine", &n]);
+        }
+        for p in virsh_at(&self.uri, &["pool-list", "--all", "--name"]) {
+            if !virsh_at(&self.uri, &["pool-dumpxml", &p]).join("\n").contains(&self.root) {
+                continue;
+            }
+            virsh_at(&self.uri, &["pool-start", &p]);
+            virsh_at(&self.uri, &["pool-refresh", &p]);
+            for v in virsh_at(&self.uri, &["vol-list", &p, "--name"]) {
+                virsh_at(&self.uri, &["vol-delete", &v, "--pool", &p]);
+            }
+            virsh_at(&self.uri, &["pool-destroy", &p]);
+            virsh_at(&self.uri, &["pool-delete", &p]);
+            virsh_at(&self.uri, &["pool-undefine", &p]);
+        }
+        if !std::thread::panicking() {
+            assert!(!local_copy, "{} exists on the client: the remote images must only be on the host", self.root);
+        }
+    }
+}
