@@ -411,3 +411,36 @@ async fn guest_kit_failing_guest_command_rolls_back() {
     let f = Fixture::new();
     stagecore_testkit::guest::failing_guest_command_rolls_back(&kit(&f)).await;
 }
+
+/// The testkit's guest-drift functions on real guests: the demo app's package and config file.
+fn drift_fixture() -> stagecore_testkit::guest_drift::GuestFixture {
+    stagecore_testkit::guest_drift::GuestFixture::test_image(&stagecore_testkit::guest_image::GuestImage::locate())
+}
+
+// `guest_drift::zero_guest_drift_after_clone` is not run here: its disk layer sees the one
+// cluster ext4 writes when production's guests are thawed after the baseline (production side),
+// so a fresh clone of a running production is not IN_SYNC on the disk layer (see docs/guests.md).
+
+#[tokio::test]
+async fn guest_drift_change_is_intended() {
+    let f = Fixture::new();
+    stagecore_testkit::guest_drift::guest_change_is_intended(&kit(&f), &drift_fixture()).await;
+}
+
+#[tokio::test]
+async fn guest_drift_footprint_verify() {
+    let f = Fixture::new();
+    stagecore_testkit::guest_drift::footprint_verify(&kit(&f), &drift_fixture()).await;
+}
+
+#[tokio::test]
+async fn guest_drift_rebase_without_conflict() {
+    let f = Fixture::new();
+    stagecore_testkit::guest_drift::rebase_without_conflict(&kit(&f), &drift_fixture()).await;
+}
+
+#[tokio::test]
+async fn guest_drift_rebase_with_conflict() {
+    let f = Fixture::new();
+    stagecore_testkit::guest_drift::rebase_with_conflict(&kit(&f), &drift_fixture()).await;
+}
