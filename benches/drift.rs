@@ -17,8 +17,8 @@
 use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use stagekit::stagecore::memory::{BLOCK, MemoryBackend};
 use stagekit::stagecore::inventory::{self, InventoryConfig};
+use stagekit::stagecore::memory::{BLOCK, MemoryBackend};
 use stagekit::stagecore::{
     Backend, BackendExt, DiskFormat, DiskSpec, DynEnvironment, EnvironmentSpec, GuestExec, MachineSpec, StageOptions,
 };
@@ -140,9 +140,8 @@ fn bench_guest(c: &mut Criterion) {
     }
     let (_, prod, _) = rt.block_on(guest_setup(0));
     group.bench_function("inventory_collect_100", |b| {
-        b.to_async(&rt).iter(|| async {
-            inventory::collect(&*prod, None, &InventoryConfig::default(), None).await.unwrap()
-        })
+        b.to_async(&rt)
+            .iter(|| async { inventory::collect(&*prod, None, &InventoryConfig::default(), None).await.unwrap() })
     });
     group.finish();
 }
