@@ -2,7 +2,7 @@
 //! host A (`cargo xtask hosts start`; URI in `STAGECORE_LIBVIRT_HOST_A`).
 //!
 //! Fixture: one machine with an 8 GiB qcow2 disk (a storage volume on the host), a baseline, then
-//! 1 % of the disk (82 MiB, 1311 clusters of 64 KiB spread over the whole disk) written into the
+//! 1 % of the disk (82 runs of 1 MiB spread evenly over the whole disk) written into the
 //! top layer through `DiskIo::write` (uploads). Measured, median of several rounds, with the
 //! bytes moved over libvirt streams:
 //! * `disk_changes` — the allocation map of the layers above the baseline, from qcow2 metadata
@@ -19,6 +19,7 @@ use stagecore_libvirt::LibvirtBackend;
 
 const SIZE: u64 = 8 << 30;
 const CLUSTER: u64 = 64 << 10;
+const RUN: u64 = 1 << 20;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -68,18 +69,19 @@ fn main() {
             let prod = backend.create(&spec).await.expect("create");
             let baseline = prod.take_baseline().await.expect("baseline");
             let io = prod.disk_io().unwrap();
-            let clusters = SIZE / CLUSTER;
-            let changed = clusters / 100;
-            let stride = clusters / changed;
+            // 1 % of the disk in 1 MiB runs spread evenly over it (82 runs of 16 clusters).
+            let runs = SIZE / 100 / RUN + 1;
+            let stride = (SIZE / runs) / CLUSTER * CLUSTER;
+            let changed = runs * RUN;
             let t = Instant::now();
-            let data = vec![0xa5u8; CLUSTER as usize];
-            for i in 0..changed {
-                io.write("db", "disk0", i * stride * CLUSTER, &data).await.expect("write");
+            let data = vec![0xa5u8; RUN as usize];
+            for i in 0..runs {
+                io.write("db", "disk0", i * stride, &data).await.expect("write");
             }
             println!(
-                "setup: {changed} clusters ({} MiB, {:.1} %) written over uploads in {:.1} s",
-                (changed * CLUSTER) >> 20,
-                100.0 * (changed * CLUSTER) as f64 / SIZE as f64,
+                "setup: {runs} runs of 1 MiB ({} MiB, {:.2} % of 8 GiB) written over uploads in {:.1} s",
+                changed >> 20,
+                100.0 * changed as f64 / SIZE as f64,
                 t.elapsed().as_secs_f64()
             );
 
@@ -93,7 +95,7 @@ fn main() {
                 bytes = backend.streamed_bytes() - before;
                 match &ch[0].changes {
                     ChangeMap::Checked { extents } => {
-                        assert_eq!(stagecore::extent::total(extents), changed * CLUSTER, "every changed cluster found")
+                        assert_eq!(stagecore::extent::total(extents), changed, "every changed cluster found")
                     }
                     other => panic!("{other:?}"),
                 }
