@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use super::report::{DriftReport, Layer, MachineDrift, SCHEMA, Status};
 use super::{Drift, config, disk, guest, score};
 use crate::inventory::InventoryConfig;
-use crate::{Environment, Error, Progress, Result};
+use crate::{Environment, EnvironmentInfo, Error, Progress, Result};
 
 /// The drift engine. Holds only settings; one instance serves any number of reports.
 #[derive(Debug, Clone, Default)]
@@ -41,20 +41,27 @@ impl DriftEngine {
     }
 }
 
+/// `stage`'s info, checked to be a stage cloned from `production` (`Precondition` otherwise).
+pub(crate) async fn stage_info_of(production: &dyn Environment, stage: &dyn Environment) -> Result<EnvironmentInfo> {
+    let info = stage.info().await?;
+    let staged = info.stage().ok_or_else(|| Error::Precondition(format!("{} is not a stage", stage.name())))?;
+    if staged.source != production.name() {
+        return Err(Error::Precondition(format!(
+            "stage {} was cloned from {}, not from {}",
+            stage.name(),
+            staged.source,
+            production.name()
+        )));
+    }
+    Ok(info)
+}
+
 #[async_trait]
 impl Drift for DriftEngine {
     #[tracing::instrument(skip_all, fields(production = production.name(), stage = stage.name()))]
     async fn drift(&self, production: &dyn Environment, stage: &dyn Environment) -> Result<DriftReport> {
-        let info = stage.info().await?;
-        let staged = info.stage().ok_or_else(|| Error::Precondition(format!("{} is not a stage", stage.name())))?;
-        if staged.source != production.name() {
-            return Err(Error::Precondition(format!(
-                "stage {} was cloned from {}, not from {}",
-                stage.name(),
-                staged.source,
-                production.name()
-            )));
-        }
+        let info = stage_info_of(production, stage).await?;
+        let staged = info.stage().expect("checked by stage_info_of");
         let baseline = &staged.baseline;
         let (p_spec, s_spec) = (production.spec().await?, stage.spec().await?);
         let intended_paths: Vec<String> =

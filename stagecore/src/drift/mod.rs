@@ -11,7 +11,7 @@
 mod config;
 mod disk;
 mod display;
-mod engine;
+pub(crate) mod engine;
 mod guest;
 mod report;
 pub mod score;

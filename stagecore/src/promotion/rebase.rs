@@ -245,16 +245,8 @@ pub async fn rebase(
     progress: Option<&Progress>,
 ) -> Result<RebaseOutcome> {
     crate::name::validate("rebase.name", &options.name)?;
-    let info = stage.info().await?;
-    let staged = info.stage().ok_or_else(|| Error::Precondition(format!("{} is not a stage", stage.name())))?;
-    if staged.source != production.name() {
-        return Err(Error::Precondition(format!(
-            "stage {} was cloned from {}, not from {}",
-            stage.name(),
-            staged.source,
-            production.name()
-        )));
-    }
+    let info = crate::drift::engine::stage_info_of(production, stage).await?;
+    let staged = info.stage().expect("checked by stage_info_of");
     let user = inventory::user_change_sets(&staged.change_sets);
     let total = user.len() as u64 + 3;
     let subject = format!("{} -> {}", stage.name(), options.name);
