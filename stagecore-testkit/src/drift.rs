@@ -104,7 +104,7 @@ pub async fn change_set_is_intended(kit: &Kit) {
     assert_eq!(r2.status, Status::Drifted);
     assert!(r2.score < r.score, "more drift must lower the score");
     let json: serde_json::Value = serde_json::from_str(&r2.to_json()).unwrap();
-    assert_eq!(json["schema"], "stagecore.drift/v2");
+    assert_eq!(json["schema"], "stagecore.drift/v3");
     assert_eq!(json["status"], "DRIFTED");
     cleanup(&*kit.backend, &[&sname, &pname]).await;
 }

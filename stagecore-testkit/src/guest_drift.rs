@@ -208,7 +208,7 @@ pub async fn zero_guest_drift_after_clone(kit: &Kit, fx: &GuestFixture) {
 
 /// A ChangeSet's guest changes applied with a footprint are intended (side `stage`); an
 /// unrecorded file on the stage is drift (ADD, stage); a file added in production is drift
-/// (REMOVE, production); the score falls; the JSON carries schema v2 and the guest paths.
+/// (REMOVE, production); the score falls; the JSON carries schema v3 and the guest paths.
 pub async fn guest_change_is_intended(kit: &Kit, fx: &GuestFixture) {
     let (pname, sname, prod, stage) = pair(kit, fx, "kit-gintent").await;
     let cs = ChangeSet {
@@ -253,7 +253,7 @@ pub async fn guest_change_is_intended(kit: &Kit, fx: &GuestFixture) {
     assert_eq!((rec.kind, rec.side, rec.intended), (RecordKind::Remove, Some(Side::Production), false), "{r3}");
     assert!(r3.score <= r2.score);
     let json: serde_json::Value = serde_json::from_str(&r3.to_json()).unwrap();
-    assert_eq!(json["schema"], "stagecore.drift/v2");
+    assert_eq!(json["schema"], "stagecore.drift/v3");
     assert!(json["guest"]["records"].as_array().unwrap().iter().any(|x| x["path"] == path.as_str()), "{json}");
     cleanup(&*kit.backend, &[&sname, &pname]).await;
 }

@@ -9,6 +9,7 @@ fn status(s: Status) -> &'static str {
         Status::InSync => "IN_SYNC",
         Status::Drifted => "DRIFTED",
         Status::NotChecked => "NOT_CHECKED",
+        Status::Informational => "INFORMATIONAL",
     }
 }
 
@@ -83,6 +84,15 @@ impl fmt::Display for DriftReport {
         for r in &self.disk.records {
             if r.status == Status::NotChecked {
                 writeln!(f, "    {}/{}: NOT_CHECKED ({})", r.machine, r.disk, r.reason.as_deref().unwrap_or("?"))?;
+            } else if r.status == Status::Informational {
+                writeln!(
+                    f,
+                    "    {}/{}: INFORMATIONAL production +{}, stage +{} (running guest, judged by its guest layer)",
+                    r.machine,
+                    r.disk,
+                    bytes(r.production.bytes),
+                    bytes(r.stage.bytes),
+                )?;
             } else if r.side.is_some() {
                 writeln!(
                     f,

@@ -20,7 +20,7 @@ use std::fmt::Debug;
 
 use async_trait::async_trait;
 
-pub use engine::DriftEngine;
+pub use engine::{DriftEngine, guest_judged};
 pub use report::{
     ConfigRecord, DiskRecord, DiskSide, DriftReport, GuestRecord, Layer, MachineDrift, RecordKind, SCHEMA, Side, Status,
 };

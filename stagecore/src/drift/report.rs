@@ -1,5 +1,5 @@
 //! The drift report: layers of typed records, statuses, a score. Its JSON form is documented in
-//! `docs/drift.md` (schema `stagecore.drift/v2`).
+//! `docs/drift.md` (schema `stagecore.drift/v3`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -9,7 +9,7 @@ use crate::Extent;
 use crate::inventory::Category;
 
 /// The schema tag written into every JSON report.
-pub const SCHEMA: &str = "stagecore.drift/v2";
+pub const SCHEMA: &str = "stagecore.drift/v3";
 
 /// Whether a machine, a layer or the environment matches production.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +21,12 @@ pub enum Status {
     Drifted,
     /// Could not be checked (the reason is in the layer).
     NotChecked,
+    /// Reported, not judged: the disk bytes of a machine that runs on both sides and whose guest
+    /// layer is checked against a recorded baseline inventory (a running OS writes its disks all
+    /// the time — journal commits, the superblock ext4 rewrites when thawed — so its guest layer
+    /// says whether it moved; see [`guest_judged`](crate::drift::guest_judged)). Only on disk
+    /// records and the disk layer; never makes a machine or the environment DRIFTED.
+    Informational,
 }
 
 /// Which side moved since the baseline.
@@ -87,7 +93,8 @@ pub struct DiskRecord {
     pub disk: String,
     /// Virtual size in bytes.
     pub virtual_size: u64,
-    /// IN_SYNC, DRIFTED, or NOT_CHECKED (with `reason`).
+    /// IN_SYNC, DRIFTED, NOT_CHECKED (with `reason`), or INFORMATIONAL (the machine's guest layer
+    /// judges it; the bytes that would have been drift are still in `drifted_bytes`).
     pub status: Status,
     /// Why the disk could not be checked.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -207,9 +214,17 @@ impl DriftReport {
         self.config.records.iter().filter(|r| !r.intended)
     }
 
-    /// Whether nothing unintended differs (statuses IN_SYNC or NOT_CHECKED).
+    /// Whether the stage is known to match: the environment is IN_SYNC and no disk record is
+    /// NOT_CHECKED (drift that could not be seen never reads clean). INFORMATIONAL disk records
+    /// do not count against it; a machine whose guest could not be inventoried shows that in its
+    /// `guest` status, not here.
     pub fn is_clean(&self) -> bool {
-        self.status != Status::Drifted
+        self.status == Status::InSync && self.disk.records.iter().all(|r| r.status != Status::NotChecked)
+    }
+
+    /// Disk records that could not be checked.
+    pub fn not_checked_disks(&self) -> impl Iterator<Item = &DiskRecord> {
+        self.disk.records.iter().filter(|r| r.status == Status::NotChecked)
     }
 
     /// The report as pretty JSON.

@@ -7,9 +7,9 @@ use std::collections::BTreeSet;
 use super::journal::{JournalStep, Plan};
 use super::run::{Halt, Run, Timer};
 use super::types::{PreconditionPolicy, Strategy};
-use crate::drift::{Drift, DriftEngine, DriftReport, Side, Status, config_differences};
+use crate::drift::{Drift, DriftEngine, DriftReport, Side, config_differences};
 use crate::inventory::{self, InventoryConfig, MachineInventory};
-use crate::{Backend, Change, ConsistencyLevel, Environment, EnvironmentSpec, Result};
+use crate::{Backend, Change, Environment, EnvironmentSpec, Result};
 
 /// Whether two config paths overlap (equal, or one lies below the other).
 pub(crate) fn related(a: &str, b: &str) -> bool {
@@ -56,22 +56,12 @@ pub(crate) async fn precondition(
 }
 
 /// The machines whose movement in production is judged by their guest layer rather than by raw
-/// disk bytes: running at the baseline (a running OS writes its disks all the time — journal
-/// commits, the superblock ext4 rewrites on every thaw), with a guest layer checked on both sides
-/// and production's inventory at the baseline recorded on the stage. Their guest layer says
-/// whether production moved inside the guest; their disk bytes are only reported.
+/// disk bytes ([`crate::drift::guest_judged`], the same rule that makes the drift report's disk
+/// records of those machines INFORMATIONAL). Their disk bytes are only reported.
 async fn guest_judged(report: &DriftReport, stage: &dyn Environment) -> BTreeSet<String> {
     let Ok(info) = stage.info().await else { return BTreeSet::new() };
     let Some(staged) = info.stage() else { return BTreeSet::new() };
-    let Some(at_baseline) = inventory::baseline_inventory(staged) else { return BTreeSet::new() };
-    report
-        .machines
-        .iter()
-        .filter(|m| m.guest != Status::NotChecked)
-        .filter(|m| at_baseline.machines.get(&m.machine).is_some_and(|i| i.inventory().is_some()))
-        .filter(|m| staged.baseline.consistency.get(&m.machine).is_some_and(|c| c.level != ConsistencyLevel::Stopped))
-        .map(|m| m.machine.clone())
-        .collect()
+    crate::drift::guest_judged(staged, report.machines.iter().map(|m| (m.machine.as_str(), m.guest)))
 }
 
 fn failures(report: &DriftReport, plan: &Plan, guest_judged: &BTreeSet<String>) -> Vec<String> {
