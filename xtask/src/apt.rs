@@ -17,6 +17,8 @@ pub(crate) const PACKAGES: &[&str] = &[
     // the guest image build: mmdebstrap for the rootfs, e2fsprogs for `mke2fs -d`
     "mmdebstrap",
     "e2fsprogs",
+    // UEFI firmware (OVMF) for the libvirt host-side file tests (NVRAM of `firmware='efi'` domains)
+    "ovmf",
 ];
 
 /// A process to run: program, arguments and extra environment variables.

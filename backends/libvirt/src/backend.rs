@@ -198,6 +198,7 @@ impl LibvirtBackend {
                 sources: std::mem::take(&mut sources[i]),
                 after: Vec::new(),
                 host_paths: BTreeMap::new(),
+                host_notes: Vec::new(),
             };
             entries.push(registry::Entry { instance: inst.clone(), record });
         }
@@ -319,20 +320,24 @@ impl Backend for LibvirtBackend {
             // An attached production: forget it, even when its domains are gone; never touch them.
             return registry::remove(&self.shared.dir, name);
         }
-        let names: Vec<String> = ms.iter().map(|m| m.instance.clone()).collect();
+        // Only what the environment owns: its NVRAM only when it is its own (hostfiles).
+        let own_dir = PathBuf::from(self.shared.storage.env_dir(name));
+        let names: Vec<(String, u32)> = ms
+            .iter()
+            .map(|m| (m.instance.clone(), crate::hostfiles::undefine_flags(&m.tree, &m.instance, &own_dir)))
+            .collect();
         let networks = ms[0].record.owned_networks.clone();
         let (storage, env) = (self.shared.storage.clone(), name.to_string());
         self.shared
             .conn
             .run(move |c, uri| {
-                for n in &names {
+                for (n, flags) in &names {
                     let dom = lv(uri, "domain", n, c.lookup_domain_by_name(n))?;
                     if dom.is_active().unwrap_or(false) {
                         lv(uri, "domain", n, dom.destroy())?;
                     }
-                    let flags =
-                        virt::sys::VIR_DOMAIN_UNDEFINE_NVRAM | virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
-                    if dom.undefine_flags(flags).is_err() {
+                    if let Err(e) = dom.undefine_flags(*flags) {
+                        tracing::warn!(domain = %n, error = %e, "undefine with flags failed; plain undefine");
                         lv(uri, "domain", n, dom.undefine())?;
                     }
                 }

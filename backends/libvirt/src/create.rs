@@ -116,6 +116,7 @@ async fn build(shared: &Shared, spec: &EnvironmentSpec, instances: &[String], un
             sources: disks.clone(),
             after: m.after.clone(),
             host_paths: BTreeMap::new(),
+            host_notes: Vec::new(),
         };
         meta::set(&mut tree, &m.labels, &record)?;
         xmls.push((instance.clone(), tree.render()));

@@ -27,6 +27,20 @@ impl LibvirtEnvironment {
         self.shared.machines(&self.name).await
     }
 
+    /// For a stage: per machine, what of production's host-side files the stage could not make
+    /// its own (devices dropped, NVRAM not copied, TPM state new), one sentence each; machines
+    /// with nothing to say are left out. Empty for a production. See `docs/backends/libvirt.md`
+    /// ("Host-side files").
+    pub async fn host_file_notes(&self) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
+        Ok(self
+            .machines()
+            .await?
+            .into_iter()
+            .filter(|m| !m.record.host_notes.is_empty())
+            .map(|m| (m.name().to_string(), m.record.host_notes))
+            .collect())
+    }
+
     /// Starts the named domains.
     async fn start_domains(&self, names: Vec<String>) -> Result<()> {
         self.shared
@@ -185,7 +199,40 @@ impl Environment for LibvirtEnvironment {
             let path = xml_dir.join(format!("{}.xml", m.name()));
             std::fs::write(&path, tree.render()).map_err(|e| crate::error::io(&path, e))?;
         }
-        let (frozen, consistency) = freeze(self, &ms, &id).await?;
+        // Host-side files kept with the baseline (production's NVRAM as of now).
+        let saved = {
+            let (work, dir): (Vec<(String, String, crate::xml::tree::Element)>, _) = (
+                ms.iter().map(|m| (m.instance.clone(), m.name().to_string(), m.tree.clone())).collect(),
+                xml_dir.clone(),
+            );
+            self.shared
+                .conn
+                .run(move |c, uri| {
+                    let mut notes = Vec::new();
+                    for (instance, machine, tree) in &work {
+                        notes.extend(crate::hostfiles::save_for_baseline(c, uri, instance, machine, tree, &dir)?);
+                    }
+                    Ok(notes)
+                })
+                .await
+        };
+        let frozen = match saved {
+            Ok(notes) => {
+                for note in notes {
+                    tracing::warn!(note = %note, "baseline host-side file");
+                }
+                freeze(self, &ms, &id).await
+            }
+            Err(e) => Err(e),
+        };
+        let (frozen, consistency) = match frozen {
+            Ok(f) => f,
+            Err(e) => {
+                // Nothing of a failed baseline stays: production was left as it was (see freeze).
+                let _ = std::fs::remove_dir_all(&xml_dir);
+                return Err(e);
+            }
+        };
         let layers = ms
             .iter()
             .zip(frozen)

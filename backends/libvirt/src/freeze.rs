@@ -80,7 +80,56 @@ pub(crate) async fn freeze(env: &LibvirtEnvironment, ms: &[Machine], tag: &str) 
         .map_err(|e| Error::backend_msg(NAME, format!("freeze worker failed: {e}")))?
 }
 
+/// Refuses, before anything is touched, a machine whose disks libvirt cannot put an external
+/// layer on: `<transient/>` and `<shareable/>` disks (block jobs and external snapshots are not
+/// supported on them), and a layer file that already exists.
+fn precheck(
+    c: &virt::connect::Connect,
+    storage: &crate::storage::Storage,
+    env: &str,
+    m: &Machine,
+    plans: &[Plan],
+) -> Result<()> {
+    let Some(devices) = m.tree.child("devices") else { return Ok(()) };
+    for d in devices.elements().filter(|e| e.name == "disk" && e.attr("device").unwrap_or("disk") == "disk") {
+        let dev = d.child("target").and_then(|t| t.attr("dev")).unwrap_or_default();
+        for (flag, what) in [("transient", "a <transient/> disk"), ("shareable", "a <shareable/> disk")] {
+            if d.child(flag).is_some() {
+                return Err(Error::invalid(
+                    format!("{env}/{}/{dev}", m.name()),
+                    format!(
+                        "{what} cannot be layered (libvirt supports no external snapshot or block job on it); \
+                         nothing was changed in {env}"
+                    ),
+                ));
+            }
+        }
+    }
+    for p in plans {
+        if storage.exists(c, &p.next) {
+            return Err(Error::already_exists("layer file", p.next.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// One machine moved onto new layers, as the rollback needs it.
+struct Done {
+    name: String,
+    active: bool,
+    /// The definition before (inactive XML, with our metadata).
+    tree: Element,
+    /// The disks moved so far (all of them for a running domain: its snapshot is atomic).
+    plans: Vec<Plan>,
+}
+
 /// Puts a new layer on every disk of `ms` at one instant (crash-consistent on its own).
+///
+/// All or nothing: every machine is checked first ([`precheck`]); when a later machine still
+/// fails, the machines already moved are put back (running ones: active block commit of the new
+/// layer and pivot back onto the old file; stopped ones: the old definition), the new layer files
+/// are removed and the original error is returned. Only if that rollback fails is the error a
+/// `Backend` one that says exactly what was left and how to undo it.
 async fn capture(shared: &Shared, env: &str, ms: &[Machine], tag: &str) -> Result<Frozen> {
     let all: Vec<Vec<Plan>> = ms.iter().map(|m| plans(shared, env, m, tag)).collect::<Result<_>>()?;
     let (storage, env_name) = (shared.storage.clone(), env.to_string());
@@ -89,13 +138,18 @@ async fn capture(shared: &Shared, env: &str, ms: &[Machine], tag: &str) -> Resul
     let running: Vec<String> =
         ms.iter().filter(|m| m.power == PowerState::Running).map(|m| m.instance.clone()).collect();
     let tag = tag.to_string();
+    let checked = (ms.to_vec(), all.clone());
     shared
         .conn
         .run(move |c, uri| {
+            for (m, p) in checked.0.iter().zip(&checked.1) {
+                precheck(c, &storage, &env_name, m, p)?;
+            }
             if let Some(p) = work.iter().flat_map(|w| w.3.first()).next() {
                 storage.ensure_dir(c, uri, &env_name, &p.next)?;
             }
             let mut suspended = Vec::new();
+            let mut done: Vec<Done> = Vec::new();
             let result = (|| {
                 for name in &running {
                     let dom = lv(uri, "domain", name, c.lookup_domain_by_name(name))?;
@@ -110,19 +164,26 @@ async fn capture(shared: &Shared, env: &str, ms: &[Machine], tag: &str) -> Resul
                             | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA;
                         lv(uri, "domain", name, dom.create_snapshot_xml(&snapshot_xml(&tag, plans, tree), flags))
                             .map(drop)?;
+                        done.push(Done { name: name.clone(), active: true, tree: tree.clone(), plans: plans.clone() });
                     } else {
-                        let mut tree = tree.clone();
+                        let mut new_tree = tree.clone();
                         let mut paths = BTreeMap::new();
+                        done.push(Done { name: name.clone(), active: false, tree: tree.clone(), plans: Vec::new() });
                         for p in plans {
                             storage.create_overlay(c, uri, &env_name, &p.next, &p.current)?;
+                            done.last_mut().expect("just pushed").plans.push(p.clone());
                             paths.insert(p.disk.clone(), p.next.clone());
                         }
-                        edit::set_disk_sources(&mut tree, &paths);
-                        lv(uri, "domain", name, c.define_domain_xml(&tree.render())).map(drop)?;
+                        edit::set_disk_sources(&mut new_tree, &paths);
+                        lv(uri, "domain", name, c.define_domain_xml(&new_tree.render())).map(drop)?;
                     }
                 }
                 Ok(())
             })();
+            let result = match result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(roll_back(c, uri, &storage, &env_name, done, e)),
+            };
             for dom in suspended {
                 if let Err(e) = dom.resume() {
                     tracing::error!(error = %e, "could not resume a domain after freezing");
@@ -134,4 +195,101 @@ async fn capture(shared: &Shared, env: &str, ms: &[Machine], tag: &str) -> Resul
         })
         .await?;
     Ok(all.iter().map(|ps| ps.iter().map(|p| (p.disk.clone(), p.current.clone())).collect()).collect())
+}
+
+/// Puts every machine of `done` back on its old files and removes the new layers; returns
+/// `error` when that worked, else a `Backend` error naming what was left.
+fn roll_back(
+    c: &virt::connect::Connect,
+    uri: &str,
+    storage: &crate::storage::Storage,
+    env: &str,
+    done: Vec<Done>,
+    error: Error,
+) -> Error {
+    let mut left = Vec::new();
+    for d in done.iter().rev() {
+        let dom = match lv(uri, "domain", &d.name, c.lookup_domain_by_name(&d.name)) {
+            Ok(dom) => dom,
+            Err(e) => {
+                left.push(format!("{}: {e}", d.name));
+                continue;
+            }
+        };
+        let mut on_old = true;
+        if d.active {
+            for p in &d.plans {
+                if let Err(e) = commit_back(&dom, &p.target) {
+                    on_old = false;
+                    left.push(format!(
+                        "{}/{} still runs on {} over {} ({e}; undo: virsh blockcommit {} {} --active --pivot)",
+                        d.name, p.target, p.next, p.current, d.name, p.target
+                    ));
+                }
+            }
+        }
+        if let Err(e) = lv(uri, "domain", &d.name, c.define_domain_xml(&d.tree.render())) {
+            on_old = false;
+            left.push(format!("{}: its old definition could not be restored ({e})", d.name));
+        }
+        if on_old {
+            for p in &d.plans {
+                if let Err(e) = storage.remove_image(c, uri, &p.next) {
+                    left.push(format!("{}: the unused layer {} could not be removed ({e})", d.name, p.next));
+                }
+            }
+        }
+    }
+    storage.refresh(c, env);
+    if left.is_empty() {
+        let names: Vec<&str> = done.iter().map(|d| d.name.as_str()).collect();
+        tracing::warn!(environment = env, rolled_back = ?names, error = %error, "baseline failed; production put back as it was");
+        error
+    } else {
+        Error::backend_msg(
+            NAME,
+            format!("baseline of {env} failed ({error}) and its rollback did not finish; left: {}", left.join("; ")),
+        )
+    }
+}
+
+/// Active block commit of the top layer of `disk` into its backing file, then pivot back onto it
+/// (the domain is paused: the layer holds nothing, the job is immediate).
+fn commit_back(dom: &virt::domain::Domain, disk: &str) -> std::result::Result<(), String> {
+    let target = std::ffi::CString::new(disk).map_err(|e| e.to_string())?;
+    let last = || virt::error::Error::last_error().message().to_string();
+    // SAFETY: `dom` is a live domain handle for the whole call; `target` outlives it; null base
+    // and top mean "the backing file" and "the active layer".
+    let r = unsafe {
+        sys::virDomainBlockCommit(
+            dom.as_ptr(),
+            target.as_ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+            0,
+            sys::VIR_DOMAIN_BLOCK_COMMIT_ACTIVE,
+        )
+    };
+    if r < 0 {
+        return Err(format!("block commit: {}", last()));
+    }
+    for _ in 0..600 {
+        let mut info = sys::virDomainBlockJobInfo { type_: 0, bandwidth: 0, cur: 0, end: 0 };
+        // SAFETY: as above; `info` is a valid out pointer.
+        let r = unsafe { sys::virDomainGetBlockJobInfo(dom.as_ptr(), target.as_ptr(), &mut info, 0) };
+        if r < 0 {
+            return Err(format!("block job info: {}", last()));
+        }
+        if r == 1 && info.cur == info.end {
+            // SAFETY: as above.
+            let r = unsafe {
+                sys::virDomainBlockJobAbort(dom.as_ptr(), target.as_ptr(), sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+            };
+            if r == 0 {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Err("the block commit did not become ready to pivot in 30 s".into())
 }

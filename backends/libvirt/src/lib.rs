@@ -37,6 +37,7 @@ mod create;
 mod env;
 mod error;
 mod freeze;
+mod hostfiles;
 mod layers;
 mod machines;
 mod quiesce;

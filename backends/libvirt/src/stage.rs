@@ -12,6 +12,7 @@ use stagecore::{Baseline, CloneKind, DiskFormat, Error, Progress, Result, Role, 
 
 use crate::create::{check_free_domains, create_isolated, define_all};
 use crate::env::LibvirtEnvironment;
+use crate::hostfiles;
 use crate::machines::Machine;
 use crate::shared::{Shared, make_dir};
 use crate::undo::Undo;
@@ -163,11 +164,21 @@ async fn build(
         edit::set_disk_sources(&mut tree, &paths);
         let macs = m.nics.iter().map(|n| (n.name.clone(), random_mac())).collect();
         edit::set_macs(&mut tree, &macs);
-        // Never keep production's sockets and log files: libvirt assigns new agent sockets, the
-        // rest moves into the stage's own directory (removed with the stage).
-        let host_paths = edit::own_host_paths(&mut tree, Path::new(&images), &m.name);
+        // Never keep production's host-side files (NVRAM, sockets, logs, TPM state, devices
+        // naming host paths): copies or new files in the stage's own directory (removed with
+        // the stage), or the device is dropped with a note.
+        let files = hostfiles::StageFiles {
+            machine: &m.name,
+            dir: Path::new(&images),
+            baseline_nvram: from.same_host(shared).then(|| {
+                let dir = from.shared.env_dir(&baseline.environment).join("baselines").join(&baseline.id);
+                hostfiles::baseline_nvram(&dir, &m.name)
+            }),
+            local: !storage.is_remote(),
+        };
+        let hostfiles::Owned { changed: host_paths, notes: host_notes } = hostfiles::own_for_stage(&mut tree, &files)?;
         if !host_paths.is_empty() {
-            tracing::info!(machine = %m.name, changed = ?host_paths, "stage got its own chardev paths");
+            tracing::info!(machine = %m.name, changed = ?host_paths, "stage got its own host-side files");
         }
         if options.fenced {
             let reverse: BTreeMap<String, String> = prod_nets.iter().map(|(l, n)| (n.clone(), l.clone())).collect();
@@ -186,6 +197,7 @@ async fn build(
             sources: paths,
             after: m.after.clone(),
             host_paths,
+            host_notes,
         };
         meta::set(&mut tree, &meta::labels(&p.tree), &record)?;
         xmls.push((instance, tree.render()));

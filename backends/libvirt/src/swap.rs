@@ -68,7 +68,7 @@ fn rebuild(content: &Element, from: &Machine, to: &Machine, record: &MachineReco
     edit::set_identity(&mut tree, &to.instance, &to.uuid);
     // Sockets and log files stay with the domain: a swap never points production at files in the
     // stage's directory (removed with the stage) or the stage at production's.
-    edit::keep_host_paths(&mut tree, &to.tree);
+    crate::hostfiles::keep_own(&mut tree, &to.tree);
     let macs: BTreeMap<String, String> = nics(to).into_iter().filter_map(|(nic, _, mac)| Some((nic, mac?))).collect();
     edit::set_macs(&mut tree, &macs);
     let reverse: BTreeMap<String, String> = from.record.networks.iter().map(|(l, n)| (n.clone(), l.clone())).collect();

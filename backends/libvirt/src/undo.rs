@@ -29,7 +29,10 @@ impl Undo {
                 for d in domains.iter().rev() {
                     if let Ok(dom) = c.lookup_domain_by_name(d) {
                         let _ = dom.destroy();
-                        if let Err(e) = dom.undefine() {
+                        // Keep any NVRAM: a domain this operation defined has its NVRAM in the
+                        // operation's directory (removed below), never someone else's.
+                        let flags = virt::sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM;
+                        if let Err(e) = dom.undefine_flags(flags).or_else(|_| dom.undefine()) {
                             tracing::warn!(domain = %d, error = %e, "rollback could not undefine");
                         }
                     }

@@ -134,6 +134,9 @@ pub(crate) struct Alias {
 /// `<interface>`.
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct Interface {
+    /// `type=` (`network`, `bridge`, `user`, `direct`, …).
+    #[serde(rename = "@type", default)]
+    pub(crate) kind: Option<String>,
     #[serde(default)]
     pub(crate) mac: Option<Mac>,
     #[serde(default)]
@@ -282,8 +285,13 @@ impl Disk {
 }
 
 impl Interface {
-    /// The libvirt network or bridge the interface joins.
+    /// The libvirt network or bridge the interface joins; for an interface with neither (a
+    /// user-mode NIC, `type='user'`, say) the host device it uses, else its type, so every NIC
+    /// names a network a spec can declare (`user`).
     pub(crate) fn network(&self) -> Option<String> {
-        self.source.as_ref().and_then(|s| s.network.clone().or_else(|| s.bridge.clone()))
+        let source = self.source.as_ref();
+        source
+            .and_then(|s| s.network.clone().or_else(|| s.bridge.clone()).or_else(|| s.dev.clone()))
+            .or_else(|| self.kind.clone())
     }
 }

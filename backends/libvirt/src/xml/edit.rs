@@ -101,8 +101,14 @@ pub(crate) fn set_networks(
     logical_of: impl Fn(&str) -> String,
 ) {
     for (_, nic) in nics_mut(domain) {
-        let current = nic.child("source").and_then(|s| s.attr("network").or(s.attr("bridge"))).unwrap_or_default();
-        let Some(target) = networks.get(&logical_of(current)) else { continue };
+        // The same key as `DomainXml::nics` gives (network, bridge, host device, else the type).
+        let source = nic.child("source");
+        let current = source
+            .and_then(|s| s.attr("network").or(s.attr("bridge")).or(s.attr("dev")))
+            .or(nic.attr("type"))
+            .unwrap_or_default()
+            .to_string();
+        let Some(target) = networks.get(&logical_of(&current)) else { continue };
         nic.set_attr("type", "network");
         nic.remove_children(|c| matches!(c.name.as_str(), "source" | "target" | "virtualport"));
         let source = el("source", &[("network", target)]);
@@ -463,6 +469,7 @@ mod tests {
             sources: map(&[("disk0", "/images/web.qcow2")]),
             after: vec!["db".into()],
             host_paths: map(&[("/var/log/a.log", "/stage/web.a.log")]),
+            host_notes: vec!["web: dropped <hostdev>".into()],
         };
         let labels = map(&[("tier", "web")]);
         crate::xml::meta::set(&mut tree, &labels, &record).unwrap();

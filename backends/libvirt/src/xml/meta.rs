@@ -65,6 +65,10 @@ pub(crate) struct MachineRecord {
     /// (old path → the stage's own path, or "" when libvirt assigns a new socket).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) host_paths: BTreeMap<String, String>,
+    /// For a stage: what of production's host-side files it could not own (devices dropped,
+    /// NVRAM not copied), one sentence each ([`crate::hostfiles`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) host_notes: Vec<String>,
 }
 
 /// One snapshot as seen from one domain.
