@@ -165,6 +165,12 @@ fn upgrade(fx: &GuestFixture) -> Change {
 /// A fresh clone's guest layer: NOT_CHECKED with a reason while the stage is stopped (never a
 /// clean result), IN_SYNC with no records once it runs — hostname, machine-id and SSH host keys
 /// normalised away. The baseline inventory is recorded on the stage. Linked and full clones.
+///
+/// With both sides running, the whole report is IN_SYNC, clean and 100 %: what the running guests
+/// write to their disks after the baseline (the thaw, journal commits) is reported as
+/// INFORMATIONAL disk records, judged by the guest layer ([`stagecore::drift::guest_judged`]),
+/// never as DRIFTED. While the stage is stopped its disks have no changes of their own; disk
+/// drift can only be production's (its running guests).
 pub async fn zero_guest_drift_after_clone(kit: &Kit, fx: &GuestFixture) {
     kit.require("guest_channel", kit.caps().guest_channel);
     let pname = unique("kit-prod");
@@ -189,7 +195,13 @@ pub async fn zero_guest_drift_after_clone(kit: &Kit, fx: &GuestFixture) {
             assert_eq!(r.guest.status, Status::NotChecked, "a stopped stage's guest layer:\n{r}");
             assert!(r.guest.reason.as_deref().is_some_and(|s| !s.is_empty()), "NOT_CHECKED needs a reason:\n{r}");
             assert!(r.machines.iter().all(|m| m.guest == Status::NotChecked && m.guest_reason.is_some()), "{r}");
-            assert!(r.guest.records.is_empty() && r.status != Status::Drifted, "{r}");
+            assert!(r.guest.records.is_empty() && r.config.records.is_empty(), "{r}");
+            // Nothing is judged by a guest layer that could not be checked.
+            assert!(r.disk.records.iter().all(|d| d.status != Status::Informational), "{r}");
+            assert!(r.disk.records.iter().all(|d| d.stage.bytes == 0), "a stopped fresh stage wrote:\n{r}");
+            if r.status == Status::Drifted {
+                assert!(r.disk.records.iter().all(|d| d.side.is_none_or(|s| s == Side::Production)), "{r}");
+            }
         }
         start_and_wait(&*stage, fx.ready).await;
         let r = kit.backend.drift(&*prod, &*stage).await.expect("drift");
@@ -197,8 +209,18 @@ pub async fn zero_guest_drift_after_clone(kit: &Kit, fx: &GuestFixture) {
         assert_eq!(r.guest.status, Status::InSync, "{r}");
         assert!(r.machines.iter().all(|m| m.guest == Status::InSync && m.guest_drift == 0), "{r}");
         assert!(r.config.records.is_empty(), "{r}");
-        if kit.caps().disk_drift && r.disk.records.iter().all(|d| d.drifted_bytes == 0) {
-            assert_eq!((r.status, r.score), (Status::InSync, 100.0), "{r}");
+        assert!(r.disk.records.iter().all(|d| d.status != Status::Drifted), "{r}");
+        assert_ne!(r.status, Status::Drifted, "{r}");
+        if kit.caps().disk_drift {
+            assert!(
+                r.disk.records.iter().all(|d| matches!(d.status, Status::InSync | Status::Informational)),
+                "running guests' disk bytes must be judged by their guest layer after a {:?} clone:\n{r}",
+                opts.clone
+            );
+            assert!(r.machines.iter().all(|m| m.status == Status::InSync && m.disk_drift_bytes == 0), "{r}");
+            assert_eq!(r.status, Status::InSync, "{r}");
+            assert!(r.is_clean(), "{r}");
+            assert_eq!(r.score, 100.0, "{r}");
         }
     }
     let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
