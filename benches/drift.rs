@@ -19,42 +19,16 @@ use std::sync::Arc;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use stagekit::stagecore::inventory::{self, InventoryConfig};
 use stagekit::stagecore::memory::{BLOCK, MemoryBackend};
-use stagekit::stagecore::{
-    Backend, BackendExt, DiskFormat, DiskSpec, DynEnvironment, EnvironmentSpec, GuestExec, MachineSpec, StageOptions,
-};
+use stagekit::stagecore::{Backend, BackendExt, DynEnvironment, EnvironmentSpec, GuestExec, StageOptions};
 use tokio::runtime::Runtime;
+
+mod support;
 
 const MACHINES: usize = 100;
 const DISKS: usize = 4;
 
 fn spec(disk_size: u64) -> EnvironmentSpec {
-    EnvironmentSpec {
-        name: "prod".into(),
-        machines: (0..MACHINES)
-            .map(|i| MachineSpec {
-                name: format!("m{i}"),
-                uuid: None,
-                vcpus: 1,
-                memory_mib: 128,
-                firmware: Default::default(),
-                disks: (0..DISKS)
-                    .map(|d| DiskSpec {
-                        name: format!("d{d}"),
-                        source: format!("m{i}/d{d}"),
-                        format: DiskFormat::Qcow2,
-                        size_bytes: Some(disk_size),
-                        read_only: false,
-                    })
-                    .collect(),
-                nics: vec![],
-                labels: Default::default(),
-                boot: None,
-                after: Vec::new(),
-            })
-            .collect(),
-        networks: vec![],
-        labels: Default::default(),
-    }
+    support::grid_spec("prod", MACHINES, DISKS, disk_size)
 }
 
 /// Production and a stage with `changed_blocks` blocks written on every stage disk.

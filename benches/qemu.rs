@@ -21,13 +21,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, SamplingMode, criterion_group, criterion_main};
 use stagekit::qemu::{Accel, QemuBackend, QemuConfig};
 use stagekit::stagecore::{
     Backend, BackendExt, Baseline, BootSpec, CloneKind, ConsistencyLevel, DiskFormat, DiskSpec, DynEnvironment,
     EnvironmentSpec, MachineSpec, StageOptions, memory::sample_spec,
 };
 use tokio::runtime::Runtime;
+
+mod support;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -46,7 +48,11 @@ fn backend(root: &Path) -> Arc<QemuBackend> {
 
 /// A stopped 3-machine production with `data_mib` MiB written on every disk, and its baseline.
 async fn production(b: &QemuBackend, name: &str, data_mib: u64) -> (DynEnvironment, Baseline) {
-    let prod = b.create(&sample_spec(name)).await.unwrap();
+    let mut spec = sample_spec(name);
+    for m in &mut spec.machines {
+        m.disks[0].size_bytes = Some((data_mib << 20).max(64 << 20));
+    }
+    let prod = b.create(&spec).await.unwrap();
     let io = prod.disk_io().unwrap();
     let chunk = vec![0x3c; 1 << 20];
     for m in ["web", "app", "db"] {
@@ -112,9 +118,12 @@ fn time_tool(
     total
 }
 
+/// Allocated MiB per disk of the full-stage group.
+const FULL_MIB: u64 = 512;
+
 fn stage_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
     let b = backend(root);
-    let (_prod, baseline) = rt.block_on(production(&b, "prod", 16));
+    let (_prod, baseline) = rt.block_on(production(&b, "prod", FULL_MIB));
     let scratch = root.join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
 
@@ -134,8 +143,8 @@ fn stage_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
     });
     group.finish();
 
-    let mut group = c.benchmark_group("qemu/stage_full_48MiB");
-    group.sample_size(10);
+    let mut group = c.benchmark_group(format!("qemu/stage_full_3x{FULL_MIB}MiB"));
+    group.sample_size(10).sampling_mode(SamplingMode::Flat);
     group.bench_function("stagecore", |bench| {
         bench.iter_custom(|iters| time_stages(rt, &b, &baseline, iters, StageOptions::full))
     });
@@ -188,7 +197,7 @@ fn drift_group(c: &mut Criterion, rt: &Runtime, root: &Path, kind: CloneKind) {
     let mut group = c.benchmark_group(format!("qemu/drift_1pct_{kind:?}_stage").to_lowercase());
     group.sample_size(20);
     for (label, size) in [("1GiB", 1u64 << 30), ("8GiB", 8 << 30)] {
-        let (prod, stage) = rt.block_on(async {
+        let (prod, stage, layer) = rt.block_on(async {
             let prod = b.create(&one_disk_spec(&format!("d{label}"), size)).await.unwrap();
             // Production holds data, as production does: 256 MiB allocated under the baseline.
             let pio = prod.disk_io().unwrap();
@@ -204,7 +213,7 @@ fn drift_group(c: &mut Criterion, rt: &Runtime, root: &Path, kind: CloneKind) {
             for i in 0..(size / 100 / (64 << 10)) {
                 io.write("web", "disk0", i * 100 * (64 << 10), &block).await.unwrap();
             }
-            (prod, stage)
+            (prod, stage, PathBuf::from(&baseline.layers[0].layer))
         });
         group.bench_function(BenchmarkId::new("stagecore", label), |bench| {
             bench.to_async(rt).iter(|| async { b.drift(&*prod, &*stage).await.unwrap() })
@@ -213,6 +222,24 @@ fn drift_group(c: &mut Criterion, rt: &Runtime, root: &Path, kind: CloneKind) {
             let p = b.open_qemu(prod.name()).await.unwrap().disk_top("web", "disk0").await.unwrap();
             let s = b.open_qemu(stage.name()).await.unwrap().disk_top("web", "disk0").await.unwrap();
             (p, s)
+        });
+        // The floor of a drift report: the allocation maps of both sides above the baseline layer
+        // (a full stage's chain does not contain that layer; its floor is its own copy).
+        if kind == CloneKind::Linked {
+            group.bench_function(BenchmarkId::new("allocation read x2", label), |bench| {
+                bench.iter(|| {
+                    let p = stagecore_qcow2::changed_since(&tops.0, &layer).unwrap();
+                    let s = stagecore_qcow2::changed_since(&tops.1, &layer).unwrap();
+                    (p, s)
+                })
+            });
+        }
+        group.bench_function(BenchmarkId::new("qemu-img map x2", label), |bench| {
+            bench.iter(|| {
+                for top in [&tops.0, &tops.1] {
+                    run(Command::new("qemu-img").args(["map", "--output=json"]).arg(top));
+                }
+            })
         });
         group.bench_function(BenchmarkId::new("qemu-img compare", label), |bench| {
             bench.iter(|| {
@@ -226,47 +253,141 @@ fn drift_group(c: &mut Criterion, rt: &Runtime, root: &Path, kind: CloneKind) {
 
 fn snapshot_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
     let b = backend(root);
-    let prod = rt.block_on(async {
-        let prod = b.create(&sample_spec("running")).await.unwrap();
-        prod.start().await.unwrap();
-        prod
-    });
-    let mut group = c.benchmark_group("qemu/snapshot_running_3_machines");
+    let mut group = c.benchmark_group("qemu/snapshot_running");
     group.sample_size(20);
-    // The freeze window: how long the machines stay paused, as the backend reports it (`freeze_ms`).
-    group.bench_function("freeze_window", |bench| {
-        bench.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let name = unique("snap");
-                    FREEZES.lock().unwrap().clear();
-                    prod.create_snapshot(&name).await.unwrap();
-                    let ms: f64 = FREEZES.lock().unwrap().iter().sum();
-                    total += Duration::from_secs_f64(ms / 1e3);
-                    prod.delete_snapshot(&name).await.unwrap();
-                }
-                total
+    for (n, spec) in [(3, sample_spec("running")), (20, support::grid_spec("running20", 20, 1, 64 << 20))] {
+        let prod = rt.block_on(async {
+            let prod = b.create(&spec).await.unwrap();
+            prod.start().await.unwrap();
+            prod
+        });
+        // The freeze window: how long the machines stay paused, as the backend reports it
+        // (`freeze_ms`).
+        group.bench_function(BenchmarkId::new("freeze_window", format!("{n}_machines")), |bench| {
+            bench.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let name = unique("snap");
+                        FREEZES.lock().unwrap().clear();
+                        prod.create_snapshot(&name).await.unwrap();
+                        let ms: f64 = FREEZES.lock().unwrap().iter().sum();
+                        total += Duration::from_secs_f64(ms / 1e3);
+                        prod.delete_snapshot(&name).await.unwrap();
+                    }
+                    total
+                })
             })
-        })
+        });
+        group.bench_function(BenchmarkId::new("create_snapshot", format!("{n}_machines")), |bench| {
+            bench.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let name = unique("snap");
+                        let t = Instant::now();
+                        prod.create_snapshot(&name).await.unwrap();
+                        total += t.elapsed();
+                        prod.delete_snapshot(&name).await.unwrap();
+                    }
+                    total
+                })
+            })
+        });
+        rt.block_on(prod.stop()).unwrap();
+    }
+    group.finish();
+}
+
+/// Machines and disks per machine of the scale groups (1 GiB disks).
+const GRID: (usize, usize) = (100, 4);
+
+/// The tops of every disk of `env`, in spec order.
+async fn all_tops(b: &QemuBackend, env: &DynEnvironment) -> Vec<PathBuf> {
+    let q = b.open_qemu(env.name()).await.unwrap();
+    let mut out = Vec::new();
+    for m in env.spec().await.unwrap().machines {
+        for d in &m.disks {
+            out.push(q.disk_top(&m.name, &d.name).await.unwrap());
+        }
+    }
+    out
+}
+
+/// 100 machines × 4 disks of 1 GiB, stopped: a linked stage against 400 `qemu-img create -b` +
+/// sync, and a drift report with 1 % of every stage disk changed against `qemu-img map` of both
+/// sides of every disk.
+fn scale_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
+    let b = backend(root);
+    let (machines, disks) = GRID;
+    let total = machines * disks;
+    let (prod, baseline) = rt.block_on(async {
+        let prod = b.create(&support::grid_spec("big", machines, disks, 1 << 30)).await.unwrap();
+        let baseline = prod.take_baseline().await.unwrap();
+        (prod, baseline)
     });
-    group.bench_function("create_snapshot", |bench| {
+    let scratch = root.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+
+    let mut group = c.benchmark_group(format!("qemu/stage_linked_{machines}x{disks}"));
+    group.sample_size(10).sampling_mode(SamplingMode::Flat);
+    group.bench_function("stagecore", |bench| {
+        bench.iter_custom(|iters| time_stages(rt, &b, &baseline, iters, StageOptions::linked))
+    });
+    group.bench_function(format!("qemu-img create -b (x{total}) + sync"), |bench| {
         bench.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let name = unique("snap");
-                    let t = Instant::now();
-                    prod.create_snapshot(&name).await.unwrap();
-                    total += t.elapsed();
-                    prod.delete_snapshot(&name).await.unwrap();
-                }
-                total
+            time_tool(iters, &baseline, &scratch, true, |layer, out| {
+                let mut cmd = Command::new("qemu-img");
+                cmd.args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(layer).arg(out);
+                cmd
             })
         })
     });
     group.finish();
-    rt.block_on(prod.stop()).unwrap();
+
+    // 1 % of each 1 GiB stage disk: 16 runs of 640 KiB spread over the disk.
+    let stage = rt.block_on(async {
+        let stage = b.stage(&baseline, &StageOptions::linked("bigstage")).await.unwrap();
+        let q = b.open_qemu(stage.name()).await.unwrap();
+        let chunk = vec![0x5a; 640 << 10];
+        let mut jobs = Vec::new();
+        for m in &baseline.spec.machines {
+            for d in &m.disks {
+                jobs.push(q.disk_top(&m.name, &d.name).await.unwrap());
+            }
+        }
+        tokio::task::spawn_blocking(move || {
+            for top in jobs {
+                for k in 0..16u64 {
+                    stagecore_qcow2::write_at(&top, k * (64 << 20), &chunk).unwrap();
+                }
+            }
+        })
+        .await
+        .unwrap();
+        stage
+    });
+    let report = rt.block_on(b.drift(&*prod, &*stage)).unwrap();
+    assert_eq!(report.disk.records.iter().filter(|r| r.drifted_bytes > 0).count(), total, "every disk drifted");
+    let tops: Vec<PathBuf> = rt.block_on(async {
+        let mut t = all_tops(&b, &prod).await;
+        t.extend(all_tops(&b, &stage).await);
+        t
+    });
+    let mut group = c.benchmark_group(format!("qemu/drift_{machines}x{disks}_1pct"));
+    group.sample_size(10).sampling_mode(SamplingMode::Flat);
+    group.bench_function("stagecore", |bench| {
+        bench.to_async(rt).iter(|| async { b.drift(&*prod, &*stage).await.unwrap() })
+    });
+    group.bench_function(format!("qemu-img map --output=json (x{})", tops.len()), |bench| {
+        bench.iter(|| {
+            for top in &tops {
+                run(Command::new("qemu-img").args(["map", "--output=json"]).arg(top));
+            }
+        })
+    });
+    group.finish();
+    rt.block_on(b.destroy(stage.name())).unwrap();
 }
 
 /// The test guest image directory; panics with instructions when it is missing.
@@ -385,14 +506,19 @@ fn benches(c: &mut Criterion) {
     // A filter on the command line (`cargo bench --bench qemu -- real_guests`) also skips the setup
     // of the groups it does not select.
     let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let wanted = |group: &str| filters.is_empty() || filters.iter().any(|f| group.contains(f.as_str()));
+    let wanted = |groups: &str| {
+        filters.is_empty() || groups.split(' ').any(|g| filters.iter().any(|f| g.contains(f.as_str()) || f.contains(g)))
+    };
     if wanted("qemu/stage_linked qemu/stage_full") {
         stage_benches(c, &rt, &dir.path().join("stage"));
     }
-    if wanted("qemu/drift") {
+    if wanted("qemu/drift_1pct") {
         drift_benches(c, &rt, &dir.path().join("drift"));
     }
-    if wanted("qemu/snapshot_running_3_machines") {
+    if wanted("qemu/stage_linked_100x4 qemu/drift_100x4_1pct") {
+        scale_benches(c, &rt, &dir.path().join("scale"));
+    }
+    if wanted("qemu/snapshot_running") {
         snapshot_benches(c, &rt, &dir.path().join("snap"));
     }
     if wanted("qemu/snapshot_3_real_guests") {

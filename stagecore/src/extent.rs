@@ -18,10 +18,21 @@ impl Extent {
     }
 }
 
-/// Sorts extents and merges those that touch or overlap.
+/// Whether `extents` is already normalized: non-empty ranges, sorted, none touching the next.
+pub fn is_normalized(extents: &[Extent]) -> bool {
+    extents.iter().all(|e| e.length > 0) && extents.windows(2).all(|w| w[0].end() < w[1].offset)
+}
+
+/// Sorts extents and merges those that touch or overlap. Linear (no sort, no copy) when the list
+/// is already normalized, as backends' reports are.
 pub fn normalize(mut extents: Vec<Extent>) -> Vec<Extent> {
+    if is_normalized(&extents) {
+        return extents;
+    }
     extents.retain(|e| e.length > 0);
-    extents.sort();
+    if !extents.is_sorted() {
+        extents.sort_unstable();
+    }
     let mut out: Vec<Extent> = Vec::with_capacity(extents.len());
     for e in extents {
         match out.last_mut() {
@@ -52,9 +63,24 @@ pub fn total(extents: &[Extent]) -> u64 {
     extents.iter().map(|e| e.length).sum()
 }
 
-/// The union of two normalized extent lists.
+/// The union of two normalized extent lists (one linear merge).
 pub fn union(a: &[Extent], b: &[Extent]) -> Vec<Extent> {
-    normalize(a.iter().chain(b).copied().collect())
+    let (mut i, mut j) = (0, 0);
+    let mut out: Vec<Extent> = Vec::with_capacity(a.len() + b.len());
+    while i < a.len() || j < b.len() {
+        let e = if j >= b.len() || (i < a.len() && a[i].offset <= b[j].offset) {
+            i += 1;
+            a[i - 1]
+        } else {
+            j += 1;
+            b[j - 1]
+        };
+        match out.last_mut() {
+            Some(last) if e.offset <= last.end() => last.length = last.end().max(e.end()) - last.offset,
+            _ => out.push(e),
+        }
+    }
+    out
 }
 
 /// The intersection of two normalized extent lists.
@@ -71,16 +97,23 @@ pub fn intersect(a: &[Extent], b: &[Extent]) -> Vec<Extent> {
     out
 }
 
-/// The parts of normalized `a` not covered by normalized `b`.
+/// The parts of normalized `a` not covered by normalized `b` (one linear pass over both).
 pub fn subtract(a: &[Extent], b: &[Extent]) -> Vec<Extent> {
     let mut out = Vec::new();
+    let mut j = 0;
     for e in a {
+        // `b` is sorted and disjoint: pieces ending at or before `e` cannot cover later extents.
+        while j < b.len() && b[j].end() <= e.offset {
+            j += 1;
+        }
         let mut start = e.offset;
-        for c in b.iter().filter(|c| c.end() > e.offset && c.offset < e.end()) {
-            if c.offset > start {
-                out.push(Extent { offset: start, length: c.offset - start });
+        let mut k = j;
+        while k < b.len() && b[k].offset < e.end() {
+            if b[k].offset > start {
+                out.push(Extent { offset: start, length: b[k].offset - start });
             }
-            start = start.max(c.end());
+            start = start.max(b[k].end());
+            k += 1;
         }
         if start < e.end() {
             out.push(Extent { offset: start, length: e.end() - start });
@@ -149,5 +182,39 @@ mod tests {
         assert_eq!(subtract(&a, &b), vec![e(0, 15), e(45, 5)]);
         assert_eq!(union(&a, &b), vec![e(0, 50)]);
         assert_eq!(total(&a), 30);
+    }
+
+    /// The linear set operations agree with a per-byte model on random lists.
+    #[test]
+    fn linear_operations_match_a_byte_model() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let bits = |v: &[Extent]| {
+            let mut m = [false; 256];
+            v.iter().for_each(|e| (e.offset..e.end()).for_each(|x| m[x as usize] = true));
+            m
+        };
+        for _ in 0..500 {
+            let mut list = || normalize((0..next(6)).map(|_| e(next(200), next(40))).collect());
+            let (a, b) = (list(), list());
+            assert!(is_normalized(&a) && is_normalized(&b), "{a:?} {b:?}");
+            let (ma, mb) = (bits(&a), bits(&b));
+            let model = |f: fn(bool, bool) -> bool| -> [bool; 256] { std::array::from_fn(|i| f(ma[i], mb[i])) };
+            for (got, want) in [
+                (union(&a, &b), model(|x, y| x || y)),
+                (intersect(&a, &b), model(|x, y| x && y)),
+                (subtract(&a, &b), model(|x, y| x && !y)),
+            ] {
+                assert!(is_normalized(&got) || got.windows(2).all(|w| w[0].end() <= w[1].offset), "{got:?}");
+                assert_eq!(bits(&got), want, "a={a:?} b={b:?} got={got:?}");
+            }
+        }
+        assert_eq!(normalize(vec![e(5, 0), e(3, 2), e(0, 3)]), vec![e(0, 5)]);
+        assert!(!is_normalized(&[e(0, 3), e(3, 2)]));
     }
 }

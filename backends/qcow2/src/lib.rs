@@ -49,6 +49,7 @@
 //! `InvalidSpec { path: <argument> }`, `Precondition` for `LayerChanged`,
 //! `Backend { backend: "qcow2" }` for `Io`.
 
+mod alloc;
 mod chain;
 mod copy;
 mod create;
@@ -66,6 +67,7 @@ pub mod typed;
 
 use std::path::Path;
 
+pub use alloc::CacheStats;
 pub use error::{Error, Feature, Result};
 pub use seal::LayerSeal;
 pub use source::{ReadAt, Resolver};

@@ -9,7 +9,6 @@ use sha2::{Digest as _, Sha256};
 use crate::chain::Chain;
 use crate::error::Result;
 use crate::source::Resolver;
-use crate::types::merge_extents;
 use crate::{
     CopyStats, Extent, ImageFormat, ImageInfo, LayerSeal, chain as chain_mod, copy, create, layer, seal as seal_mod,
     write,
@@ -63,15 +62,14 @@ pub fn allocated_extents(path: &Path) -> Result<Vec<Extent>> {
 /// excluding, `base`. `base` must be a file of `top`'s chain (compared by identity, so any path
 /// to it works), else [`Error::BaseNotInChain`](crate::Error::BaseNotInChain).
 /// `changed_since(x, x)` is empty.
+///
+/// Only the layers from `top` down to `base` are opened. The maps of backing layers (read-only
+/// by the qcow2 contract) are cached process-wide, keyed by device, inode, size, mtime, ctime and
+/// a hash of the first 4 KiB, so a report over a deep chain reads each unchanged backing layer
+/// once ([`allocation_cache_stats`]); the top is always read afresh.
 #[tracing::instrument(level = "debug", skip_all, fields(top = %top.display(), base = %base.display()))]
 pub fn changed_since(top: &Path, base: &Path) -> Result<Vec<Extent>> {
-    let mut chain = Chain::open(top, false)?;
-    let floor = chain.index_of(base)?;
-    let mut all = Vec::new();
-    for l in &mut chain.layers[..floor] {
-        all.extend(l.allocated()?);
-    }
-    Ok(merge_extents(all))
+    crate::alloc::changed_since(None, top, base)
 }
 
 /// Full clone: writes a new qcow2 image at `dest` that reads exactly like `src_top`, copying
@@ -177,13 +175,7 @@ pub fn allocated_extents_in(resolver: &dyn Resolver, path: &Path) -> Result<Vec<
 /// the backing names of the chain (as resolved). Reads metadata only: O(changed).
 #[tracing::instrument(level = "debug", skip_all, fields(top = %top.display(), base = %base.display()))]
 pub fn changed_since_in(resolver: &dyn Resolver, top: &Path, base: &Path) -> Result<Vec<Extent>> {
-    let mut chain = Chain::open_in(Some(resolver), top, false)?;
-    let floor = chain.index_of(base)?;
-    let mut all = Vec::new();
-    for l in &mut chain.layers[..floor] {
-        all.extend(l.allocated()?);
-    }
-    Ok(merge_extents(all))
+    crate::alloc::changed_since(Some(resolver), top, base)
 }
 
 /// [`read_at`] through `resolver`.
@@ -205,4 +197,16 @@ pub fn write_at_in(resolver: &dyn Resolver, top: &Path, offset: u64, data: &[u8]
 pub fn digest_in(resolver: &dyn Resolver, top: &Path) -> Result<[u8; 32]> {
     let mut chain = Chain::open_in(Some(resolver), top, false)?;
     digest_chain(&mut chain)
+}
+
+/// Counters of the process-wide allocation-map cache that [`changed_since`] keeps for backing
+/// (read-only) layers of local files.
+pub fn allocation_cache_stats() -> crate::CacheStats {
+    crate::alloc::stats()
+}
+
+/// Empties the allocation-map cache (for callers that rewrite backing layers in place, which the
+/// cache would otherwise notice only by size, timestamps or header).
+pub fn clear_allocation_cache() {
+    crate::alloc::clear()
 }

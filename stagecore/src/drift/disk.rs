@@ -1,6 +1,6 @@
 //! The disk layer: compare each disk's changed extents since the baseline on both sides.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::drift::report::{DiskRecord, DiskSide, Side, Status};
 use crate::extent::{self, ChangeMap, DiskChanges, Extent};
@@ -38,18 +38,23 @@ pub(crate) fn records(
     change_sets: &[ChangeSet],
 ) -> Vec<DiskRecord> {
     let (allow, guest_machines) = allowances(change_sets);
-    let find = |side: &Result<Vec<DiskChanges>, String>, m: &str, d: &str| -> Result<(u64, u64, ChangeMap), String> {
-        let list = side.as_ref().map_err(Clone::clone)?;
-        list.iter()
-            .find(|c| c.machine == m && c.disk == d)
-            .map(|c| (c.virtual_size, c.granularity, c.changes.clone()))
+    // Index each side's reports once (a report is consumed: its extents move into the record).
+    type Reports = Result<HashMap<(String, String), DiskChanges>, String>;
+    let index = |side: Result<Vec<DiskChanges>, String>| -> Reports {
+        side.map(|list| list.into_iter().map(|c| ((c.machine.clone(), c.disk.clone()), c)).collect())
+    };
+    let (mut production, mut stage) = (index(production), index(stage));
+    let take = |side: &mut Reports, m: &str, d: &str| -> Result<(u64, u64, ChangeMap), String> {
+        let map = side.as_mut().map_err(|e| e.clone())?;
+        map.remove(&(m.to_string(), d.to_string()))
+            .map(|c| (c.virtual_size, c.granularity, c.changes))
             .ok_or_else(|| format!("no change report for {m}/{d}"))
     };
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(baseline.spec.machines.iter().map(|m| m.disks.len()).sum());
     for m in &baseline.spec.machines {
         for d in &m.disks {
-            let p = find(&production, &m.name, &d.name);
-            let s = find(&stage, &m.name, &d.name);
+            let p = take(&mut production, &m.name, &d.name);
+            let s = take(&mut stage, &m.name, &d.name);
             out.push(record(&m.name, &d.name, d.size_bytes, p, s, &allow, &guest_machines));
         }
     }
@@ -96,16 +101,26 @@ fn record(
             return rec;
         }
     };
-    let key = (machine.to_string(), disk.to_string());
-    let allowed_all = guest_machines.iter().any(|g| g == machine) || allow.get(&key).is_some_and(|a| a.whole);
-    let allowed = allow
-        .get(&key)
+    let allowance = if allow.is_empty() { None } else { allow.get(&(machine.to_string(), disk.to_string())) };
+    let allowed_all = guest_machines.iter().any(|g| g == machine) || allowance.is_some_and(|a| a.whole);
+    let allowed = allowance
         .map(|a| extent::align(&extent::normalize(a.extents.clone()), granularity, rec.virtual_size))
         .unwrap_or_default();
-    let stage_unintended = if allowed_all { Vec::new() } else { extent::subtract(&se, &allowed) };
-    rec.intended_bytes = extent::total(&se) - extent::total(&stage_unintended);
-    rec.overlap_bytes = extent::total(&extent::intersect(&pe, &se));
-    rec.drifted_bytes = extent::total(&extent::union(&pe, &stage_unintended));
+    let stage_unintended = if allowed_all {
+        Vec::new()
+    } else if allowed.is_empty() {
+        se.clone()
+    } else {
+        extent::subtract(&se, &allowed)
+    };
+    let (p_bytes, s_bytes) = (extent::total(&pe), extent::total(&se));
+    rec.intended_bytes = s_bytes - extent::total(&stage_unintended);
+    rec.overlap_bytes = if pe.is_empty() || se.is_empty() { 0 } else { extent::total(&extent::intersect(&pe, &se)) };
+    rec.drifted_bytes = if pe.is_empty() {
+        extent::total(&stage_unintended)
+    } else {
+        extent::total(&extent::union(&pe, &stage_unintended))
+    };
     rec.side = match (pe.is_empty(), se.is_empty()) {
         (false, false) => Some(Side::Both),
         (false, true) => Some(Side::Production),
@@ -114,7 +129,7 @@ fn record(
     };
     rec.intended = pe.is_empty() && !se.is_empty() && stage_unintended.is_empty();
     rec.status = if rec.drifted_bytes == 0 { Status::InSync } else { Status::Drifted };
-    rec.production = DiskSide { bytes: extent::total(&pe), extents: pe };
-    rec.stage = DiskSide { bytes: extent::total(&se), extents: se };
+    rec.production = DiskSide { bytes: p_bytes, extents: pe };
+    rec.stage = DiskSide { bytes: s_bytes, extents: se };
     rec
 }
