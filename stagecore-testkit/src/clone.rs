@@ -112,3 +112,29 @@ pub async fn fencing_flag(kit: &Kit) {
     assert!(!b.info().await.unwrap().stage().unwrap().fenced, "fenced: false was not honoured");
     cleanup(&*kit.backend, &[&fenced, &open, &pname]).await;
 }
+
+/// `AddNic` on a stage gets a new MAC, never the one it was given (which could be production's):
+/// the stage's new NIC's MAC differs from every MAC of production, and production is unchanged.
+pub async fn add_nic_gets_new_mac(kit: &Kit) {
+    kit.require_change("add_nic");
+    let (pname, sname) = (unique("kit-prod"), unique("kit-stage"));
+    let prod = kit.production(&pname).await.expect("production");
+    let prod_spec = prod.spec().await.expect("spec");
+    let baseline = prod.take_baseline().await.expect("baseline");
+    let stage = kit.backend.stage(&baseline, &StageOptions::linked(&sname)).await.expect("stage");
+    let m = &prod_spec.machines[0];
+    let given = m.nics.first().and_then(|n| n.mac.clone()).expect("production's NIC has a MAC");
+    let network = m.nics[0].network.clone();
+    let nic = stagecore::NicSpec { name: "kitextra".into(), network, mac: Some(given.clone()), model: "virtio".into() };
+    stage.apply(&stagecore::Change::AddNic { machine: m.name.clone(), nic }).await.expect("add nic");
+    let staged = stage.spec().await.expect("stage spec");
+    let added = staged.machine(&m.name).and_then(|x| x.nic("kitextra")).expect("the NIC was added");
+    let mac = added.mac.clone().expect("the added NIC has a MAC");
+    let prod_macs: BTreeSet<String> =
+        prod_spec.machines.iter().flat_map(|x| x.nics.iter().filter_map(|n| n.mac.clone())).collect();
+    assert!(!prod_macs.contains(&mac), "the stage's new NIC got production's MAC {mac}");
+    assert_ne!(mac, given);
+    assert_eq!(prod.spec().await.expect("spec"), prod_spec, "adding a NIC to the stage changed production");
+    drop((stage, prod));
+    cleanup(&*kit.backend, &[&sname, &pname]).await;
+}

@@ -14,9 +14,9 @@ async fn pair(kit: &Kit, tag: &str) -> (String, String, DynEnvironment, DynEnvir
 }
 
 /// An unrecorded config edit on the stage shows one NOT_EQUAL record on the stage side. Requires
-/// `config_changes`.
+/// `changes.set_memory` (or `set_vcpus`).
 pub async fn stage_config_edit_is_drift(kit: &Kit) {
-    kit.require("config_changes", kit.caps().config_changes);
+    kit.require_change("set_memory");
     let (pname, sname, prod, stage) = pair(kit, "kit-cfg").await;
     let app = prod.spec().await.unwrap().machines[1].clone();
     stage.apply(&Change::SetMemory { machine: app.name.clone(), memory_mib: app.memory_mib + 128 }).await.unwrap();
@@ -54,7 +54,7 @@ pub async fn production_disk_write_is_drift(kit: &Kit) {
 
 /// The same field changed differently on both sides is a conflict (side Both).
 pub async fn both_sides_is_conflict(kit: &Kit) {
-    kit.require("config_changes", kit.caps().config_changes);
+    kit.require_change("set_vcpus");
     let (pname, sname, prod, stage) = pair(kit, "kit-both").await;
     let web = prod.spec().await.unwrap().machines[0].clone();
     prod.apply(&Change::SetVcpus { machine: web.name.clone(), vcpus: web.vcpus + 1 }).await.unwrap();
@@ -68,9 +68,9 @@ pub async fn both_sides_is_conflict(kit: &Kit) {
 }
 
 /// Changes recorded in a ChangeSet are intended: the stage stays IN_SYNC at 100 %; an extra
-/// unrecorded change is drift. Requires `config_changes` and `disk_io`.
+/// unrecorded change is drift. Requires `changes.set_memory` (or `set_vcpus`) and `disk_io`.
 pub async fn change_set_is_intended(kit: &Kit) {
-    kit.require("config_changes", kit.caps().config_changes);
+    kit.require_change("set_memory");
     kit.require("disk_io", kit.caps().disk_io);
     let (pname, sname, prod, stage) = pair(kit, "kit-intent").await;
     let spec = prod.spec().await.unwrap();

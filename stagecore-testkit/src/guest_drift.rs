@@ -388,7 +388,7 @@ fn kit_change_set(fx: &GuestFixture, memory_mib: u64) -> ChangeSet {
 /// machine): a new stage on a new baseline carries the ChangeSet again, its drift all intended;
 /// the old stage is still there, unchanged. Requires `config_changes`.
 pub async fn rebase_without_conflict(kit: &Kit, fx: &GuestFixture) {
-    kit.require("config_changes", kit.caps().config_changes);
+    kit.require_change("set_vcpus");
     let (pname, sname, prod, stage) = pair(kit, fx, "kit-grebase").await;
     let spec = prod.spec().await.unwrap();
     let app = spec.machine(&fx.machine).expect("fixture machine").clone();
@@ -424,7 +424,7 @@ pub async fn rebase_without_conflict(kit: &Kit, fx: &GuestFixture) {
 /// file): a conflict report naming both, no new stage, the old stage untouched. Requires
 /// `config_changes`.
 pub async fn rebase_with_conflict(kit: &Kit, fx: &GuestFixture) {
-    kit.require("config_changes", kit.caps().config_changes);
+    kit.require_change("set_memory");
     let (pname, sname, prod, stage) = pair(kit, fx, "kit-gconflict").await;
     let app = prod.spec().await.unwrap().machine(&fx.machine).expect("fixture machine").clone();
     let cs = kit_change_set(fx, app.memory_mib + 64);
@@ -470,7 +470,7 @@ pub async fn run_all(kit: &Kit, fixture: &GuestFixture) {
     guest_change_is_intended(kit, fixture).await;
     footprint_verify(kit, fixture).await;
     gates_on_stage(kit, fixture).await;
-    if kit.caps().config_changes {
+    if kit.caps().changes.set_vcpus && kit.caps().changes.set_memory {
         rebase_without_conflict(kit, fixture).await;
         rebase_with_conflict(kit, fixture).await;
     }

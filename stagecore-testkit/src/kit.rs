@@ -3,9 +3,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use stagecore::{Backend, Capabilities, DynEnvironment, Error, Result, memory::sample_spec};
+use async_trait::async_trait;
+use stagecore::{
+    Backend, Baseline, Capabilities, DynEnvironment, EnvironmentInfo, EnvironmentSpec, Error, Result, Selector,
+    StageOptions, memory::sample_spec,
+};
 
 /// A boxed future returning a fresh production.
 pub type ProductionFuture = Pin<Box<dyn Future<Output = Result<DynEnvironment>> + Send>>;
@@ -17,11 +21,67 @@ pub type ProductionFactory = Arc<dyn Fn(String) -> ProductionFuture + Send + Syn
 pub const SEED: &[u8] = b"stagecore production data";
 
 /// A backend under test plus a production factory.
+///
+/// The kit's [`Kit::backend`] goes through stagecore's capability check layer
+/// ([`stagecore::checked`]) and remembers every environment made through it or through
+/// [`Kit::production`], so [`crate::suite::run_case`] can destroy them after a failed case.
 #[derive(Clone)]
 pub struct Kit {
-    /// The backend under test.
+    /// The backend under test (checked and tracked).
     pub backend: Arc<dyn Backend>,
     factory: ProductionFactory,
+    made: Arc<Mutex<Vec<String>>>,
+}
+
+/// Remembers the names of the environments made through it.
+#[derive(Debug)]
+struct Tracking {
+    inner: Arc<dyn Backend>,
+    made: Arc<Mutex<Vec<String>>>,
+}
+
+impl Tracking {
+    fn note(&self, name: &str) {
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        if !made.iter().any(|n| n == name) {
+            made.push(name.to_string());
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for Tracking {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn create(&self, spec: &EnvironmentSpec) -> Result<DynEnvironment> {
+        let env = self.inner.create(spec).await?;
+        self.note(&spec.name);
+        Ok(env)
+    }
+    async fn attach(&self, selector: &Selector) -> Result<DynEnvironment> {
+        self.inner.attach(selector).await
+    }
+    async fn stage(&self, baseline: &Baseline, options: &StageOptions) -> Result<DynEnvironment> {
+        let env = self.inner.stage(baseline, options).await?;
+        self.note(&options.name);
+        Ok(env)
+    }
+    async fn open(&self, name: &str) -> Result<DynEnvironment> {
+        self.inner.open(name).await
+    }
+    async fn list(&self) -> Result<Vec<EnvironmentInfo>> {
+        self.inner.list().await
+    }
+    async fn destroy(&self, name: &str) -> Result<()> {
+        self.inner.destroy(name).await
+    }
+    async fn swap(&self, production: &str, stage: &str) -> Result<()> {
+        self.inner.swap(production, stage).await
+    }
 }
 
 impl std::fmt::Debug for Kit {
@@ -51,13 +111,16 @@ impl Kit {
                 Ok(env)
             })
         });
-        Kit { backend, factory }
+        Self::with_factory(backend, factory)
     }
 
     /// A kit with a custom production factory (for backends that cannot create environments,
     /// such as vSphere against a simulator holding pre-made VMs).
     pub fn with_factory(backend: Arc<dyn Backend>, factory: ProductionFactory) -> Self {
-        Kit { backend, factory }
+        let made = Arc::new(Mutex::new(Vec::new()));
+        let backend: Arc<dyn Backend> =
+            Arc::new(Tracking { inner: stagecore::checked::checked(backend), made: made.clone() });
+        Kit { backend, factory, made }
     }
 
     /// The backend's capabilities.
@@ -67,7 +130,26 @@ impl Kit {
 
     /// A fresh production called `name`.
     pub async fn production(&self, name: &str) -> Result<DynEnvironment> {
-        (self.factory)(name.to_string()).await
+        let env = (self.factory)(name.to_string()).await?;
+        self.made.lock().unwrap_or_else(|p| p.into_inner()).push(name.to_string());
+        stagecore::checked::hand_out(env, self.caps(), self.backend.name())
+    }
+
+    /// Destroys every environment made through this kit that still exists, newest first (stages
+    /// before the productions they were cloned from); failures are logged, not raised.
+    pub async fn cleanup_tracked(&self) {
+        let names: Vec<String> = std::mem::take(&mut *self.made.lock().unwrap_or_else(|p| p.into_inner()));
+        for name in names.iter().rev() {
+            match self.backend.destroy(name).await {
+                Ok(()) | Err(Error::NotFound { .. }) => {}
+                Err(e) => tracing::warn!(environment = %name, error = %e, "kit cleanup could not destroy"),
+            }
+        }
+    }
+
+    /// Panics unless the backend applies changes of `kind` ([`stagecore::Change::kind`]'s names).
+    pub fn require_change(&self, kind: &str) {
+        self.require(kind, self.caps().changes.get(kind));
     }
 
     /// Panics unless the backend declares the capability: a conformance function never skips silently.

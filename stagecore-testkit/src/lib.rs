@@ -20,6 +20,7 @@
 mod kit;
 
 pub mod bad_input;
+pub mod capability;
 pub mod clone;
 pub mod drift;
 pub mod guest;
@@ -28,42 +29,13 @@ pub mod guest_image;
 pub mod invariants;
 pub mod promotion;
 pub mod snapshot;
+pub mod suite;
 
 pub use kit::{Kit, ProductionFactory, ProductionFuture, SEED, cleanup, unique};
 
-/// Runs every function that applies to the backend's declared capabilities, one after another.
-/// Backends whose capabilities are all declared can call this from one test; others call the
-/// functions one by one.
+/// Runs every kit case that applies to the backend's declared capabilities (and the
+/// "declared false gives NotSupported" check for the others), one after another, cleaning up
+/// after each ([`suite::run_all`]). Backends get one test per case with [`conformance_tests!`].
 pub async fn run_all(kit: &Kit) {
-    let caps = kit.caps();
-    clone::spec_round_trip(kit).await;
-    clone::identity_safety(kit).await;
-    invariants::zero_drift_after_clone(kit).await;
-    bad_input::bad_input_is_typed(kit).await;
-    if caps.linked_clone {
-        clone::linked_clone(kit).await;
-    }
-    if caps.full_clone {
-        clone::full_clone(kit).await;
-    }
-    if caps.fencing {
-        clone::fencing_flag(kit).await;
-    }
-    if caps.disk_io {
-        invariants::production_untouched(kit).await;
-    }
-    if caps.disk_io && caps.config_changes {
-        snapshot::snapshot_revert_restores(kit).await;
-        drift::change_set_is_intended(kit).await;
-    }
-    if caps.config_changes {
-        drift::stage_config_edit_is_drift(kit).await;
-        drift::both_sides_is_conflict(kit).await;
-    }
-    if caps.disk_io && caps.disk_drift {
-        drift::production_disk_write_is_drift(kit).await;
-    }
-    if caps.disk_io && caps.config_changes {
-        promotion::run_all(kit).await;
-    }
+    suite::run_all(kit).await;
 }

@@ -97,7 +97,7 @@ struct Setup {
 
 impl Setup {
     async fn new(kit: &Kit) -> Setup {
-        kit.require("config_changes", kit.caps().config_changes);
+        kit.require_change("set_memory");
         kit.require("disk_io", kit.caps().disk_io);
         let (pname, sname) = (unique("kit-prod"), unique("kit-promo"));
         let prod = kit.production(&pname).await.expect("production");
@@ -434,7 +434,7 @@ pub async fn apply_failure_rolls_back(kit: &Kit, fail_nth_apply: impl Fn(u64)) {
 /// fault-injection one, which needs a hook).
 pub async fn run_all(kit: &Kit) {
     let caps = kit.caps();
-    kit.require("config_changes", caps.config_changes);
+    kit.require_change("set_memory");
     kit.require("disk_io", caps.disk_io);
     replay_commits(kit).await;
     gate_failure_rolls_back(kit).await;

@@ -5,10 +5,10 @@ use stagecore::{Change, EnvironmentExt, Error, StageOptions};
 use crate::{Kit, cleanup, unique};
 
 /// Snapshot a stage, change its disks and config, revert: disks and spec are back. Later snapshots
-/// can be listed and deleted. Requires `disk_io` and `config_changes`.
+/// can be listed and deleted. Requires `disk_io` and `changes.set_memory`.
 pub async fn snapshot_revert_restores(kit: &Kit) {
     kit.require("disk_io", kit.caps().disk_io);
-    kit.require("config_changes", kit.caps().config_changes);
+    kit.require_change("set_memory");
     let (pname, sname) = (unique("kit-prod"), unique("kit-snap"));
     let prod = kit.production(&pname).await.expect("production");
     let baseline = prod.take_baseline().await.expect("baseline");

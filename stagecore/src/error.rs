@@ -25,6 +25,9 @@ pub enum Error {
         kind: &'static str,
         /// The name (or path) that was looked up.
         name: String,
+        /// What the lookup failed on (the hypervisor's answer, the I/O error), when there is one.
+        #[source]
+        source: Option<BoxError>,
     },
     /// An object with this name already exists.
     #[error("{kind} already exists: {name}")]
@@ -33,6 +36,9 @@ pub enum Error {
         kind: &'static str,
         /// The clashing name.
         name: String,
+        /// What reported the clash (the hypervisor's answer, the I/O error), when there is one.
+        #[source]
+        source: Option<BoxError>,
     },
     /// A spec or argument is malformed; `path` names the field, e.g. `machines[1].disks[0].source`.
     #[error("invalid spec at `{path}`: {reason}")]
@@ -100,23 +106,78 @@ pub enum Error {
     /// A backend-specific failure, with its source.
     #[error("{backend} backend: {source}")]
     Backend {
-        /// The backend's name.
+        /// The backend's name (`memory`, `qemu`, `libvirt`, `vsphere`, or a third-party backend's).
         backend: &'static str,
         /// The underlying error (already free of secrets).
         #[source]
         source: BoxError,
+        /// Whether the same call may succeed later, decided where the error was raised.
+        temporary: bool,
+    },
+    /// A file of stagecore's own (a record, the promotion journal, a receipt) could not be
+    /// read or written.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done (`reading`, `writing`, `locking`, ...).
+        action: &'static str,
+        /// The file or directory.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A failure inside stagecore's own engines (drift, promotion, the toolbox), not a backend's:
+    /// a corrupt journal, a record that cannot be serialised.
+    #[error("stagecore {component}: {source}")]
+    Core {
+        /// The part of stagecore (`promotion`, `drift`, `toolbox`, ...).
+        component: &'static str,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
+    /// An operation failed and its rollback could not undo everything: `left` says exactly
+    /// what is still there (invariant 4), `source` why the operation failed.
+    #[error("{operation} failed ({source}); rollback left behind: {}", left.join("; "))]
+    LeftBehind {
+        /// The operation that failed, e.g. `stage try-1`.
+        operation: String,
+        /// What could not be undone, one entry per step, each with the reason.
+        left: Vec<String>,
+        /// Why the operation failed.
+        source: Box<Error>,
     },
 }
 
 impl Error {
     /// Builds [`Error::NotFound`].
     pub fn not_found(kind: &'static str, name: impl Into<String>) -> Self {
-        Error::NotFound { kind, name: name.into() }
+        Error::NotFound { kind, name: name.into(), source: None }
+    }
+
+    /// Builds [`Error::NotFound`] with what the lookup failed on.
+    pub fn not_found_because(kind: &'static str, name: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::NotFound { kind, name: name.into(), source: Some(source.into()) }
     }
 
     /// Builds [`Error::AlreadyExists`].
     pub fn already_exists(kind: &'static str, name: impl Into<String>) -> Self {
-        Error::AlreadyExists { kind, name: name.into() }
+        Error::AlreadyExists { kind, name: name.into(), source: None }
+    }
+
+    /// Builds [`Error::AlreadyExists`] with what reported the clash.
+    pub fn already_exists_because(kind: &'static str, name: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::AlreadyExists { kind, name: name.into(), source: Some(source.into()) }
+    }
+
+    /// Builds [`Error::Io`] for a file at `path`.
+    pub fn io(action: &'static str, path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        Error::Io { action, path: path.as_ref().display().to_string(), source }
+    }
+
+    /// Builds [`Error::Core`] for a failure inside stagecore's own `component`.
+    pub fn core(component: &'static str, source: impl Into<BoxError>) -> Self {
+        Error::Core { component, source: source.into() }
     }
 
     /// Builds [`Error::InvalidSpec`].
@@ -131,12 +192,18 @@ impl Error {
 
     /// Builds [`Error::Backend`] from any error source.
     pub fn backend(backend: &'static str, source: impl Into<BoxError>) -> Self {
-        Error::Backend { backend, source: source.into() }
+        Error::Backend { backend, source: source.into(), temporary: false }
+    }
+
+    /// Builds [`Error::Backend`] for a failure the same call may overcome later (a busy
+    /// hypervisor, a lost connection that the backend reconnects).
+    pub fn backend_temporary(backend: &'static str, source: impl Into<BoxError>) -> Self {
+        Error::Backend { backend, source: source.into(), temporary: true }
     }
 
     /// Builds [`Error::Backend`] from a message.
     pub fn backend_msg(backend: &'static str, message: impl fmt::Display) -> Self {
-        Error::Backend { backend, source: message.to_string().into() }
+        Error::Backend { backend, source: message.to_string().into(), temporary: false }
     }
 
     /// Builds [`Error::GuestCommand`] from a command's output; stderr is trimmed and capped at 4 KiB.
@@ -154,9 +221,14 @@ impl Error {
         Error::GuestCommand { machine: machine.into(), command: command.into(), exit_code: output.exit_code, stderr }
     }
 
-    /// Whether retrying the same call later may succeed (unreachable hosts, timeouts, locks).
+    /// Whether retrying the same call later may succeed: unreachable hosts, timeouts, locks, and
+    /// backend errors raised as temporary ([`Error::backend_temporary`]).
     pub fn is_temporary(&self) -> bool {
-        matches!(self, Error::Unreachable { .. } | Error::Timeout { .. } | Error::Locked { .. })
+        match self {
+            Error::Unreachable { .. } | Error::Timeout { .. } | Error::Locked { .. } => true,
+            Error::Backend { temporary, .. } => *temporary,
+            _ => false,
+        }
     }
 }
 
@@ -192,11 +264,5 @@ impl fmt::Debug for Secret {
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
-    }
-}
-
-impl From<std::io::Error> for Error {
-    fn from(e: std::io::Error) -> Self {
-        Error::Backend { backend: "io", source: Box::new(e) }
     }
 }

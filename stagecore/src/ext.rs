@@ -14,7 +14,18 @@ pub trait BackendExt: Backend {
     }
 
     /// The drift report of `stage` against `production`, from the standard [`DriftEngine`].
+    /// Both must be environments of this backend (`InvalidSpec` naming the one that is not):
+    /// drift compares layers inside one backend's chains.
     async fn drift(&self, production: &dyn Environment, stage: &dyn Environment) -> Result<DriftReport> {
+        for (what, env) in [("production", production), ("stage", stage)] {
+            let info = env.info().await?;
+            if info.backend != self.name() {
+                return Err(Error::invalid(
+                    what,
+                    format!("{} is an environment of the {} backend, not of {}", info.name, info.backend, self.name()),
+                ));
+            }
+        }
         DriftEngine::new().drift(production, stage).await
     }
 }
@@ -51,14 +62,16 @@ pub trait EnvironmentExt: Environment {
     /// [`crate::Capabilities::disk_io`]).
     async fn fingerprint(&self) -> Result<Fingerprint> {
         let spec = self.spec().await?;
-        let io = self.disk_io().ok_or(Error::NotSupported { operation: "disk_io", backend: "this" })?;
+        let io = self.disk_io().ok_or_else(|| {
+            Error::invalid("environment", format!("{} offers no disk_io: cannot fingerprint its disks", self.name()))
+        })?;
         let mut disks = Vec::new();
         for m in &spec.machines {
             for d in &m.disks {
                 disks.push((m.name.clone(), d.name.clone(), io.digest(&m.name, &d.name).await?));
             }
         }
-        let json = serde_json::to_string(&spec).map_err(|e| Error::backend("stagecore", e))?;
+        let json = serde_json::to_string(&spec).map_err(|e| Error::core("fingerprint", e))?;
         Ok(Fingerprint { spec: json, disks })
     }
 }

@@ -23,8 +23,10 @@
 //! ```
 
 mod backend;
+mod baseline;
 mod capabilities;
 mod change;
+pub mod checked;
 pub mod drift;
 mod environment;
 mod error;
@@ -36,12 +38,16 @@ pub mod memory;
 pub mod name;
 pub mod progress;
 pub mod promotion;
+mod selector;
+mod snapshot_info;
 mod spec;
+mod stage;
 mod start_order;
-mod state;
+mod status;
+pub mod toolbox;
 
 pub use backend::{Backend, DynEnvironment};
-pub use capabilities::Capabilities;
+pub use capabilities::{Capabilities, ChangeKinds};
 pub use change::{Change, ChangeSet, DiskScope};
 pub use environment::{DiskIo, Environment, GuestChannel, GuestExec, GuestOutput, Snapshot};
 pub use error::{BoxError, Error, Result, Secret};
@@ -52,7 +58,8 @@ pub use spec::{
     BootSpec, DiskFormat, DiskSpec, EnvironmentSpec, Firmware, Identities, MachineSpec, NetworkSpec, NicSpec,
     SpecFormat, check_mac, random_mac,
 };
-pub use state::{
-    Baseline, BaselineLayer, CloneKind, Consistency, ConsistencyLevel, EnvironmentInfo, MachineConsistency,
-    MachineInstance, MachineStatus, PowerState, Role, Selector, SnapshotInfo, StageInfo, StageOptions,
-};
+pub use baseline::{Baseline, BaselineLayer, ConsistencyLevel, MachineConsistency};
+pub use selector::Selector;
+pub use snapshot_info::{Consistency, SnapshotInfo};
+pub use stage::{CloneKind, Role, StageInfo, StageOptions};
+pub use status::{EnvironmentInfo, MachineInstance, MachineStatus, PowerState};

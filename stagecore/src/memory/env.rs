@@ -6,11 +6,12 @@ use std::sync::{Arc, MutexGuard};
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
-use super::state::{DiskState, EnvState, SnapshotState, State};
+use super::state::{self, DiskState, EnvState, State};
 use super::{NAME, Shared};
 use crate::{
     Baseline, Change, ChangeMap, ChangeSet, Consistency, DiskChanges, DiskIo, Environment, EnvironmentInfo,
-    EnvironmentSpec, Error, GuestChannel, GuestOutput, MachineStatus, PowerState, Result, Role, Snapshot, SnapshotInfo,
+    EnvironmentSpec, Error, GuestChannel, GuestOutput, MachineStatus, PowerState, Result, Snapshot, SnapshotInfo,
+    toolbox::{SnapshotRecord, check_range, disk_key},
 };
 
 /// A handle on one in-memory environment. Cheap to clone; all handles share the backend's state.
@@ -44,7 +45,7 @@ impl Environment for MemoryEnvironment {
     }
 
     async fn info(&self) -> Result<EnvironmentInfo> {
-        self.with(|env, _| Ok(env.info()))
+        self.with(|env, _| Ok(env.info(NAME)))
     }
 
     async fn spec(&self) -> Result<EnvironmentSpec> {
@@ -53,7 +54,7 @@ impl Environment for MemoryEnvironment {
 
     async fn status(&self) -> Result<Vec<MachineStatus>> {
         self.with(|env, _| {
-            Ok(env.power.iter().map(|(m, p)| MachineStatus { machine: m.clone(), power: *p, detail: None }).collect())
+            Ok(env.backend.power.iter().map(|(m, p)| MachineStatus { machine: m.clone(), power: *p, detail: None }).collect())
         })
     }
 
@@ -61,8 +62,8 @@ impl Environment for MemoryEnvironment {
     async fn start(&self) -> Result<()> {
         self.shared.faults.check("start")?;
         self.with(|env, _| {
-            env.set_power_all(PowerState::Running);
-            for g in env.guests.values_mut() {
+            state::set_power_all(env, PowerState::Running);
+            for g in env.backend.guests.values_mut() {
                 g.agent = true;
             }
             Ok(())
@@ -73,7 +74,7 @@ impl Environment for MemoryEnvironment {
     async fn stop(&self) -> Result<()> {
         self.shared.faults.check("stop")?;
         self.with(|env, _| {
-            env.set_power_all(PowerState::Stopped);
+            state::set_power_all(env, PowerState::Stopped);
             Ok(())
         })
     }
@@ -81,23 +82,19 @@ impl Environment for MemoryEnvironment {
     #[tracing::instrument(level = "debug", skip_all, fields(environment = %self.name))]
     async fn take_baseline(&self) -> Result<Baseline> {
         self.shared.faults.check("take_baseline")?;
-        self.with(|env, layers| {
-            if env.role != Role::Production {
-                return Err(Error::Precondition(format!("{} is a stage; baselines are taken of production", env.name)));
-            }
-            Ok(env.take_baseline(layers))
-        })
+        self.with(state::take_baseline)
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(environment = %self.name))]
     async fn disk_changes(&self, baseline: &Baseline) -> Result<Vec<DiskChanges>> {
         self.shared.faults.check("disk_changes")?;
         self.with(|env, layers| {
-            let origin = env.origins.get(&baseline.id);
             let mut out = Vec::new();
-            for ((machine, disk), d) in &env.disks {
-                let base = origin.and_then(|o| o.get(&(machine.clone(), disk.clone())));
-                let changes = match base.and_then(|b| layers.changed_since(d.top, *b, d.size)) {
+            for (machine, disk) in env.spec.machines.iter().flat_map(|m| m.disks.iter().map(|d| (&m.name, &d.name))) {
+                let key = disk_key(machine, disk);
+                let Some(d) = env.disks.get(&key) else { continue };
+                let base = env.origin(&baseline.id, &key).map(|o| o.top);
+                let changes = match base.and_then(|b| layers.changed_since(d.top, b, d.size)) {
                     Some(extents) => ChangeMap::Checked { extents },
                     None if base.is_none() => ChangeMap::NotChecked {
                         reason: format!("{machine}/{disk} is not part of baseline {}", baseline.id),
@@ -129,7 +126,7 @@ impl Environment for MemoryEnvironment {
         self.with(|env, layers| {
             let mut spec = env.spec.clone();
             change.apply_to_spec(&mut spec, 0)?;
-            let key = |d: &str| (change.machine().to_string(), d.to_string());
+            let key = |d: &str| disk_key(change.machine(), d);
             match change {
                 Change::AddDisk { disk, .. } => {
                     let size = disk.size_bytes.unwrap_or(0);
@@ -147,8 +144,8 @@ impl Environment for MemoryEnvironment {
                     n.mac.get_or_insert_with(crate::random_mac);
                 }
                 Change::WriteDisk { disk, offset, data, .. } => {
-                    let d = env.disk(change.machine(), disk)?;
-                    crate::extent::check_range(&env_name, change.machine(), disk, d.size, *offset, data.len() as u64)?;
+                    let d = state::disk(env, change.machine(), disk)?;
+                    check_range(&env_name, change.machine(), disk, d.size, *offset, data.len() as u64)?;
                     layers.write(d.top, *offset, data);
                 }
                 Change::ReplaceDiskImage { disk, image, .. } => {
@@ -157,7 +154,7 @@ impl Environment for MemoryEnvironment {
                         .and_then(|s| s.parse().ok())
                         .ok_or_else(|| Error::invalid("image", format!("{image:?} is not a memory layer (layer:N)")))?;
                     let copy = layers.flatten(top);
-                    let d = env.disk(change.machine(), disk)?;
+                    let d = state::disk(env, change.machine(), disk)?;
                     env.disks.insert(key(disk), DiskState { top: layers.overlay(Some(copy)), size: d.size });
                 }
                 Change::GuestCommand { .. } | Change::GuestFile { .. } => {
@@ -171,13 +168,7 @@ impl Environment for MemoryEnvironment {
     }
 
     async fn record_change_set(&self, change_set: &ChangeSet) -> Result<()> {
-        self.with(|env, _| match &mut env.role {
-            Role::Stage(s) => {
-                s.change_sets.push(change_set.clone());
-                Ok(())
-            }
-            Role::Production => Err(Error::Precondition(format!("{} is not a stage", env.name))),
-        })
+        self.with(|env, _| env.record_change_set(change_set))
     }
 
     fn disk_io(&self) -> Option<&dyn DiskIo> {
@@ -193,13 +184,10 @@ impl Environment for MemoryEnvironment {
 impl Snapshot for MemoryEnvironment {
     #[tracing::instrument(level = "debug", skip_all, fields(environment = %self.name))]
     async fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo> {
-        crate::name::validate("snapshot", name)?;
         self.shared.faults.check("create_snapshot")?;
         self.with(|env, layers| {
-            if env.snapshots.iter().any(|s| s.info.name == name) {
-                return Err(Error::already_exists("snapshot", format!("{}/{name}", env.name)));
-            }
-            let frozen = env.freeze_all(layers);
+            env.require_new_snapshot(name)?;
+            let frozen = state::freeze_all(env, layers);
             let info = SnapshotInfo {
                 name: name.into(),
                 environment: env.name.clone(),
@@ -209,25 +197,21 @@ impl Snapshot for MemoryEnvironment {
                 memory: false,
                 machines: Default::default(),
             };
-            env.snapshots.push(SnapshotState { info: info.clone(), layers: frozen, guests: env.guests.clone() });
+            env.backend.snapshot_guests.insert(name.to_string(), env.backend.guests.clone());
+            env.snapshots.push(SnapshotRecord { info: info.clone(), layers: frozen });
             Ok(info)
         })
     }
 
     async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
-        self.with(|env, _| Ok(env.snapshots.iter().map(|s| s.info.clone()).collect()))
+        self.with(|env, _| Ok(env.snapshot_infos()))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(environment = %self.name))]
     async fn revert_snapshot(&self, name: &str) -> Result<()> {
-        crate::name::validate("snapshot", name)?;
         self.shared.faults.check("revert_snapshot")?;
         self.with(|env, layers| {
-            let snap = env
-                .snapshots
-                .iter()
-                .find(|s| s.info.name == name)
-                .ok_or_else(|| Error::not_found("snapshot", format!("{}/{name}", env.name)))?;
+            let snap = env.snapshot(name)?;
             let disks = snap
                 .layers
                 .iter()
@@ -235,12 +219,13 @@ impl Snapshot for MemoryEnvironment {
                 .collect();
             env.spec = snap.info.spec.clone();
             env.disks = disks;
-            env.guests = snap.guests.clone();
-            let running: Vec<String> = env.power.keys().cloned().collect();
-            env.power.retain(|m, _| env.spec.machine(m).is_some());
+            env.backend.guests = env.backend.snapshot_guests.get(name).cloned().unwrap_or_default();
+            let running: Vec<String> = env.backend.power.keys().cloned().collect();
+            let spec = &env.spec;
+            env.backend.power.retain(|m, _| spec.machine(m).is_some());
             for m in &env.spec.machines {
                 if !running.contains(&m.name) {
-                    env.power.insert(m.name.clone(), PowerState::Stopped);
+                    env.backend.power.insert(m.name.clone(), PowerState::Stopped);
                 }
             }
             Ok(())
@@ -249,14 +234,10 @@ impl Snapshot for MemoryEnvironment {
 
     #[tracing::instrument(level = "debug", skip_all, fields(environment = %self.name))]
     async fn delete_snapshot(&self, name: &str) -> Result<()> {
-        crate::name::validate("snapshot", name)?;
         self.shared.faults.check("delete_snapshot")?;
         self.with(|env, _| {
-            let before = env.snapshots.len();
-            env.snapshots.retain(|s| s.info.name != name);
-            if env.snapshots.len() == before {
-                return Err(Error::not_found("snapshot", format!("{}/{name}", env.name)));
-            }
+            env.remove_snapshot(name)?;
+            env.backend.snapshot_guests.remove(name);
             Ok(())
         })
     }
@@ -266,8 +247,8 @@ impl Snapshot for MemoryEnvironment {
 impl DiskIo for MemoryEnvironment {
     async fn read(&self, machine: &str, disk: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
         self.with(|env, layers| {
-            let d = env.disk(machine, disk)?;
-            crate::extent::check_range(&env.name, machine, disk, d.size, offset, length)?;
+            let d = state::disk(env, machine, disk)?;
+            check_range(&env.name, machine, disk, d.size, offset, length)?;
             Ok(layers.read(d.top, offset, length))
         })
     }
@@ -275,8 +256,8 @@ impl DiskIo for MemoryEnvironment {
     async fn write(&self, machine: &str, disk: &str, offset: u64, data: &[u8]) -> Result<()> {
         self.shared.faults.check("write")?;
         self.with(|env, layers| {
-            let d = env.disk(machine, disk)?;
-            crate::extent::check_range(&env.name, machine, disk, d.size, offset, data.len() as u64)?;
+            let d = state::disk(env, machine, disk)?;
+            check_range(&env.name, machine, disk, d.size, offset, data.len() as u64)?;
             layers.write(d.top, offset, data);
             Ok(())
         })
@@ -284,7 +265,7 @@ impl DiskIo for MemoryEnvironment {
 
     async fn digest(&self, machine: &str, disk: &str) -> Result<[u8; 32]> {
         self.with(|env, layers| {
-            let d = env.disk(machine, disk)?;
+            let d = state::disk(env, machine, disk)?;
             Ok(layers.digest(d.top, d.size))
         })
     }
@@ -297,13 +278,14 @@ impl MemoryEnvironment {
         self.with(|env, _| {
             let endpoint = || format!("{NAME}:{}/{machine} guest agent", env.name);
             let power = *env
+                .backend
                 .power
                 .get(machine)
                 .ok_or_else(|| Error::not_found("machine", format!("{}/{machine}", env.name)))?;
             if power != PowerState::Running {
                 return Err(Error::Unreachable { endpoint: endpoint(), reason: format!("the machine is {power:?}") });
             }
-            match env.guests.get(machine) {
+            match env.backend.guests.get(machine) {
                 Some(g) if g.agent => f(env, machine),
                 Some(_) => Err(Error::Unreachable { endpoint: endpoint(), reason: "the agent does not answer".into() }),
                 None => Err(Error::Unreachable { endpoint: endpoint(), reason: "the machine has no guest".into() }),
@@ -315,7 +297,7 @@ impl MemoryEnvironment {
 fn probe_answer(env: &EnvState, from: &str, probe: &super::guest::Probe) -> GuestOutput {
     let target = match probe.host.as_str() {
         "localhost" | "127.0.0.1" | "::1" | "" => Some(from),
-        host => env.guests.contains_key(host).then_some(host),
+        host => env.backend.guests.contains_key(host).then_some(host),
     };
     let reply = |code: i32, stdout: String, stderr: &str| GuestOutput {
         exit_code: code,
@@ -326,8 +308,8 @@ fn probe_answer(env: &EnvState, from: &str, probe: &super::guest::Probe) -> Gues
     let Some(target) = target else {
         return reply(1, String::new(), &format!("stagecore-probe: cannot resolve {} (simulated)", probe.host));
     };
-    let running = env.power.get(target) == Some(&PowerState::Running);
-    let guest = env.guests.get(target);
+    let running = env.backend.power.get(target) == Some(&PowerState::Running);
+    let guest = env.backend.guests.get(target);
     match guest {
         Some(g) if running && g.ports.contains(&probe.port) => match probe.kind.as_str() {
             "http" => reply(0, format!("HTTP/1.0 {} simulated\n", g.http_status), ""),
@@ -345,7 +327,7 @@ fn probe_answer(env: &EnvState, from: &str, probe: &super::guest::Probe) -> Gues
 impl GuestChannel for MemoryEnvironment {
     async fn exec(&self, machine: &str, request: &crate::GuestExec) -> Result<GuestOutput> {
         self.sim(machine, |env, machine| {
-            let guest = env.guests.get_mut(machine).expect("checked by sim");
+            let guest = env.backend.guests.get_mut(machine).expect("checked by sim");
             match guest.exec(request)? {
                 super::guest::Exec::Done(out) => Ok(out),
                 super::guest::Exec::Probe(p) => Ok(probe_answer(env, machine, &p)),
@@ -355,7 +337,7 @@ impl GuestChannel for MemoryEnvironment {
 
     async fn write_file(&self, machine: &str, path: &str, content: &[u8], mode: Option<u32>) -> Result<()> {
         self.sim(machine, |env, machine| {
-            let guest = env.guests.get_mut(machine).expect("checked by sim");
+            let guest = env.backend.guests.get_mut(machine).expect("checked by sim");
             let mode = mode.or_else(|| guest.files.get(path).map(|f| f.1)).unwrap_or(0o644);
             guest.files.insert(path.to_string(), (content.to_vec(), mode));
             Ok(())
@@ -364,7 +346,7 @@ impl GuestChannel for MemoryEnvironment {
 
     async fn read_file(&self, machine: &str, path: &str) -> Result<Vec<u8>> {
         self.sim(machine, |env, machine| {
-            let guest = env.guests.get(machine).expect("checked by sim");
+            let guest = env.backend.guests.get(machine).expect("checked by sim");
             guest
                 .files
                 .get(path)

@@ -12,7 +12,6 @@
 
 mod disk;
 mod env;
-mod fault;
 mod guest;
 mod sample;
 mod state;
@@ -23,14 +22,15 @@ use async_trait::async_trait;
 
 pub use disk::BLOCK;
 pub use env::MemoryEnvironment;
-pub use fault::FaultInjector;
+pub use crate::toolbox::FaultInjector;
 pub use sample::sample_spec;
 
+use crate::toolbox::{StagePlan, check_destroy};
 use crate::{
-    Backend, Baseline, Capabilities, CloneKind, Environment, EnvironmentInfo, EnvironmentSpec, Error, Result, Role,
-    Selector, StageInfo, StageOptions,
+    Backend, Baseline, Capabilities, ChangeKinds, Environment, EnvironmentInfo, EnvironmentSpec, Error, Result, Selector,
+    StageOptions,
 };
-use state::{EnvState, State};
+use state::State;
 
 pub(crate) const NAME: &str = "memory";
 
@@ -57,8 +57,9 @@ impl MemoryBackend {
         &self.shared.faults
     }
 
-    fn handle(&self, name: &str) -> Arc<dyn Environment> {
-        Arc::new(MemoryEnvironment::new(name, self.shared.clone()))
+    fn handle(&self, name: &str) -> Result<Arc<dyn Environment>> {
+        let env: Arc<dyn Environment> = Arc::new(MemoryEnvironment::new(name, self.shared.clone()));
+        crate::checked::hand_out(env, self.capabilities(), NAME)
     }
 
     /// Whether the environment's NICs are fenced (on a segment private to the environment).
@@ -92,7 +93,7 @@ impl Backend for MemoryBackend {
             disk_drift: true,
             disk_io: true,
             guest_channel: true,
-            config_changes: true,
+            changes: ChangeKinds::all(),
             swap: true,
             persistent: false,
         }
@@ -103,10 +104,10 @@ impl Backend for MemoryBackend {
         self.shared.faults.check("create")?;
         spec.validate()?;
         let mut state = self.shared.state.lock().expect("state lock");
-        let env = EnvState::create(&mut state.layers, spec, &spec.name, Role::Production, false)?;
+        let env = state::create(&mut state.layers, spec)?;
         state.insert(env)?;
         drop(state);
-        Ok(self.handle(&spec.name))
+        self.handle(&spec.name)
     }
 
     async fn attach(&self, selector: &Selector) -> Result<Arc<dyn Environment>> {
@@ -118,39 +119,29 @@ impl Backend for MemoryBackend {
 
     #[tracing::instrument(level = "debug", skip_all, fields(environment = %options.name, production = %baseline.environment))]
     async fn stage(&self, baseline: &Baseline, options: &StageOptions) -> Result<Arc<dyn Environment>> {
-        options.validate()?;
+        let plan = StagePlan::new(baseline, options)?;
+        crate::checked::check_stage(&self.capabilities(), options, NAME)?;
         self.shared.faults.check("stage")?;
         let mut state = self.shared.state.lock().expect("state lock");
-        if state.envs.contains_key(&options.name) {
-            return Err(Error::already_exists("environment", &options.name));
-        }
+        plan.require_name_free(state.envs.contains_key(&plan.name))?;
         let source = state.env(&baseline.environment)?;
-        if !source.baselines.iter().any(|b| b.id == baseline.id) {
-            return Err(Error::not_found("baseline", format!("{}/{}", baseline.environment, baseline.id)));
-        }
-        let info = StageInfo::new(baseline, options);
-        let guests = source.baseline_guests.get(&baseline.id).cloned().unwrap_or_default();
-        let mut env = EnvState::clone_from(&mut state.layers, baseline, options, info, guests)?;
-        if options.start {
-            env.set_power_all(crate::PowerState::Running);
-        }
-        if options.clone == CloneKind::Full {
-            tracing::debug!(stage = %options.name, "full clone copied allocated blocks");
-        }
+        plan.require_known_baseline(Some(&source.baselines))?;
+        let guests = source.backend.baseline_guests.get(&baseline.id).cloned().unwrap_or_default();
+        let env = state::execute(&mut state.layers, &plan, guests)?;
         state.insert(env)?;
         drop(state);
-        Ok(self.handle(&options.name))
+        self.handle(&plan.name)
     }
 
     async fn open(&self, name: &str) -> Result<Arc<dyn Environment>> {
         crate::name::validate("environment", name)?;
         self.shared.state.lock().expect("state lock").env(name)?;
-        Ok(self.handle(name))
+        self.handle(name)
     }
 
     async fn list(&self) -> Result<Vec<EnvironmentInfo>> {
         let state = self.shared.state.lock().expect("state lock");
-        Ok(state.envs.values().map(EnvState::info).collect())
+        Ok(state.envs.values().map(|e| e.info(NAME)).collect())
     }
 
     #[tracing::instrument(level = "debug", skip(self))]
@@ -159,14 +150,7 @@ impl Backend for MemoryBackend {
         self.shared.faults.check("destroy")?;
         let mut state = self.shared.state.lock().expect("state lock");
         state.env(name)?;
-        let linked_child =
-            state.envs.values().find(|e| e.stage_source() == Some(name) && e.clone_kind() == Some(CloneKind::Linked));
-        if let Some(child) = linked_child {
-            return Err(Error::Precondition(format!(
-                "stage {} is a linked clone of {name}; destroy it first",
-                child.name
-            )));
-        }
+        check_destroy(name, state.envs.values().map(|e| (e.name.as_str(), &e.role)))?;
         state.envs.remove(name);
         Ok(())
     }

@@ -1,4 +1,6 @@
-//! Fault injection for the in-memory backend: make the Nth call of an operation fail.
+//! Fault injection for tests of recovery paths: make the Nth call of an operation fail. Any
+//! backend can hold a [`FaultInjector`] and call [`FaultInjector::check`] at the start of an
+//! operation (the memory backend does for every trait method).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -10,12 +12,24 @@ use crate::{Error, Result};
 /// Operation names are the trait method names: `create`, `stage`, `destroy`, `swap`, `start`,
 /// `stop`, `take_baseline`, `disk_changes`, `apply`, `create_snapshot`, `revert_snapshot`,
 /// `delete_snapshot`, `write`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FaultInjector {
+    backend: &'static str,
     rules: Mutex<HashMap<String, (u64, u64)>>,
 }
 
+impl Default for FaultInjector {
+    fn default() -> Self {
+        Self::new("memory")
+    }
+}
+
 impl FaultInjector {
+    /// An injector without rules whose faults are errors of `backend`.
+    pub fn new(backend: &'static str) -> Self {
+        FaultInjector { backend, rules: Mutex::new(HashMap::new()) }
+    }
+
     /// The `n`th call (1-based, counted from now) of `operation` fails.
     pub fn fail_nth(&self, operation: &str, n: u64) {
         self.rules.lock().expect("fault lock").insert(operation.to_string(), (n, 0));
@@ -27,13 +41,13 @@ impl FaultInjector {
     }
 
     /// Counts a call of `operation` and fails it if a rule says so (each rule fires once).
-    pub(crate) fn check(&self, operation: &'static str) -> Result<()> {
+    pub fn check(&self, operation: &'static str) -> Result<()> {
         let mut rules = self.rules.lock().expect("fault lock");
         if let Some((n, seen)) = rules.get_mut(operation) {
             *seen += 1;
             if *seen == *n {
                 rules.remove(operation);
-                return Err(Error::backend_msg("memory", format!("injected fault in {operation}")));
+                return Err(Error::backend_msg(self.backend, format!("injected fault in {operation}")));
             }
         }
         Ok(())
