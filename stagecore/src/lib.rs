@@ -38,6 +38,7 @@ pub mod memory;
 pub mod name;
 pub mod progress;
 pub mod promotion;
+pub mod sim_guest;
 mod selector;
 mod snapshot_info;
 mod spec;

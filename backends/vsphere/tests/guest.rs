@@ -1,7 +1,8 @@
 //! The vSphere guest channel (Automation API guest operations) against the simulator's simulated
 //! guests: processes (create, list, get), file transfers both ways, exec with captured output,
 //! guest credentials kept secret, wrong credentials → `Unauthenticated`, and the testkit's
-//! guest-drift functions on the simulator's `app` VM.
+//! guest-drift functions (with `dpkg -i` of demo packages) and the generic guest kit functions on
+//! the simulator's simulated guests (`stagecore::sim_guest`).
 
 mod common;
 
@@ -9,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use stagecore::sim_guest::demo_deb;
 use stagecore::{Backend, Change, Error, GuestExec, Secret, Selector, StageOptions};
+use stagecore_testkit::guest;
 use stagecore_testkit::guest_drift::{self, GuestFixture};
 use stagecore_testkit::{Kit, ProductionFactory};
 use stagecore_vsphere::{GuestCredentials, VsphereBackend, VsphereOptions};
@@ -185,15 +188,40 @@ async fn finish(f: &Fixture) {
     assert!(f.sim.vm("vm-103").unwrap().root_snapshots.is_empty(), "snapshots left on app");
 }
 
+/// The fixture of the project's test image (`GuestFixture::test_image`), with demo packages the
+/// simulated guest's `dpkg` reads (uncompressed members; the image's own are xz-compressed): the
+/// demo app's 1.1 build at `/root/upgrade.deb` and its 1.0 build at `/root/other.deb`, written by
+/// `printf` with octal escapes, `dpkg -i` upgrades, `cp` swaps in the other build.
+fn deb_fixture() -> GuestFixture {
+    let put = |version: &str, path: &str| {
+        let escaped: String = demo_deb(version).iter().map(|b| format!("\\{b:03o}")).collect();
+        vec!["/bin/sh".to_string(), "-c".into(), format!("printf '{escaped}' > {path}")]
+    };
+    let argv = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    GuestFixture {
+        prepare: vec![put("1.1", "/root/upgrade.deb"), put("1.0", "/root/other.deb")],
+        upgrade: argv(&["dpkg", "-i", "/root/upgrade.deb"]),
+        skew: argv(&["cp", "/root/other.deb", "/root/upgrade.deb"]),
+        ..GuestFixture::simulated()
+    }
+}
+
 #[tokio::test]
 async fn kit_zero_guest_drift_after_clone() {
     let f = fixture(SIM_GUEST_PASSWORD).await;
-    guest_drift::zero_guest_drift_after_clone(&kit(&f), &GuestFixture::simulated()).await;
+    guest_drift::zero_guest_drift_after_clone(&kit(&f), &deb_fixture()).await;
     finish(&f).await;
 }
 
 #[tokio::test]
 async fn kit_guest_change_is_intended() {
+    let f = fixture(SIM_GUEST_PASSWORD).await;
+    guest_drift::guest_change_is_intended(&kit(&f), &deb_fixture()).await;
+    finish(&f).await;
+}
+
+#[tokio::test]
+async fn kit_guest_change_is_intended_with_stagecore_sim_commands() {
     let f = fixture(SIM_GUEST_PASSWORD).await;
     guest_drift::guest_change_is_intended(&kit(&f), &GuestFixture::simulated()).await;
     finish(&f).await;
@@ -202,10 +230,75 @@ async fn kit_guest_change_is_intended() {
 #[tokio::test]
 async fn kit_footprint_verify() {
     let f = fixture(SIM_GUEST_PASSWORD).await;
-    guest_drift::footprint_verify(&kit(&f), &GuestFixture::simulated()).await;
+    guest_drift::footprint_verify(&kit(&f), &deb_fixture()).await;
+    finish(&f).await;
+}
+
+#[tokio::test]
+async fn kit_gates_on_stage() {
+    let f = fixture(SIM_GUEST_PASSWORD).await;
+    guest_drift::gates_on_stage(&kit(&f), &deb_fixture()).await;
     finish(&f).await;
 }
 
 // Not run: `production_untouched_by_inventory` needs `disk_io`, `rebase_without_conflict` and
-// `rebase_with_conflict` need `config_changes`, `gates_on_stage` needs the probe script between
-// machines (the simulated guest does not answer it); vSphere declares neither capability.
+// `rebase_with_conflict` need `config_changes`; vSphere declares neither capability.
+
+/// The generic guest kit (`stagecore_testkit::guest`, written for the Debian test image) on
+/// productions of `app` and `db`, each guest fresh.
+fn guest_kit(f: &Fixture) -> Kit {
+    let b = f.backend.clone();
+    let sim = f.sim.clone();
+    let factory: ProductionFactory = Arc::new(move |name: String| {
+        let b = b.clone();
+        sim.with_guest("vm-103", |g| *g = SimGuest::new("app"));
+        sim.with_guest("vm-102", |g| *g = SimGuest::new("db"));
+        Box::pin(async move {
+            let names = vec!["app".to_string(), "db".to_string()];
+            b.attach(&Selector::Machines { environment: name, names }).await
+        })
+    });
+    Kit::with_factory(f.backend.clone(), factory)
+}
+
+async fn guest_finish(f: &Fixture) {
+    finish(f).await;
+    assert!(f.sim.vm("vm-102").unwrap().root_snapshots.is_empty(), "snapshots left on db");
+    assert!(f.backend.list().await.unwrap().is_empty(), "environments left in the registry");
+}
+
+#[tokio::test]
+async fn guest_kit_exec_read_write_round_trip() {
+    let f = fixture(SIM_GUEST_PASSWORD).await;
+    guest::exec_read_write_round_trip(&guest_kit(&f)).await;
+    no_temp_files_left(&f.sim, "vm-103");
+    guest_finish(&f).await;
+}
+
+#[tokio::test]
+async fn guest_kit_guest_change_invisible_in_production() {
+    let f = fixture(SIM_GUEST_PASSWORD).await;
+    guest::guest_change_invisible_in_production(&guest_kit(&f)).await;
+    guest_finish(&f).await;
+}
+
+#[tokio::test]
+async fn guest_kit_snapshot_revert_restores_guest_file() {
+    let f = fixture(SIM_GUEST_PASSWORD).await;
+    guest::snapshot_revert_restores_guest_file(&guest_kit(&f)).await;
+    guest_finish(&f).await;
+}
+
+#[tokio::test]
+async fn guest_kit_replay_promotion_reaches_production() {
+    let f = fixture(SIM_GUEST_PASSWORD).await;
+    guest::replay_promotion_reaches_production(&guest_kit(&f)).await;
+    guest_finish(&f).await;
+}
+
+#[tokio::test]
+async fn guest_kit_failing_guest_command_rolls_back() {
+    let f = fixture(SIM_GUEST_PASSWORD).await;
+    guest::failing_guest_command_rolls_back(&guest_kit(&f)).await;
+    guest_finish(&f).await;
+}

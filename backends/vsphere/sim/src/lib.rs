@@ -7,7 +7,7 @@
 //! documents describe is checked against them (see `openapi.rs`); a violation is answered with 500
 //! and recorded ([`Simulator::violations`]). VI/JSON answers are recorded ([`Simulator::vim_answers`])
 //! and checked by the tests against `vim_rs`'s specification types. Every VM runs a simulated guest
-//! behind the guest operations (`guest.rs`). Faults are injected through [`Simulator`] methods.
+//! behind the guest operations (`guest.rs`: `stagecore::sim_guest`, shared with the memory backend). Faults are injected through [`Simulator`] methods.
 //! The servers stop when the [`Simulator`] is dropped.
 
 mod guest;
@@ -19,7 +19,7 @@ mod tasks;
 mod tls;
 mod vim;
 
-pub use guest::{SIM_GUEST_PASSWORD, SIM_GUEST_USER, SimGuest};
+pub use guest::{PRODUCT_UUID, SIM_GUEST_PASSWORD, SIM_GUEST_USER, SimGuest};
 pub use openapi::OPENAPI_DIR_ENV;
 pub use state::{Disk, DiskBacking, Fault, Network, NetworkKind, Nic, PowerState, Snapshot, Vm, VmConfig, Write};
 
@@ -258,7 +258,7 @@ impl Simulator {
     pub fn with_guest<T>(&self, vm: &str, f: impl FnOnce(&mut SimGuest) -> T) -> T {
         let mut inv = lock(&self.shared.inv);
         let name = inv.vms.get(vm).map_or_else(|| vm.to_string(), |v| v.name.clone());
-        f(inv.guests.entry(vm.to_string()).or_insert_with(|| SimGuest::new(&name)))
+        f(inv.guests.entry(vm.to_string()).or_insert_with(|| guest::vsphere_guest(&name)))
     }
 
     /// Request counters and the endpoints checked / not checked so far.

@@ -269,6 +269,7 @@ fn delete_vm(shared: &Shared, id: &str) -> Reply {
         Some(_) => {
             inv.vms.remove(id);
             inv.guests.remove(id);
+            inv.processes.remove(id);
             inv.snapshots.retain(|_, s| s.vm != id);
             Reply::empty(204)
         }
@@ -289,6 +290,11 @@ fn power(shared: &Shared, id: &str, action: &str) -> Reply {
         return error(400, "ALREADY_IN_DESIRED_STATE", format!("VM {id} is already {}.", target.rest()));
     }
     vm.power = target;
+    if target == PowerState::On
+        && let Some(g) = inv.guests.get_mut(id)
+    {
+        g.boot();
+    }
     Reply::empty(204)
 }
 

@@ -363,7 +363,7 @@ pub(crate) fn seed(inv: &mut Inventory) {
     for (id, name, folder, config) in
         [("vm-101", "web", "group-v10", web), ("vm-102", "db", "group-v10", db), ("vm-103", "app", "group-v12", app)]
     {
-        inv.guests.insert(id.to_string(), crate::SimGuest::new(name));
+        inv.guests.insert(id.to_string(), crate::guest::vsphere_guest(name));
         inv.vms.insert(
             id.into(),
             crate::state::Vm {

@@ -223,6 +223,8 @@ pub(crate) struct Inventory {
     pub(crate) folders: Vec<(String, String)>,
     /// Simulated guests (with VMware Tools running) by VM id.
     pub(crate) guests: BTreeMap<String, crate::SimGuest>,
+    /// The process table of each VM's guest, by VM id.
+    pub(crate) processes: BTreeMap<String, crate::guest::Processes>,
     next_id: u64,
 }
 
@@ -332,7 +334,7 @@ impl Inventory {
         };
         self.vms.insert(id.clone(), vm);
         if let Some(mut g) = guest {
-            g.cloned_as(name);
+            g.regenerate_identity(name);
             self.guests.insert(id.clone(), g);
         }
         id
