@@ -374,10 +374,25 @@ fn scale_benches(c: &mut Criterion, rt: &Runtime, root: &Path) {
         t.extend(all_tops(&b, &stage).await);
         t
     });
+    // The baseline layer of each disk, in the order of `tops` (spec order, production then stage).
+    let floors: Vec<PathBuf> = baseline
+        .spec
+        .machines
+        .iter()
+        .flat_map(|m| m.disks.iter().map(|d| PathBuf::from(&baseline.layer(&m.name, &d.name).unwrap().layer)))
+        .collect();
     let mut group = c.benchmark_group(format!("qemu/drift_{machines}x{disks}_1pct"));
     group.sample_size(10).sampling_mode(SamplingMode::Flat);
     group.bench_function("stagecore", |bench| {
         bench.to_async(rt).iter(|| async { b.drift(&*prod, &*stage).await.unwrap() })
+    });
+    // The floor: the allocation maps of both sides of every disk above its baseline layer.
+    group.bench_function(format!("allocation read (x{})", tops.len()), |bench| {
+        bench.iter(|| {
+            for (i, top) in tops.iter().enumerate() {
+                stagecore_qcow2::changed_since(top, &floors[i % total]).unwrap();
+            }
+        })
     });
     group.bench_function(format!("qemu-img map --output=json (x{})", tops.len()), |bench| {
         bench.iter(|| {

@@ -86,6 +86,43 @@ pub(crate) fn copy_allocated(src: &Path, stop_at: Option<&Path>, dest: &Path) ->
     Ok(stats)
 }
 
+/// One full copy for [`copy_allocated_many`]: the arguments of [`copy_allocated`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyJob {
+    /// Top of the chain to copy.
+    pub src_top: PathBuf,
+    /// Copy only the layers above this one (and back the copy by it); `None` flattens all.
+    pub stop_at: Option<PathBuf>,
+    /// The new image.
+    pub dest: PathBuf,
+}
+
+/// See [`crate::typed::copy_allocated_many`].
+pub(crate) fn copy_allocated_many(jobs: &[CopyJob], parallelism: usize) -> Vec<Result<CopyStats>> {
+    let workers = parallelism.clamp(1, jobs.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<Result<CopyStats>>>> =
+        jobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let span = tracing::Span::current();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                let _g = span.enter();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { break };
+                    let r = copy_allocated(&job.src_top, job.stop_at.as_deref(), &job.dest);
+                    *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()).expect("every job ran"))
+        .collect()
+}
+
 fn backing_of(layer: &Layer) -> Result<(PathBuf, ImageFormat)> {
     let p = layer.path();
     let abs = p.canonicalize().map_err(ctx("resolve", p))?;
@@ -177,8 +214,9 @@ fn write_image(
     }
     let lay = layout((l1_size * 8).div_ceil(CS), tables.len() as u64, plan.n_data);
     let (f, tmp) = (&staged.file, staged.tmp_path());
-    copy_pieces(chain, plan, lay.data_off, f, tmp)?;
-    let mut stats = CopyStats::default();
+    // The full length first: clones (FICLONERANGE) land inside the file, never past its end.
+    f.set_len(lay.total * CS).map_err(ctx("extend", tmp))?;
+    let mut stats = CopyStats { cloned_bytes: copy_pieces(chain, plan, lay.data_off, f, tmp)?, ..CopyStats::default() };
     for (gc, slot) in &plan.slots {
         let t = tables.get_mut(&(gc / per_l2)).expect("table made above");
         t[(gc % per_l2) as usize] = match slot {
@@ -204,7 +242,6 @@ fn write_image(
     f.write_all_at(&be_bytes(&rt), CS).map_err(ctx("write refcount table of", tmp))?;
     let rb: Vec<u8> = (0..lay.total).flat_map(|_| 1u16.to_be_bytes()).collect();
     f.write_all_at(&rb, rb_off).map_err(ctx("write refcount blocks of", tmp))?;
-    f.set_len(lay.total * CS).map_err(ctx("extend", tmp))?;
     let name = backing.map(|(p, fmt)| (p.as_os_str().as_bytes(), *fmt));
     let header = encode_v3(&NewHeader {
         cluster_bits: CLUSTER_BITS,
@@ -224,8 +261,12 @@ fn be_bytes(v: &[u64]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_be_bytes()).collect()
 }
 
-fn copy_pieces(chain: &Chain, plan: &Plan, data_off: u64, f: &File, tmp: &Path) -> Result<()> {
+/// Copies the data pieces; returns the bytes shared by reflink rather than copied.
+fn copy_pieces(chain: &Chain, plan: &Plan, data_off: u64, f: &File, tmp: &Path) -> Result<u64> {
     let mut buf = Vec::new();
+    // Reflink is tried until the filesystem first refuses it (ext4, cross-device, tmpfs).
+    let mut try_clone = true;
+    let mut cloned = 0;
     for (rel, s) in &plan.pieces {
         let at = data_off + rel;
         match *s {
@@ -236,6 +277,16 @@ fn copy_pieces(chain: &Chain, plan: &Plan, data_off: u64, f: &File, tmp: &Path) 
                 };
                 // Chain::open (local files) is the only way into a copy.
                 let src = src.as_file().ok_or_else(|| invalid(path, "source", "full copies need local files"))?;
+                if try_clone && len.is_multiple_of(CLONE_ALIGN) && host.is_multiple_of(CLONE_ALIGN) {
+                    match clone_range(src, host, f, at, len) {
+                        Ok(()) => {
+                            cloned += len;
+                            continue;
+                        }
+                        Err(e) if e.raw_os_error().is_some_and(|c| CLONE_REFUSED.contains(&c)) => try_clone = false,
+                        Err(e) => return Err(crate::error::io("clone data into", tmp, e)),
+                    }
+                }
                 copy_range(src, path, host, f, tmp, at, len, &mut buf)?;
             }
             Seg::Compressed { layer, host, clen, skip, len } => {
@@ -246,7 +297,23 @@ fn copy_pieces(chain: &Chain, plan: &Plan, data_off: u64, f: &File, tmp: &Path) 
             Seg::Zero(_) | Seg::Below(_) => {}
         }
     }
-    Ok(())
+    Ok(cloned)
+}
+
+/// Alignment FICLONERANGE needs of offsets and lengths (a multiple of any filesystem block size
+/// up to 64 KiB, which every cluster-aligned piece meets).
+const CLONE_ALIGN: u64 = 64 << 10;
+
+/// Errors meaning "this filesystem (or this pair of files) cannot share extents": copy instead.
+const CLONE_REFUSED: [i32; 6] = [libc::EOPNOTSUPP, libc::EXDEV, libc::EINVAL, libc::ENOSYS, libc::ENOTTY, libc::EPERM];
+
+/// Shares `len` bytes at `from` of `src` into `dst` at `to` (FICLONERANGE: reflink, no data
+/// moves; XFS with reflink, btrfs, bcachefs).
+fn clone_range(src: &File, from: u64, dst: &File, to: u64, len: u64) -> std::io::Result<()> {
+    let arg = libc::file_clone_range { src_fd: src.as_raw_fd() as i64, src_offset: from, src_length: len, dest_offset: to };
+    // SAFETY: both descriptors are open; `arg` is a valid file_clone_range for the call's duration.
+    let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONERANGE, &arg) };
+    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// Copies `len` bytes by `copy_file_range`, falling back to read/write where unsupported.

@@ -288,6 +288,9 @@ impl Qcow2Layer {
                     break;
                 }
                 let (e, bitmap) = self.entry(&table, j);
+                if e == 0 && bitmap == 0 {
+                    continue; // unallocated: the common case of a sparse table, no decoding
+                }
                 match self.decode(e, bitmap)? {
                     Mapping::Unallocated => {}
                     Mapping::Sub { alloc, zero, .. } => {

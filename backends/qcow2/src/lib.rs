@@ -68,6 +68,7 @@ pub mod typed;
 use std::path::Path;
 
 pub use alloc::CacheStats;
+pub use copy::CopyJob;
 pub use error::{Error, Feature, Result};
 pub use seal::LayerSeal;
 pub use source::{ReadAt, Resolver};
@@ -137,13 +138,23 @@ pub fn changed_since(top: &Path, base: &Path) -> stagecore::Result<Vec<Extent>> 
 ///   `layer` (absolute path) the backing file of `dest` — e.g. a clone that shares the read-only
 ///   production base but not the stage's own layers.
 ///
-/// Data moves with `copy_file_range` (in-kernel copy; shared extents where the filesystem
-/// reflinks). The result is synced and published atomically; on any error (ENOSPC included)
-/// nothing is left at or next to `dest`. `AlreadyExists` if `dest` exists.
+/// Data is shared by reflink (FICLONERANGE) where the filesystem can (XFS with reflink, btrfs;
+/// [`CopyStats::cloned_bytes`]), else moves with `copy_file_range` (in-kernel copy). The result
+/// is synced and published atomically; on any error (ENOSPC included) nothing is left at or next
+/// to `dest`. `AlreadyExists` if `dest` exists. Many copies in parallel:
+/// [`copy_allocated_many`].
 ///
 /// [`typed::copy_allocated`] with the error mapped into [`stagecore::Error`].
 pub fn copy_allocated(src_top: &Path, stop_at: Option<&Path>, dest: &Path) -> stagecore::Result<CopyStats> {
     typed::copy_allocated(src_top, stop_at, dest).map_err(Into::into)
+}
+
+/// Many full copies, at most `parallelism` at a time: one [`copy_allocated`] result per job, in
+/// order; a failed job leaves nothing at its `dest` and does not stop the others.
+///
+/// [`typed::copy_allocated_many`] with the errors mapped into [`stagecore::Error`].
+pub fn copy_allocated_many(jobs: &[CopyJob], parallelism: usize) -> Vec<stagecore::Result<CopyStats>> {
+    typed::copy_allocated_many(jobs, parallelism).into_iter().map(|r| r.map_err(Into::into)).collect()
 }
 
 /// Reads guest-visible bytes at `offset` of the chain of `top` into `buf`.

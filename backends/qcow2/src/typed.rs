@@ -88,6 +88,15 @@ pub fn copy_allocated(src_top: &Path, stop_at: Option<&Path>, dest: &Path) -> Re
     copy::copy_allocated(src_top, stop_at, dest)
 }
 
+/// Many full copies at once ([`copy_allocated`] per job), at most `parallelism` at a time on
+/// scoped threads (the disks of a stage's machines: their data copies and syncs overlap). One
+/// result per job, in order; a failed job leaves nothing at its `dest` and does not stop the
+/// others. `parallelism` 0 is taken as 1.
+#[tracing::instrument(level = "debug", skip_all, fields(jobs = jobs.len(), parallelism))]
+pub fn copy_allocated_many(jobs: &[crate::CopyJob], parallelism: usize) -> Vec<Result<CopyStats>> {
+    copy::copy_allocated_many(jobs, parallelism)
+}
+
 /// Reads guest-visible bytes at `offset` of the chain of `top` into `buf`.
 ///
 /// `offset + buf.len()` must lie within the virtual size (`InvalidArgument` otherwise).

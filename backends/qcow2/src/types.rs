@@ -81,6 +81,9 @@ pub struct CopyStats {
     pub zero_bytes: u64,
     /// Size of the destination file in bytes.
     pub file_size: u64,
+    /// Of `data_bytes`, those shared with the source by reflink (FICLONERANGE) instead of
+    /// copied: the filesystem supports it (XFS with reflink, btrfs) and the pieces are aligned.
+    pub cloned_bytes: u64,
 }
 
 /// Sorts and merges overlapping or touching extents; drops empty ones.

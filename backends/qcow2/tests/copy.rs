@@ -131,3 +131,87 @@ fn full_filesystem_fails_cleanly() {
     assert!(e.is_err(), "overlay on a full fs must fail");
     assert_eq!(names(fs.0.path()), vec!["filler"]);
 }
+
+#[test]
+fn many_copies_in_parallel_each_equal_their_source_and_failures_stay_apart() {
+    let d = tmp();
+    let [raw, _, top] = source(&d);
+    let taken = p(&d, "taken.qcow2");
+    std::fs::write(&taken, b"keep").unwrap();
+    let job = |dest: &str, stop_at: Option<&Path>| stagecore_qcow2::CopyJob {
+        src_top: top.clone(),
+        stop_at: stop_at.map(Path::to_path_buf),
+        dest: p(&d, dest),
+    };
+    let jobs = vec![job("a.qcow2", None), job("taken.qcow2", None), job("b.qcow2", Some(&raw)), job("c.qcow2", None)];
+    let results = stagecore_qcow2::typed::copy_allocated_many(&jobs, 2);
+    assert_eq!(results.len(), 4);
+    assert!(matches!(results[1], Err(Error::AlreadyExists { .. })), "{:?}", results[1]);
+    assert_eq!(std::fs::read(&taken).unwrap(), b"keep");
+    for (i, r) in results.iter().enumerate().filter(|(i, _)| *i != 1) {
+        let stats = r.as_ref().unwrap();
+        assert_eq!(stats.layers, if i == 2 { 2 } else { 3 });
+        assert_eq!(stats.cloned_bytes, 0, "{} does not reflink", d.path().display());
+        check(&jobs[i].dest);
+        compare(&top, &jobs[i].dest);
+    }
+    // The stagecore-error form and a parallelism of 0 (taken as 1).
+    let again = stagecore_qcow2::copy_allocated_many(&[job("d.qcow2", None)], 0);
+    assert!(again[0].is_ok());
+    assert!(stagecore_qcow2::copy_allocated_many(&[], 4).is_empty());
+}
+
+/// An XFS filesystem with reflink on a loop device, mounted for the test's lifetime.
+struct Xfs(tempfile::TempDir);
+
+impl Xfs {
+    fn mount() -> Xfs {
+        let dir = tmp();
+        let img = dir.path().join("xfs.img");
+        std::fs::File::create(&img).unwrap().set_len(1 << 30).unwrap();
+        let st = Command::new("mkfs.xfs").args(["-q", "-m", "reflink=1"]).arg(&img).status();
+        assert!(st.is_ok_and(|s| s.success()), "mkfs.xfs failed or is missing (package xfsprogs)");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let st = Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt).status().expect("cannot run mount");
+        assert!(st.success(), "mounting the XFS image on a loop device failed (needs root and /dev/loop*): {st}");
+        Xfs(dir)
+    }
+
+    fn path(&self) -> PathBuf {
+        self.0.path().join("mnt")
+    }
+}
+
+impl Drop for Xfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.path()).status();
+    }
+}
+
+#[test]
+#[ignore = "needs root, a loop device and mkfs.xfs (xfsprogs, not yet in `cargo xtask` setup): \
+            cargo nextest run -p stagecore-qcow2 --run-ignored all reflink"]
+fn reflink_on_xfs_shares_the_data_clusters() {
+    let fs = Xfs::mount();
+    let top = fs.path().join("top.qcow2");
+    create_qcow2(&top, "64M");
+    qemu_io("qcow2", &top, &["write -P 0x42 0 8M", "write -P 0x43 32M 4M", "write -c -P 0x44 50M 64k"]);
+    let dest = fs.path().join("full.qcow2");
+    let stats = copy_allocated(&top, None, &dest).unwrap();
+    assert!(stats.cloned_bytes >= 12 * M, "plain clusters are shared, not copied: {stats:?}");
+    assert!(stats.cloned_bytes < stats.data_bytes, "the compressed cluster is decompressed and written: {stats:?}");
+    check(&dest);
+    compare(&top, &dest);
+    // Writing the source afterwards does not show in the copy (shared extents are copy-on-write).
+    qemu_io("qcow2", &top, &["write -P 0x55 0 64k"]);
+    let mut buf = vec![0u8; 4096];
+    stagecore_qcow2::read_at(&dest, 0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x42));
+    // Across filesystems the copy falls back to copy_file_range.
+    let d = tmp();
+    let other = p(&d, "elsewhere.qcow2");
+    let stats = copy_allocated(&top, None, &other).unwrap();
+    assert_eq!(stats.cloned_bytes, 0);
+    compare(&top, &other);
+}
