@@ -118,6 +118,12 @@ pub(crate) async fn recover(shared: &EnvShared, st: &mut EnvState) {
     for m in names {
         let (fm, pm) = (freeze_marker(shared, &m), pause_marker(shared, &m));
         if !fm.exists() && !pm.exists() {
+            // Reconcile what runs with the record (adopts the overlay of a freeze that died before
+            // saving it, stops a QEMU that runs what it must not; see `machines::liveness`).
+            if let Err(e) = machines::liveness(shared, st, &m).await {
+                tracing::warn!(env = %shared.name, machine = %m, %e, "cannot inspect a machine on open");
+                st.recovered = false;
+            }
             continue;
         }
         let q = match machines::liveness(shared, st, &m).await {
@@ -167,6 +173,16 @@ pub(crate) async fn recover(shared: &EnvShared, st: &mut EnvState) {
                     st.recovered = false;
                 }
             }
+        }
+    }
+    // Overlays a dead process created but never switched to nor recorded: removed (every file
+    // some chain of some environment needs is kept; see `crate::gc`).
+    if let Ok(rec) = st.rec(&shared.name) {
+        let rec = rec.clone();
+        match crate::gc::collect(shared, &rec).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(env = %shared.name, removed = n, "removed layer files no record knows"),
+            Err(e) => tracing::warn!(env = %shared.name, %e, "layer collection on open failed"),
         }
     }
 }

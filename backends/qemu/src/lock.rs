@@ -1,57 +1,66 @@
-//! The cross-process lock of one environment: an exclusive `flock` on `root/envs/<env>/lock`,
-//! holding the holder's pid as text.
+//! The cross-process lock of one environment: `root/envs/<env>/lock`, held with a
+//! [`stagecore::promotion::LockFile`] — a POSIX record lock, so no child process (a QEMU being
+//! spawned, a forked helper that never execs) ever inherits it, and the kernel drops it when the
+//! holder dies. Its content names the holder ([`stagecore::promotion::LockRecord`]: pid, host,
+//! operation, since), written the moment the lock is taken.
 //!
-//! Contract: [`EnvLock::acquire`] never blocks; when another open file description holds the
-//! lock (another process, or another backend instance on the same root) it fails with
-//! `Error::Locked` naming the environment and the holder's pid. The lock is released when the
-//! [`EnvLock`] is dropped (or the process dies).
+//! Contract: [`EnvLock::acquire`] never blocks; when another holder has the lock (another
+//! process, or another backend instance in this process) it fails with `Error::Locked` naming the
+//! environment and the holder — pid, host, operation and since, between processes too. The lock
+//! is released when the [`EnvLock`] is dropped (or the process dies).
 
-use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use stagecore::{Error, Result};
+use stagecore::Result;
+use stagecore::promotion::{LockAttempt, LockFile, LockRecord, locked_error};
 
 use crate::error;
 
 /// A held environment lock.
 #[derive(Debug)]
 pub(crate) struct EnvLock {
-    _file: std::fs::File,
+    _file: LockFile,
+}
+
+/// What this process does with an environment it holds open, for other processes' errors.
+fn operation(env: &str) -> String {
+    let program = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "unknown program".into());
+    format!("stagecore-qemu holds environment {env} open in {program}")
 }
 
 impl EnvLock {
     /// Takes the lock at `path` for environment `env`.
     pub(crate) fn acquire(path: &Path, env: &str) -> Result<EnvLock> {
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| error::io("opening lock", path, &e))?;
-        // SAFETY: flock(2) on a file descriptor we own; no memory is touched.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = match holder.trim() {
-                    "" => "another process or backend instance".to_string(),
-                    pid => format!("pid {pid}"),
-                };
-                return Err(Error::Locked { resource: format!("environment {env}"), holder });
+        let record = serde_json::to_string(&LockRecord::now(operation(env)))
+            .map_err(|e| error::msg(format!("serialising lock record: {e}")))?;
+        match LockFile::try_lock(path, Some(&record))? {
+            LockAttempt::Acquired(file, _) => Ok(EnvLock { _file: file }),
+            LockAttempt::Busy { pid, content } => {
+                Err(locked_error(format!("environment {env}"), pid, content.as_deref()))
             }
-            return Err(error::io("locking", path, &e));
         }
-        let pid = std::process::id().to_string();
-        let write = (|| {
-            file.set_len(0)?;
-            file.rewind()?;
-            file.write_all(pid.as_bytes())
-        })();
-        write.map_err(|e| error::io("writing lock", path, &e))?;
-        Ok(EnvLock { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_locker_in_this_process_gets_the_holder_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let held = EnvLock::acquire(&path, "prod").unwrap();
+        let err = EnvLock::acquire(&path, "prod").unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, stagecore::Error::Locked { .. }), "{err}");
+        for part in [format!("pid {}", std::process::id()), "holds environment prod open".into(), "since".into()] {
+            assert!(text.contains(&part), "{text} lacks {part}");
+        }
+        drop(held);
+        EnvLock::acquire(&path, "prod").expect("free once dropped");
     }
 }

@@ -58,6 +58,16 @@ pub(crate) fn console_log(shared: &EnvShared, machine: &str) -> PathBuf {
 }
 
 /// Finds out what runs for `machine`, reusing (or opening) its QMP session.
+///
+/// What runs is identified by what it is, not by the pid file alone: a QEMU of ours (its command
+/// line names the machine's QMP socket) that no pid file names — one a killed process was
+/// starting — is stopped; one that stays unresponsive is stopped; and before a new QMP session is
+/// trusted, the QEMU must run this machine's configuration (its command line, disk files aside,
+/// equals the one built from the record now) on the record's disk tops (`query-block`). A top that
+/// is a newer overlay of ours over the record's top — a freeze whose process died before it
+/// saved the record — is adopted into the record; any other mismatch (a stage's disks or config
+/// under this machine's socket) is stopped. The caller holds the environment's lock, so no live
+/// process of ours can be starting these QEMUs.
 pub(crate) async fn liveness(shared: &EnvShared, st: &mut EnvState, machine: &str) -> Result<Liveness> {
     if let Some(q) = st.qmp.get(machine) {
         if !q.is_closed() {
@@ -66,28 +76,190 @@ pub(crate) async fn liveness(shared: &EnvShared, st: &mut EnvState, machine: &st
         st.forget(machine);
     }
     let paths = qemu_paths(shared, machine);
-    let found = inspect(&paths).await?;
+    let mut found = inspect(&paths).await?;
+    if let ProcessState::Unresponsive { .. } = found {
+        // A QEMU that is still starting answers within moments.
+        let deadline = std::time::Instant::now() + UNRESPONSIVE_WAIT;
+        while matches!(found, ProcessState::Unresponsive { .. }) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            found = inspect(&paths).await?;
+        }
+        if let ProcessState::Unresponsive { pid, reason } = &found {
+            let why = format!("qemu pid {pid} stayed unresponsive ({reason})");
+            return stop_stray(shared, st, machine, &why).await;
+        }
+    }
     if !matches!(found, ProcessState::Running { .. }) {
         st.forget_agent(machine);
     }
-    Ok(match found {
-        ProcessState::NotRunning => Liveness::Down(None),
-        ProcessState::StalePidfile { pid } => Liveness::Down(Some(format!("stale pid file: qemu pid {pid} is gone"))),
+    let detail = match found {
+        ProcessState::NotRunning => None,
+        ProcessState::StalePidfile { pid } => Some(format!("stale pid file: qemu pid {pid} is gone")),
         ProcessState::ForeignProcess { pid } => {
-            Liveness::Down(Some(format!("stale pid file: pid {pid} now belongs to another program")))
+            Some(format!("stale pid file: pid {pid} now belongs to another program"))
         }
-        ProcessState::CorruptPidfile { content } => Liveness::Unknown(format!("corrupt pid file: {content:?}")),
+        ProcessState::CorruptPidfile { content } => {
+            return Ok(Liveness::Unknown(format!("corrupt pid file: {content:?}")));
+        }
         ProcessState::Unresponsive { pid, reason } => {
-            Liveness::Unknown(format!("qemu pid {pid} unresponsive: {reason}"))
+            return Ok(Liveness::Unknown(format!("qemu pid {pid} unresponsive: {reason}")));
         }
-        ProcessState::Running { pid } => match QmpClient::connect(&paths.qmp_socket, CONNECT).await {
-            Ok(q) => {
-                st.qmp.insert(machine.to_string(), q.clone());
-                Liveness::Live(q)
+        ProcessState::Running { pid } => {
+            let q = match QmpClient::connect(&paths.qmp_socket, CONNECT).await {
+                Ok(q) => q,
+                Err(e) => return Ok(Liveness::Unknown(format!("qemu pid {pid} does not answer QMP: {e}"))),
+            };
+            return match verify(shared, st, machine, pid, &q).await? {
+                None => {
+                    st.qmp.insert(machine.to_string(), q.clone());
+                    Ok(Liveness::Live(q))
+                }
+                Some(why) => {
+                    drop(q);
+                    stop_stray(shared, st, machine, &why).await
+                }
+            };
+        }
+    };
+    // Nothing of ours per the pid file: a QEMU that names this machine's socket anyway is one a
+    // dead process was starting.
+    if !QemuProcess::by_cmdline(&paths).is_empty() {
+        return stop_stray(shared, st, machine, "a qemu no pid file names (its starter died)").await;
+    }
+    Ok(Liveness::Down(detail))
+}
+
+/// How long an unresponsive QEMU of ours is given to open its QMP socket before it is stopped.
+const UNRESPONSIVE_WAIT: Duration = Duration::from_secs(5);
+
+/// Kills every QEMU of `machine` (by pid file and by command line) that runs what it must not,
+/// and reports the machine down with `why`.
+async fn stop_stray(shared: &EnvShared, st: &mut EnvState, machine: &str, why: &str) -> Result<Liveness> {
+    tracing::warn!(env = %shared.name, machine, why, "stopping a qemu that does not run this machine as recorded");
+    st.forget(machine);
+    kill_all(shared, machine).await?;
+    crate::freeze::clear_markers(shared, machine);
+    Ok(Liveness::Down(Some(format!("stopped a stray qemu: {why}"))))
+}
+
+/// SIGKILLs every QEMU of ours for `machine` — the one its pid file names and any other whose
+/// command line names its QMP socket — and removes its state files.
+async fn kill_all(shared: &EnvShared, machine: &str) -> Result<()> {
+    let paths = qemu_paths(shared, machine);
+    let mut procs = QemuProcess::by_cmdline(&paths);
+    if let Some(p) = QemuProcess::find(&paths).await?
+        && !procs.iter().any(|x| x.pid() == p.pid())
+    {
+        procs.push(p);
+    }
+    for p in &procs {
+        p.kill(GRACE).await?;
+    }
+    crate::process::remove_state_files_of(&paths)
+}
+
+/// `None` when the QEMU `pid` answering on `q` runs `machine` as the record says (adopting a
+/// newer overlay of ours, see [`liveness`]); else why not.
+async fn verify(
+    shared: &EnvShared,
+    st: &mut EnvState,
+    machine: &str,
+    pid: u32,
+    q: &QmpClient,
+) -> Result<Option<String>> {
+    let rec = st.rec(&shared.name)?;
+    let Some(m) = rec.spec.machine(machine) else {
+        return Ok(Some(format!("qemu pid {pid} runs for {machine}, which the record no longer has")));
+    };
+    let expected = machine_config(shared, rec, m)?.argv()?;
+    let paths = qemu_paths(shared, machine);
+    let actual = match QemuProcess::find(&paths).await?.and_then(|p| p.cmdline()) {
+        Some(a) => a,
+        None => return Ok(Some(format!("qemu pid {pid} went away"))),
+    };
+    if normalise(&actual[1.min(actual.len())..]) != normalise(&expected) {
+        return Ok(Some(format!(
+            "qemu pid {pid} was started with another configuration than the record's for {}/{machine}",
+            shared.name
+        )));
+    }
+    let blocks = match q.query_block().await {
+        Ok(b) => b,
+        Err(e) => return Ok(Some(format!("query-block on qemu pid {pid} failed: {e}"))),
+    };
+    let disks: Vec<(String, std::path::PathBuf)> =
+        m.disks.iter().map(|d| Ok((d.name.clone(), rec.top(machine, &d.name)?))).collect::<Result<_>>()?;
+    let mut adopt = Vec::new();
+    for (j, (disk, top)) in disks.iter().enumerate() {
+        let id = disk_id(j);
+        let Some(file) = blocks.iter().find(|b| b.device_id() == Some(id.as_str())).and_then(|b| b.inserted.as_ref())
+        else {
+            return Ok(Some(format!("qemu pid {pid} has no disk device {id} ({disk})")));
+        };
+        let running = std::path::PathBuf::from(&file.file);
+        if crate::gc::canonical(&running) == crate::gc::canonical(top) {
+            continue;
+        }
+        if newer_overlay_of_ours(shared, &running, top).await {
+            adopt.push((disk.clone(), running));
+            continue;
+        }
+        return Ok(Some(format!(
+            "qemu pid {pid} runs {}/{machine}/{disk} on {}, the record's top is {}",
+            shared.name,
+            running.display(),
+            top.display()
+        )));
+    }
+    if !adopt.is_empty() {
+        let rec = st.rec_mut(&shared.name)?;
+        for (disk, file) in adopt {
+            tracing::warn!(env = %shared.name, machine, disk = %disk, top = %file.display(),
+                "adopting the overlay a dead process's freeze switched to before it saved the record");
+            if let Some(n) = layer_number(&file) {
+                rec.next_layer = rec.next_layer.max(n + 1);
             }
-            Err(e) => Liveness::Unknown(format!("qemu pid {pid} does not answer QMP: {e}")),
-        },
-    })
+            rec.disks.insert(crate::store::disk_key(machine, &disk), file);
+        }
+        rec.save(&shared.paths)?;
+    }
+    Ok(None)
+}
+
+/// Whether `running` is a layer file in this environment's `disks/` whose backing chain goes
+/// through `top`.
+async fn newer_overlay_of_ours(shared: &EnvShared, running: &Path, top: &Path) -> bool {
+    let dir = crate::gc::canonical(&shared.paths.disks());
+    let (running, top) = (crate::gc::canonical(running), crate::gc::canonical(top));
+    if running.parent() != Some(dir.as_path()) {
+        return false;
+    }
+    let r = running.clone();
+    let chain = crate::shared::blocking(move || Ok(stagecore_qcow2::chain(&r)?)).await;
+    matches!(chain, Ok(c) if c.iter().skip(1).any(|i| crate::gc::canonical(&i.path) == top))
+}
+
+/// The `n` of a layer file named `<machine>.<disk>.<n>.qcow2` (or `m<k>-` prefixed).
+fn layer_number(file: &Path) -> Option<u64> {
+    let name = file.file_name()?.to_str()?.strip_suffix(".qcow2")?;
+    name.rsplit('.').next()?.parse().ok()
+}
+
+/// An argv with the disk file names left out (QEMU's command line keeps the files it booted on;
+/// live snapshots move its tops since).
+fn normalise(argv: &[std::ffi::OsString]) -> Vec<std::ffi::OsString> {
+    argv.iter()
+        .map(|a| {
+            let text = a.to_string_lossy();
+            match text.strip_prefix("driver=file,filename=") {
+                Some(rest) => {
+                    let tail = rest.find(",node-name=").map_or("", |i| &rest[i..]);
+                    std::ffi::OsString::from(format!("driver=file,{tail}"))
+                }
+                None => a.clone(),
+            }
+        })
+        .collect()
 }
 
 /// `Live` → the session; `Down` → `None`; `Unknown` → `Precondition` (never touch its images).
@@ -191,8 +363,14 @@ pub(crate) async fn stop_machine(shared: &EnvShared, st: &mut EnvState, machine:
     let live = st.qmp.remove(machine);
     st.forget_agent(machine);
     let Some(process) = QemuProcess::find(&paths).await? else {
+        // No pid file names one, but a QEMU a dead process was starting may run all the same.
+        let strays = !QemuProcess::by_cmdline(&paths).is_empty();
+        if strays {
+            tracing::warn!(env = %shared.name, machine, "stopping a qemu no pid file names (its starter died)");
+            kill_all(shared, machine).await?;
+        }
         crate::freeze::clear_markers(shared, machine);
-        return Ok(false);
+        return Ok(strays);
     };
     let span = tracing::info_span!("qemu.stop", env = %shared.name, machine, pid = process.pid());
     async {
@@ -203,6 +381,10 @@ pub(crate) async fn stop_machine(shared: &EnvShared, st: &mut EnvState, machine:
     }
     .instrument(span)
     .await?;
+    // And any other QEMU that names this machine's socket (one a dead process was starting).
+    if !QemuProcess::by_cmdline(&paths).is_empty() {
+        kill_all(shared, machine).await?;
+    }
     crate::freeze::clear_markers(shared, machine);
     Ok(true)
 }

@@ -192,6 +192,8 @@ impl PromotionEngine {
         // Recovery reopens production by name, so the engine's backend must know it.
         self.backend.open(&production).await?;
         let id = format!("pr-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let power: std::collections::BTreeMap<String, PowerState> =
+            req.production.status().await?.into_iter().map(|m| (m.machine, m.power)).collect();
         Ok(Plan {
             snapshot: format!("pre-promotion-{id}"),
             id,
@@ -204,7 +206,8 @@ impl PromotionEngine {
             gates: req.gates.iter().map(|g| g.name().to_string()).collect(),
             production_spec: req.production.spec().await?,
             stage_spec: req.stage.spec().await?,
-            production_running: req.production.status().await?.iter().any(|m| m.power == PowerState::Running),
+            production_running: power.values().any(|p| *p == PowerState::Running),
+            production_power: power,
             host: hostname(),
             pid: std::process::id(),
             started_at: OffsetDateTime::now_utc(),
@@ -223,8 +226,14 @@ impl PromotionEngine {
         }
         let locks = self.locks_dir();
         let prod = production.clone();
-        let attempt = blocking(move || ProductionLock::try_acquire_named(&locks, &prod)).await;
-        let (mut lock, previous) = match attempt {
+        let holder = LockHolder {
+            promotion: id.clone(),
+            host: run.plan.host.clone(),
+            pid: run.plan.pid,
+            since: OffsetDateTime::now_utc(),
+        };
+        let attempt = blocking(move || ProductionLock::try_acquire(&locks, &prod, &holder)).await;
+        let (lock, previous) = match attempt {
             Ok(TryLock::Acquired(lock, previous)) => (lock, previous),
             Ok(TryLock::Busy(holder)) => {
                 run.discard().await?;
@@ -237,25 +246,16 @@ impl PromotionEngine {
         };
         if let Some(prev) = previous.filter(|p| p.promotion != id) {
             if self.journal_dir().join(format!("{}.jsonl", prev.promotion)).exists() {
-                drop(lock);
+                // Not ours to take over: put the dead holder's name back for its recovery.
+                let p = prev.clone();
+                let restored = blocking(move || lock.restore(&p)).await;
                 run.discard().await?;
+                restored?;
                 return Ok(Started::Stale(prev));
             }
             tracing::warn!(%production, stale = %prev, "overwriting a stale lock whose promotion left no journal");
         }
-        let holder = LockHolder {
-            promotion: id,
-            host: run.plan.host.clone(),
-            pid: run.plan.pid,
-            since: OffsetDateTime::now_utc(),
-        };
-        match blocking(move || lock.set_holder(&holder).map(|()| lock)).await {
-            Ok(lock) => run.hold(lock),
-            Err(e) => {
-                run.discard().await?;
-                return Err(e);
-            }
-        }
+        run.hold(lock);
         if let Err(halt) = run.done(t.record("lock", "ok"), None, None).await {
             return Err(self.halted(run, halt, true).await);
         }

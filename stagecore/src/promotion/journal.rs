@@ -2,13 +2,14 @@
 //! `<state_dir>/journal/<promotion-id>.jsonl`, each line a [`JournalEntry`] written and fsync'd
 //! *before* the step it names happens (the `done` and `finished` lines record what happened).
 //!
-//! The file is held with an exclusive `flock(2)` for the promotion's whole life, so recovery can
-//! tell a live promotion (flock busy) from a dead one (flock free). A torn last line (the process
+//! The file is held with an exclusive [`LockFile`] lock (a POSIX record lock: never inherited by
+//! a forked child, dropped by the kernel when its holder dies) for the promotion's whole life, so
+//! recovery can tell a live promotion (lock busy) from a dead one (lock free). A torn last line (the process
 //! died mid-write) is ignored and cut off before anything is appended. The file is removed once
 //! the promotion's receipt is archived and its `finished` line written.
 
-use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{Read, Write};
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::fsutil::{blocking, io_err, remove_durably, sync_dir};
+use super::lockfile::{LockAttempt, LockFile};
 use super::types::{Approval, Outcome, PreconditionPolicy, StepRecord, Strategy};
 use crate::drift::DriftReport;
 use crate::{ChangeSet, EnvironmentSpec, Error, Result};
@@ -48,6 +50,11 @@ pub struct Plan {
     pub stage_spec: EnvironmentSpec,
     /// Whether any production machine was running (restarted after a swap or swap-back).
     pub production_running: bool,
+    /// Each production machine's power state when the promotion started: what a rollback
+    /// restores, and (for the machines the stage also has) what a commit leaves. Journals written
+    /// before this field existed read as empty (then `production_running` decides).
+    #[serde(default)]
+    pub production_power: std::collections::BTreeMap<String, crate::PowerState>,
     /// Host of the promoting process.
     pub host: String,
     /// Pid of the promoting process.
@@ -162,11 +169,11 @@ impl JournalStep {
     }
 }
 
-/// An open, flock'd journal file.
+/// An open, locked journal file.
 #[derive(Debug)]
 pub(crate) struct Journal {
     path: PathBuf,
-    file: Option<Arc<File>>,
+    file: Option<Arc<LockFile>>,
     next_seq: u64,
     promotion: String,
 }
@@ -182,36 +189,45 @@ pub(crate) enum Opened {
 }
 
 impl Journal {
-    /// Creates the journal of a new promotion (fails if it exists) and takes its flock.
+    /// Creates the journal of a new promotion (fails if it exists) and takes its lock.
     pub(crate) async fn create(dir: &Path, promotion: &str) -> Result<Journal> {
         let path = dir.join(format!("{promotion}.jsonl"));
         let (p, d) = (path.clone(), dir.to_path_buf());
         let file = blocking(move || {
-            let f = OpenOptions::new().append(true).create_new(true).open(&p).map_err(|e| io_err(&p, "create", e))?;
-            f.try_lock().map_err(|e| io_err(&p, "flock", e.into()))?;
+            drop(OpenOptions::new().append(true).create_new(true).open(&p).map_err(|e| io_err(&p, "create", e))?);
+            let lock = match LockFile::try_lock(&p, None)? {
+                LockAttempt::Acquired(lock, _) => lock,
+                LockAttempt::Busy { .. } => {
+                    return Err(io_err(
+                        &p,
+                        "lock",
+                        std::io::Error::other("a new journal is locked by another process"),
+                    ));
+                }
+            };
             sync_dir(&d)?;
-            Ok(f)
+            Ok(lock)
         })
         .await?;
         Ok(Journal { path, file: Some(Arc::new(file)), next_seq: 1, promotion: promotion.into() })
     }
 
-    /// Opens an existing journal for recovery: takes its flock if its owner is dead, reads its
+    /// Opens an existing journal for recovery: takes its lock if its owner is dead, reads its
     /// entries, and cuts off a torn last line.
     pub(crate) async fn open_existing(path: PathBuf) -> Result<Opened> {
         blocking(move || {
-            let mut f = match OpenOptions::new().read(true).append(true).open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Opened::Gone),
-                Err(e) => return Err(io_err(&path, "open", e)),
-            };
-            match f.try_lock() {
-                Ok(()) => {}
-                Err(TryLockError::WouldBlock) => return Ok(Opened::Alive),
-                Err(TryLockError::Error(e)) => return Err(io_err(&path, "flock", e)),
+            if !path.exists() {
+                return Ok(Opened::Gone);
             }
+            let lock = match LockFile::try_lock(&path, None)? {
+                LockAttempt::Acquired(lock, _) => lock,
+                LockAttempt::Busy { .. } => return Ok(Opened::Alive),
+            };
+            let mut f = lock.file();
             let mut text = String::new();
-            f.read_to_string(&mut text).map_err(|e| io_err(&path, "read", e))?;
+            f.seek(SeekFrom::Start(0))
+                .and_then(|_| f.read_to_string(&mut text))
+                .map_err(|e| io_err(&path, "read", e))?;
             let (entries, good_len) = parse(&path, &text)?;
             if good_len < text.len() {
                 f.set_len(good_len as u64).and_then(|()| f.sync_data()).map_err(|e| io_err(&path, "truncate", e))?;
@@ -221,7 +237,7 @@ impl Journal {
                 None => path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string(),
             };
             let next_seq = entries.last().map_or(1, |e| e.seq + 1);
-            Ok(Opened::Dead(Journal { path, file: Some(Arc::new(f)), next_seq, promotion }, entries))
+            Ok(Opened::Dead(Journal { path, file: Some(Arc::new(lock)), next_seq, promotion }, entries))
         })
         .await
     }
@@ -235,7 +251,11 @@ impl Journal {
         line.push(b'\n');
         let path = self.path.clone();
         blocking(move || {
-            (&*file).write_all(&line).and_then(|()| file.sync_data()).map_err(|e| io_err(&path, "append", e))
+            let mut f = file.file();
+            f.seek(SeekFrom::End(0))
+                .and_then(|_| f.write_all(&line))
+                .and_then(|()| f.sync_data())
+                .map_err(|e| io_err(&path, "append", e))
         })
         .await?;
         self.next_seq += 1;

@@ -16,6 +16,8 @@ mod fsutil;
 mod gates;
 mod journal;
 mod lock;
+mod lockfile;
+mod power;
 mod rebase;
 mod recovery;
 mod run;
@@ -25,6 +27,7 @@ mod types;
 pub use engine::{CrashPoint, PromotionEngine};
 pub use gates::{PROBE_MARKER, PROBE_SCRIPT, Probe, ProbeGate, ProbeResult, TestReport, test_environment};
 pub use journal::{JournalEntry, JournalStep, Plan};
+pub use lockfile::{LockAttempt, LockFile, LockRecord, describe_holder, locked_error};
 pub use rebase::{Conflict, ConflictReport, RebaseOptions, RebaseOutcome, rebase};
 pub use types::{
     Approval, Gate, GateContext, GateVerdict, Outcome, PreconditionPolicy, Promotion, PromotionRequest, Receipt,

@@ -63,20 +63,25 @@ impl PromotionEngine {
 
     async fn recover_run(&self, mut run: Run) -> Result<Option<Receipt>> {
         let (locks, production, id) = (self.locks_dir(), run.plan.production.clone(), run.plan.id.clone());
-        let attempt = blocking(move || ProductionLock::try_acquire(&locks, &production)).await?;
+        let holder = LockHolder {
+            promotion: id.clone(),
+            host: hostname(),
+            pid: std::process::id(),
+            since: OffsetDateTime::now_utc(),
+        };
+        let attempt = blocking(move || ProductionLock::try_acquire(&locks, &production, &holder)).await?;
         let never_locked = !run.lock_recorded();
         match attempt {
             TryLock::Acquired(lock, previous) if previous.as_ref().is_some_and(|h| h.promotion == id) => run.hold(lock),
-            TryLock::Acquired(_, _) | TryLock::Busy(_) if never_locked || run.finished.is_some() => {}
-            TryLock::Acquired(mut lock, _) => {
-                let holder = LockHolder {
-                    promotion: id,
-                    host: hostname(),
-                    pid: std::process::id(),
-                    since: OffsetDateTime::now_utc(),
-                };
-                run.hold(blocking(move || lock.set_holder(&holder).map(|()| lock)).await?);
+            TryLock::Acquired(lock, Some(previous)) if never_locked || run.finished.is_some() => {
+                // Another promotion's stale lock: leave its name for its own recovery.
+                blocking(move || lock.restore(&previous)).await?;
             }
+            TryLock::Acquired(lock, None) if never_locked || run.finished.is_some() => {
+                blocking(move || lock.release()).await?;
+            }
+            TryLock::Busy(_) if never_locked || run.finished.is_some() => {}
+            TryLock::Acquired(lock, _) => run.hold(lock),
             TryLock::Busy(holder) => {
                 tracing::info!(?holder, "production is locked by a live promotion; recovery deferred");
                 run.abandon();
@@ -109,7 +114,10 @@ impl PromotionEngine {
         let production = self.backend().open(&run.plan.production).await?;
         match run.decision.clone() {
             Some(JournalStep::Commit) => {
-                if !run.last_done_is("commit") {
+                if run.last_done_is("commit") {
+                    // Killed after the commit step: its power states still hold (or are restored).
+                    steps::planned_power(&*production, &run.plan).await?;
+                } else {
                     steps::commit(run, &*production).await?;
                 }
                 Ok(Outcome::Committed)

@@ -323,7 +323,17 @@ pub(crate) async fn commit(run: &mut Run, production: &dyn Environment) -> Resul
     if has_snapshot(production, &run.plan.snapshot).await? {
         production.delete_snapshot(&run.plan.snapshot).await?;
     }
-    run.done(t.record("commit", "ok"), None, None).await
+    let note = match planned_power(production, &run.plan).await? {
+        power if power.is_empty() => "ok".to_string(),
+        power => format!("ok; power as planned: {power}"),
+    };
+    run.done(t.record("commit", note), None, None).await
+}
+
+/// After a commit: production's machines at their planned power states — each machine as it was
+/// before the promotion (a swap's machines by name). A no-op when they already are.
+pub(crate) async fn planned_power(production: &dyn Environment, plan: &Plan) -> Result<String> {
+    super::power::restore(production, &plan.production_power, plan.production_running).await
 }
 
 /// Whether production's machines are the stage's (swapped), judged by disk sources; `None` when
@@ -383,13 +393,15 @@ async fn undo(run: &Run, backend: &dyn Backend, production: &dyn Environment) ->
                     )));
                 }
             };
-            if plan.production_running {
-                production.start().await?;
-            }
             note.to_string()
         }
         _ => "production was not changed".to_string(),
     };
+    // A killed config change, revert or swap may have left machines stopped (or started).
+    let power = super::power::restore(production, &plan.production_power, plan.production_running).await?;
+    if !power.is_empty() {
+        note.push_str(&format!("; power restored: {power}"));
+    }
     if snapshot_left {
         production.delete_snapshot(&plan.snapshot).await?;
         note.push_str("; pre-promotion snapshot deleted");

@@ -194,6 +194,11 @@ impl Launcher {
     }
 }
 
+/// Removes a dead machine's pid file and socket (missing files are fine).
+pub(crate) fn remove_state_files_of(paths: &QemuPaths) -> Result<()> {
+    remove_state_files(paths)
+}
+
 /// The text QEMU logged since `offset` (its last 2000 bytes), for startup errors.
 fn log_tail(log: &Path, offset: u64) -> String {
     let text = std::fs::read(log).unwrap_or_default();
@@ -241,6 +246,34 @@ impl QemuProcess {
             }
             _ => Ok(None),
         }
+    }
+
+    /// Every live QEMU of ours for the machine of `paths` found in /proc by its command line
+    /// (it names the machine's QMP socket), whether or not a pid file names it — e.g. one that a
+    /// killed process was starting and that has not written its pid file yet.
+    pub fn by_cmdline(paths: &QemuPaths) -> Vec<QemuProcess> {
+        state::pids_naming(&paths.qmp_socket)
+            .into_iter()
+            .filter_map(|pid| {
+                let start = start_time(pid)?;
+                Some(QemuProcess { pid, start: Some(start), paths: paths.clone(), exit: None })
+            })
+            .collect()
+    }
+
+    /// The process's command line (argv, the binary first), `None` once it is gone.
+    pub fn cmdline(&self) -> Option<Vec<OsString>> {
+        let raw = std::fs::read(format!("/proc/{}/cmdline", self.pid)).ok()?;
+        if raw.is_empty() || !self.is_alive() {
+            return None;
+        }
+        use std::os::unix::ffi::OsStrExt;
+        Some(
+            raw.split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| std::ffi::OsStr::from_bytes(a).to_os_string())
+                .collect(),
+        )
     }
 
     /// QEMU's pid.

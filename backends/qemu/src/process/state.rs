@@ -84,6 +84,19 @@ pub(crate) fn liveness(pid: u32, socket: &Path) -> Liveness {
     if ours { Liveness::Ours } else { Liveness::Foreign }
 }
 
+/// The pids of live processes whose command line names `socket` (our QEMUs of one machine),
+/// found by scanning /proc.
+pub(crate) fn pids_naming(socket: &Path) -> Vec<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me && liveness(pid, socket) == Liveness::Ours)
+        .collect()
+}
+
 /// Reads the pid file: `Ok(None)` when absent, `Err(content)` when it holds no pid.
 pub(crate) fn read_pidfile(pidfile: &Path) -> Result<Option<std::result::Result<u32, String>>> {
     match std::fs::read_to_string(pidfile) {
