@@ -128,6 +128,7 @@ mod tests {
                 "pkg-config",
                 "mmdebstrap",
                 "e2fsprogs",
+                "ovmf",
             ]
         );
         assert_eq!(cmd.env, [("DEBIAN_FRONTEND".to_string(), "noninteractive".to_string())]);
@@ -136,7 +137,7 @@ mod tests {
             "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
              --allow-downgrades qemu-system-x86 qemu-utils=1:7.2+dfsg-7+deb12u18+b3 \
              libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config \
-             mmdebstrap e2fsprogs"
+             mmdebstrap e2fsprogs ovmf"
         );
     }
 

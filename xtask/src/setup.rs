@@ -61,12 +61,18 @@ fn kvm_permissions() -> Result<()> {
     run("setup: chmod 0660 /dev/kvm", Command::new("chmod").args(["0660", "/dev/kvm"]))
 }
 
+/// The OVMF firmware file the libvirt UEFI tests boot (Debian package `ovmf`).
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+
 /// Everything that is missing or inconsistent, as human-readable lines; empty when ready.
 fn problems() -> Vec<String> {
     let mut found: Vec<String> =
         PROGRAMS.iter().filter(|p| find_program(p).is_none()).map(|p| format!("missing program {p}")).collect();
     if find_program("pkg-config").is_some() && !libvirt_pc_exists() {
         found.push("missing pkg-config file libvirt.pc (libvirt-dev)".to_string());
+    }
+    if !std::path::Path::new(OVMF_CODE).exists() {
+        found.push(format!("missing UEFI firmware {OVMF_CODE} (ovmf)"));
     }
     if let Some(mismatch) = version_mismatch() {
         found.push(mismatch);

@@ -113,6 +113,18 @@ fn precheck(
     Ok(())
 }
 
+/// Test fault: when [`crate::quiesce::FAULT_ENV`] is `baseline-fail:<domain>`, layering that
+/// domain fails (after the machines before it were moved), so the rollback can be tested with
+/// real domains.
+fn fail_point(domain: &str) -> Result<()> {
+    match std::env::var(crate::quiesce::FAULT_ENV) {
+        Ok(v) if v.strip_prefix("baseline-fail:") == Some(domain) => {
+            Err(Error::backend_msg(NAME, format!("fault injected: layering {domain} fails")))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// One machine moved onto new layers, as the rollback needs it.
 struct Done {
     name: String,
@@ -157,6 +169,7 @@ async fn capture(shared: &Shared, env: &str, ms: &[Machine], tag: &str) -> Resul
                     suspended.push(dom);
                 }
                 for (name, active, tree, plans) in &work {
+                    fail_point(name)?;
                     let dom = lv(uri, "domain", name, c.lookup_domain_by_name(name))?;
                     if *active {
                         let flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
