@@ -35,7 +35,8 @@ pub const SIM_PASSWORD: &str = "sim-Passw0rd!";
 /// The VI/JSON releases the simulator knows, oldest first (VI/JSON starts with vSphere 8.0U1).
 pub const VIM_RELEASES: [&str; 4] = ["8.0.1.0", "8.0.2.0", "8.0.3.0", "9.0.0.0"];
 
-/// One VI/JSON answer the simulator gave, kept so tests can check it against the specification.
+/// One VI/JSON request and the answer the simulator gave, kept so tests can check both against the
+/// specification.
 #[derive(Clone, Debug)]
 pub struct VimAnswer {
     /// HTTP method.
@@ -46,6 +47,9 @@ pub struct VimAnswer {
     pub status: u16,
     /// The JSON body, `None` when empty.
     pub body: Option<serde_json::Value>,
+    /// The request's JSON body, `None` when empty (the request log: tests check it against the
+    /// method's request type in the specification).
+    pub request: Option<serde_json::Value>,
 }
 
 /// The current time in RFC 3339 (`2026-12-01T08:52:12.123Z`).

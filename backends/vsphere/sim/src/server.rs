@@ -112,6 +112,7 @@ async fn dispatch(
             path: req.path.clone(),
             status: reply.status,
             body: reply.body.clone(),
+            request: req.body.clone(),
         });
         reply
     } else if req.path == "/guestFile" && !burst {

@@ -4,10 +4,13 @@
 //! any unknown `_typeName` of a polymorphic field and any mistyped value, so a pass means the
 //! answer has the shape the specification gives it.
 //!
-//! Two tests: `vim_rs`'s own client drives the simulator (release negotiation, anonymous
+//! Three tests: `vim_rs`'s own client drives the simulator (release negotiation, anonymous
 //! `ServiceContent`, login through the announced SessionManager, typed property reads and method
-//! calls), and every answer the simulator gave while `stagecore_vsphere::VsphereClient` ran each
-//! VI/JSON method the backend uses (faults included) is deserialised into its declared type.
+//! calls); every answer the simulator gave while `stagecore_vsphere::VsphereClient` ran each
+//! VI/JSON method the backend uses (faults included) is deserialised into its declared type; and
+//! every VI/JSON **request** body the client and the backend (`VsphereBackend`: baseline, linked
+//! and full fenced stages, drift, snapshots, revert, destroy) sent is checked against the method's
+//! request type (see [`check_request`]).
 
 use serde_json::Value;
 use stagecore::Secret;
@@ -15,6 +18,151 @@ use stagecore_vsphere::{LinkedCloneSpec, MoRef, Reconfig, RetryPolicy, TaskPolic
 use stagecore_vsphere_sim::{SIM_PASSWORD, SIM_USER, SimOptions, Simulator, VimAnswer};
 use std::time::Duration;
 use vim_rs::types::structs;
+
+/// Deserialises `v` as `T` and serialises it back (what `vim_rs` understood of it).
+fn round_trip<T: miniserde::Deserialize + miniserde::Serialize>(v: &Value) -> Result<Value, String> {
+    let t: T = miniserde::json::from_str(&v.to_string())
+        .map_err(|e| format!("not a {}: {e:?}", std::any::type_name::<T>()))?;
+    serde_json::from_str(&miniserde::json::to_string(&t)).map_err(|e| e.to_string())
+}
+
+/// Every member of `sent` survives the round trip unchanged: a member the type does not declare
+/// (`vim_rs` ignores unknown members when reading) or a changed value is a finding.
+fn covered(sent: &Value, back: &Value, at: &str, findings: &mut Vec<String>) {
+    match (sent, back) {
+        (Value::Object(s), Value::Object(b)) => {
+            for (k, v) in s {
+                match b.get(k) {
+                    Some(bv) => covered(v, bv, &format!("{at}/{k}"), findings),
+                    None => findings.push(format!("{at}/{k}: not a property of the declared type")),
+                }
+            }
+        }
+        (Value::Array(s), Value::Array(b)) if s.len() == b.len() => {
+            for (i, (v, bv)) in s.iter().zip(b).enumerate() {
+                covered(v, bv, &format!("{at}/{i}"), findings);
+            }
+        }
+        (Value::Number(s), Value::Number(b)) if s.as_f64() == b.as_f64() => {}
+        (s, b) if s == b => {}
+        (s, b) => findings.push(format!("{at}: sent {s}, read as {b}")),
+    }
+}
+
+type Param = (&'static str, bool, fn(&Value) -> Result<Value, String>);
+
+/// The parameters of each VI/JSON method the backend calls, as `vim_rs` declares them in its
+/// (private, serialise-only) `*RequestType` structs (`src/mo/*.rs` of vim_rs 0.7.0): name,
+/// required, and the specification type of the value.
+fn request_type(method: &str) -> Option<(&'static str, Vec<Param>)> {
+    use structs::{ManagedObjectReference as MoRef, VirtualMachineCloneSpec, VirtualMachineConfigSpec};
+    let s = round_trip::<String>;
+    let b = round_trip::<bool>;
+    Some(match method {
+        "Login" => ("LoginRequestType", vec![("userName", true, s), ("password", true, s), ("locale", false, s)]),
+        "Logout" => ("LogoutRequestType", vec![]),
+        "CancelTask" => ("CancelTaskRequestType", vec![]),
+        "CreateSnapshotEx_Task" => (
+            "CreateSnapshotExRequestType",
+            vec![
+                ("name", true, s),
+                ("description", false, s),
+                ("memory", true, b),
+                ("quiesceSpec", false, round_trip::<structs::VirtualMachineGuestQuiesceSpec>),
+            ],
+        ),
+        "RevertToSnapshot_Task" => {
+            ("RevertToSnapshotRequestType", vec![("host", false, round_trip::<MoRef>), ("suppressPowerOn", false, b)])
+        }
+        "RemoveSnapshot_Task" => {
+            ("RemoveSnapshotRequestType", vec![("removeChildren", true, b), ("consolidate", false, b)])
+        }
+        "CloneVM_Task" => (
+            "CloneVMRequestType",
+            vec![
+                ("folder", true, round_trip::<MoRef>),
+                ("name", true, s),
+                ("spec", true, round_trip::<VirtualMachineCloneSpec>),
+            ],
+        ),
+        "ReconfigVM_Task" => ("ReconfigVMRequestType", vec![("spec", true, round_trip::<VirtualMachineConfigSpec>)]),
+        "QueryChangedDiskAreas" => (
+            "QueryChangedDiskAreasRequestType",
+            vec![
+                ("snapshot", false, round_trip::<MoRef>),
+                ("deviceKey", true, round_trip::<i32>),
+                ("startOffset", true, round_trip::<i64>),
+                ("changeId", true, s),
+            ],
+        ),
+        _ => return None,
+    })
+}
+
+/// A request body against its method's request type: no member the type lacks (at any depth),
+/// every required parameter present, every value of its declared type. `Ok(None)`: a read
+/// (GET, no body) or the test's deliberate call of an unknown method.
+fn check_request(a: &VimAnswer) -> Result<Option<&'static str>, String> {
+    if a.method == "GET" {
+        return match &a.request {
+            None => Ok(None),
+            Some(b) => Err(format!("a GET with a body: {b}")),
+        };
+    }
+    let method = a.path.trim_start_matches("/sdk/vim25/").split('/').nth(3).unwrap_or("");
+    let Some((type_name, params)) = request_type(method) else {
+        let fault = a.body.as_ref().and_then(|b| b["_typeName"].as_str());
+        return match fault {
+            Some("MethodNotFound") => Ok(None),
+            _ => Err(format!("no request type known for {method}")),
+        };
+    };
+    let empty = serde_json::Map::new();
+    let body = match &a.request {
+        None => &empty,
+        Some(Value::Object(m)) => m,
+        Some(other) => return Err(format!("{type_name}: the body is not an object: {other}")),
+    };
+    let mut findings = Vec::new();
+    for (k, v) in body {
+        if k == "_typeName" {
+            if v != type_name {
+                findings.push(format!("_typeName {v} is not {type_name}"));
+            }
+            continue;
+        }
+        match params.iter().find(|p| p.0 == k) {
+            None => findings.push(format!("{k}: not a parameter of {type_name}")),
+            Some((_, _, read)) => match read(v) {
+                Ok(back) => covered(v, &back, &format!("/{k}"), &mut findings),
+                Err(e) => findings.push(format!("{k}: {e}")),
+            },
+        }
+    }
+    for (name, required, _) in &params {
+        if *required && !body.contains_key(*name) {
+            findings.push(format!("required parameter {name} is missing"));
+        }
+    }
+    if findings.is_empty() { Ok(Some(type_name)) } else { Err(format!("{type_name}: {}", findings.join("; "))) }
+}
+
+/// Checks every request of `answers`; returns the request types seen.
+fn assert_requests_conform(answers: &[VimAnswer]) -> std::collections::BTreeSet<&'static str> {
+    let mut failures = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for a in answers {
+        match check_request(a) {
+            Ok(Some(t)) => {
+                seen.insert(t);
+            }
+            Ok(None) => {}
+            Err(e) => failures.push(format!("{} {}: {e}\n  body: {:?}", a.method, a.path, a.request)),
+        }
+    }
+    assert!(failures.is_empty(), "{} requests do not conform:\n{}", failures.len(), failures.join("\n"));
+    seen
+}
 
 fn https_client(sim: &Simulator) -> reqwest::Client {
     let ca = reqwest::Certificate::from_pem(sim.ca_pem().as_bytes()).expect("CA PEM");
@@ -201,6 +349,20 @@ async fn every_answer_the_simulator_gives_is_shaped_as_the_specification_says() 
         }
     }
     assert!(failures.is_empty(), "{} answers do not conform:\n{}", failures.len(), failures.join("\n"));
+    let requests = assert_requests_conform(&answers);
+    for t in [
+        "LoginRequestType",
+        "LogoutRequestType",
+        "CancelTaskRequestType",
+        "CreateSnapshotExRequestType",
+        "RevertToSnapshotRequestType",
+        "RemoveSnapshotRequestType",
+        "CloneVMRequestType",
+        "ReconfigVMRequestType",
+        "QueryChangedDiskAreasRequestType",
+    ] {
+        assert!(requests.contains(t), "no {t} request was checked: {requests:?}");
+    }
     for expected in [
         "ServiceInstance ServiceContent",
         "SessionManager UserSession",
@@ -223,4 +385,87 @@ async fn every_answer_the_simulator_gives_is_shaped_as_the_specification_says() 
     assert!(progress, "a running task reports progress");
     eprintln!("checked {} VI/JSON answers against vim_rs types: {seen:?}", answers.len());
     assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+}
+
+/// The backend's own calls (not only the client's methods one by one): every VI/JSON request body
+/// `VsphereBackend` sends while it takes a baseline, makes fenced linked and full stages, reports
+/// drift (CBT, probe snapshots), snapshots, reverts and destroys, against the request types.
+#[tokio::test]
+async fn every_request_the_backend_sends_is_a_request_type_of_the_specification() {
+    use stagecore::{Backend, BackendExt, Selector, StageOptions};
+    let sim = Simulator::start(SimOptions::default()).await.unwrap();
+    let dir = std::env::temp_dir().join(format!("stagecore-vim-requests-{}", std::process::id()));
+    let mut opts = stagecore_vsphere::VsphereOptions::new(&dir);
+    opts.isolated_network = Some("isolated-pg".into());
+    opts.folder = Some("stage".into());
+    let backend = stagecore_vsphere::VsphereBackend::connect(config(&sim), opts).await.unwrap();
+    backend
+        .client()
+        .reconfigure("vm-102", &Reconfig { change_tracking: Some(true), ..Default::default() })
+        .await
+        .unwrap();
+    let names = vec!["web".to_string(), "db".to_string()];
+    let prod = backend.attach(&Selector::Machines { environment: "prod".into(), names }).await.unwrap();
+    let baseline = prod.take_baseline().await.unwrap();
+    let linked = backend.stage(&baseline, &StageOptions::linked("s-linked")).await.unwrap();
+    let full = backend.stage(&baseline, &StageOptions::full("s-full")).await.unwrap();
+    sim.guest_write("vm-101", 2000, 0, 4096).unwrap();
+    backend.drift(&*prod, &*linked).await.unwrap();
+    backend.drift(&*prod, &*full).await.unwrap();
+    linked.create_snapshot("one").await.unwrap();
+    linked.apply(&stagecore::Change::SetMemory { machine: "web".into(), memory_mib: 4096 }).await.unwrap();
+    linked.revert_snapshot("one").await.unwrap();
+    linked.delete_snapshot("one").await.unwrap();
+    for name in ["s-linked", "s-full", "prod"] {
+        backend.destroy(name).await.unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let seen = assert_requests_conform(&sim.vim_answers());
+    for t in [
+        "LoginRequestType",
+        "CreateSnapshotExRequestType",
+        "RevertToSnapshotRequestType",
+        "RemoveSnapshotRequestType",
+        "CloneVMRequestType",
+        "ReconfigVMRequestType",
+        "QueryChangedDiskAreasRequestType",
+    ] {
+        assert!(seen.contains(t), "the backend sent no {t}: {seen:?}");
+    }
+    eprintln!("checked the backend's VI/JSON requests against vim_rs types: {seen:?}");
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+}
+
+/// The request check can fail: an unknown member deep in a clone spec, a missing required
+/// parameter, a mistyped value and an unknown parameter are each found.
+#[test]
+fn the_request_check_finds_unknown_missing_and_mistyped_members() {
+    let answer = |method: &str, body: Value| VimAnswer {
+        method: "POST".into(),
+        path: format!("/sdk/vim25/8.0.2.0/VirtualMachine/vm-101/{method}"),
+        status: 200,
+        body: None,
+        request: Some(body),
+    };
+    let folder = serde_json::json!({"_typeName": "ManagedObjectReference", "type": "Folder", "value": "group-v11"});
+    let good = serde_json::json!({"folder": folder, "name": "x", "spec": {"_typeName": "VirtualMachineCloneSpec",
+        "location": {"_typeName": "VirtualMachineRelocateSpec", "diskMoveType": "createNewChildDiskBacking"},
+        "powerOn": false, "template": false}});
+    assert_eq!(check_request(&answer("CloneVM_Task", good.clone())), Ok(Some("CloneVMRequestType")));
+    let mut unknown = good.clone();
+    unknown["spec"]["location"]["diskMoveTypo"] = serde_json::json!("x");
+    let e = check_request(&answer("CloneVM_Task", unknown)).unwrap_err();
+    assert!(e.contains("/spec/location/diskMoveTypo: not a property"), "{e}");
+    let mut missing = good.clone();
+    missing.as_object_mut().unwrap().remove("name");
+    assert!(check_request(&answer("CloneVM_Task", missing)).unwrap_err().contains("name is missing"));
+    let e = check_request(&answer("RemoveSnapshot_Task", serde_json::json!({"removeChildren": "yes"}))).unwrap_err();
+    assert!(e.contains("removeChildren"), "{e}");
+    let e = check_request(&answer(
+        "QueryChangedDiskAreas",
+        serde_json::json!({"deviceKey": 2000, "startOffset": 0,
+        "changeId": "*", "sector": 1}),
+    ))
+    .unwrap_err();
+    assert!(e.contains("sector: not a parameter"), "{e}");
 }
