@@ -47,7 +47,8 @@ impl Clock {
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let which = args.iter().position(|a| a == "--backend").and_then(|i| args.get(i + 1)).map(String::as_str);
-    let work = tempfile::tempdir()?;
+    let work =
+        tempfile::tempdir().map_err(|e| stagecore::Error::io("creating a directory in", std::env::temp_dir(), e))?;
     let demo = common::backend(which.unwrap_or(common::DEFAULT_BACKEND), work.path()).await?;
     let backend = demo.backend.clone();
     let clock = Clock(Instant::now());

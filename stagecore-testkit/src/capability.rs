@@ -2,9 +2,7 @@
 //! [`Error::NotSupported`], before anything changes (the spec and the environment list are as
 //! before), and the `disk_io` / `guest_channel` accessors agree with the declaration.
 
-use stagecore::{
-    Change, CloneKind, DiskFormat, DiskSpec, Error, NicSpec, StageOptions, memory::sample_spec,
-};
+use stagecore::{Change, CloneKind, DiskFormat, DiskSpec, Error, NicSpec, StageOptions, memory::sample_spec};
 
 use crate::{Kit, cleanup, unique};
 
@@ -65,9 +63,12 @@ pub async fn declared_false_gives_not_supported(kit: &Kit) {
     let baseline = prod.take_baseline().await.expect("baseline");
     let before: Vec<String> = kit.backend.list().await.expect("list").into_iter().map(|e| e.name).collect();
     let allowed_kind = if caps.linked_clone { CloneKind::Linked } else { CloneKind::Full };
-    for (has, kind, what) in [(caps.linked_clone, CloneKind::Linked, "linked_clone"), (caps.full_clone, CloneKind::Full, "full_clone")] {
+    for (has, kind, what) in
+        [(caps.linked_clone, CloneKind::Linked, "linked_clone"), (caps.full_clone, CloneKind::Full, "full_clone")]
+    {
         if !has {
-            let opts = StageOptions { clone: kind, fenced: caps.fencing, ..StageOptions::linked(unique("kit-nostage")) };
+            let opts =
+                StageOptions { clone: kind, fenced: caps.fencing, ..StageOptions::linked(unique("kit-nostage")) };
             expect_not_supported(what, kit.backend.stage(&baseline, &opts).await);
         }
     }

@@ -55,14 +55,18 @@ pub fn cases() -> Vec<Case> {
         case!("identity_safety", |c| [(c.linked_clone, "linked_clone")], |k: Kit| async move {
             clone::identity_safety(&k).await
         }),
-        case!("linked_clone", |c| [(c.linked_clone, "linked_clone")], |k: Kit| async move {
-            clone::linked_clone(&k).await
-        }),
+        case!(
+            "linked_clone",
+            |c| [(c.linked_clone, "linked_clone")],
+            |k: Kit| async move { clone::linked_clone(&k).await }
+        ),
         case!("full_clone", |c| [(c.full_clone, "full_clone")], |k: Kit| async move { clone::full_clone(&k).await }),
         case!("fencing_flag", |c| [(c.fencing, "fencing")], |k: Kit| async move { clone::fencing_flag(&k).await }),
-        case!("add_nic_gets_new_mac", |c| [(c.linked_clone, "linked_clone"), (c.changes.add_nic, "add_nic")], |k: Kit| async move {
-            clone::add_nic_gets_new_mac(&k).await
-        }),
+        case!(
+            "add_nic_gets_new_mac",
+            |c| [(c.linked_clone, "linked_clone"), (c.changes.add_nic, "add_nic")],
+            |k: Kit| async move { clone::add_nic_gets_new_mac(&k).await }
+        ),
         case!("zero_drift_after_clone", |c| [(c.linked_clone, "linked_clone")], |k: Kit| async move {
             invariants::zero_drift_after_clone(&k).await
         }),
@@ -73,21 +77,27 @@ pub fn cases() -> Vec<Case> {
         case!("production_untouched", |c| [(c.disk_io, "disk_io")], |k: Kit| async move {
             invariants::production_untouched(&k).await
         }),
-        case!("snapshot_revert_restores", |c| [(c.disk_io, "disk_io"), (c.changes.set_memory, "set_memory")], |k: Kit| async move {
-            snapshot::snapshot_revert_restores(&k).await
-        }),
-        case!("change_set_is_intended", |c| [(c.disk_io, "disk_io"), (c.changes.set_memory, "set_memory"), (c.changes.write_disk, "write_disk")], |k: Kit| async move {
-            drift::change_set_is_intended(&k).await
-        }),
+        case!(
+            "snapshot_revert_restores",
+            |c| [(c.disk_io, "disk_io"), (c.changes.set_memory, "set_memory")],
+            |k: Kit| async move { snapshot::snapshot_revert_restores(&k).await }
+        ),
+        case!(
+            "change_set_is_intended",
+            |c| [(c.disk_io, "disk_io"), (c.changes.set_memory, "set_memory"), (c.changes.write_disk, "write_disk")],
+            |k: Kit| async move { drift::change_set_is_intended(&k).await }
+        ),
         case!("stage_config_edit_is_drift", |c| [(c.changes.set_memory, "set_memory")], |k: Kit| async move {
             drift::stage_config_edit_is_drift(&k).await
         }),
         case!("both_sides_is_conflict", |c| [(c.changes.set_vcpus, "set_vcpus")], |k: Kit| async move {
             drift::both_sides_is_conflict(&k).await
         }),
-        case!("production_disk_write_is_drift", |c| [(c.disk_io, "disk_io"), (c.disk_drift, "disk_drift")], |k: Kit| async move {
-            drift::production_disk_write_is_drift(&k).await
-        }),
+        case!(
+            "production_disk_write_is_drift",
+            |c| [(c.disk_io, "disk_io"), (c.disk_drift, "disk_drift")],
+            |k: Kit| async move { drift::production_disk_write_is_drift(&k).await }
+        ),
         case!("promotion_replay_commits", |c| [promo(c)], |k: Kit| async move { promotion::replay_commits(&k).await }),
         case!("promotion_gate_failure_rolls_back", |c| [promo(c)], |k: Kit| async move {
             promotion::gate_failure_rolls_back(&k).await

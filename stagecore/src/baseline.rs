@@ -80,4 +80,3 @@ pub enum ConsistencyLevel {
     /// The machine was not running: its disks were at rest.
     Stopped,
 }
-

@@ -249,4 +249,3 @@ impl Snapshot for CheckedEnvironment {
         self.inner.delete_snapshot(name).await
     }
 }
-

@@ -37,4 +37,3 @@ pub struct SnapshotInfo {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub machines: BTreeMap<String, MachineConsistency>,
 }
-

@@ -102,4 +102,3 @@ impl StageOptions {
         crate::name::check(&probe).map_err(|r| crate::Error::invalid("stage.name_prefix", format!("prefix {r}")))
     }
 }
-

@@ -224,7 +224,9 @@ impl Backend for LibvirtBackend {
         c.atomic_snapshot = true;
         c.disk_drift = true;
         c.disk_io = true;
-        c.config_changes = true;
+        // Every kind but ReplaceDiskImage (refused in `apply`: it needs a volume import).
+        c.changes = stagecore::ChangeKinds::all();
+        c.changes.replace_disk_image = false;
         c.persistent = true;
         c.swap = true;
         c.guest_channel = true;

@@ -55,7 +55,7 @@ pub(crate) fn map(e: &virt::error::Error, ctx: Ctx<'_>) -> Error {
             Error::Timeout { operation: format!("{} {}: {msg}", ctx.kind, ctx.name), seconds: 0.0 }
         }
         ErrorNumber::NoSupport | ErrorNumber::OperationUnsupported | ErrorNumber::ArgumentUnsupported => {
-            Error::Backend { backend: NAME, source: format!("{} {}: not supported: {msg}", ctx.kind, ctx.name).into() }
+            Error::backend_msg(NAME, format!("{} {}: not supported: {msg}", ctx.kind, ctx.name))
         }
         ErrorNumber::XmlError | ErrorNumber::XmlDetail | ErrorNumber::XmlInvalidSchema | ErrorNumber::InvalidArg => {
             Error::invalid(format!("{} {}", ctx.kind, ctx.name), msg)

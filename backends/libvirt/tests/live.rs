@@ -240,7 +240,7 @@ async fn attach_by_name_and_label_does_not_edit_definitions() {
         .expect("attach again");
     virsh(&["undefine", &names[1]]);
     let err = again.spec().await.unwrap_err();
-    assert!(matches!(&err, Error::NotFound { kind: "domain", name } if *name == names[1]), "{err}");
+    assert!(matches!(&err, Error::NotFound { kind: "domain", name, .. } if *name == names[1]), "{err}");
     assert!(matches!(again.take_baseline().await, Err(Error::NotFound { kind: "domain", .. })));
     backend.destroy(&env_name).await.expect("an attached production can be forgotten even when its domains are gone");
     assert!(matches!(backend.open(&env_name).await, Err(Error::NotFound { .. })));

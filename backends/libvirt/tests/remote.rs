@@ -58,7 +58,7 @@ async fn remote_uri_works_without_local_files_and_says_not_checked() {
     let remote = LibvirtBackend::connect(&uri, g.dir.join("remote-state")).await.expect("connect over TCP");
     assert_eq!(remote.uri(), uri);
     let caps = remote.capabilities();
-    assert!(caps.config_changes && caps.persistent && caps.fencing && caps.swap, "{caps:?}");
+    assert!(caps.changes.set_memory && caps.persistent && caps.fencing && caps.swap, "{caps:?}");
     assert!(caps.create && caps.linked_clone && caps.full_clone && caps.disk_io && caps.disk_drift, "{caps:?}");
 
     // What works over the wire: open, inspect, power, config changes, listing, attach.

@@ -108,7 +108,9 @@ fn missing_backing_is_not_found_naming_it_and_loops_are_detected() {
     let e = chain(&top).unwrap_err();
     assert!(matches!(&e, Error::NotFound { kind: "backing file", path } if path == &base), "{e}");
     let core = stagecore::Error::from(e);
-    assert!(matches!(&core, stagecore::Error::NotFound { kind: "backing file", name } if name.contains("base.qcow2")));
+    assert!(
+        matches!(&core, stagecore::Error::NotFound { kind: "backing file", name, .. } if name.contains("base.qcow2"))
+    );
 
     let (a, b) = (p(&d, "a.qcow2"), p(&d, "b.qcow2"));
     create_qcow2(&a, "1M");

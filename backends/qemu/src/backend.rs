@@ -192,7 +192,7 @@ impl Backend for QemuBackend {
         c.atomic_snapshot = true;
         c.disk_drift = true;
         c.disk_io = true;
-        c.config_changes = true;
+        c.changes = stagecore::ChangeKinds::all();
         c.persistent = true;
         c.swap = true;
         c.guest_channel = true;

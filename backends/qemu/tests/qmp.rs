@@ -305,7 +305,9 @@ async fn a_missing_binary_is_named() {
     let config = common::config_in(dir.path(), 1);
     let launcher = Launcher { binary: "/nonexistent/bin/qemu-system-x86_64".into(), ..Launcher::default() };
     match launcher.launch(&config).await {
-        Err(Error::NotFound { kind: "qemu binary", name }) => assert_eq!(name, "/nonexistent/bin/qemu-system-x86_64"),
+        Err(Error::NotFound { kind: "qemu binary", name, .. }) => {
+            assert_eq!(name, "/nonexistent/bin/qemu-system-x86_64")
+        }
         other => panic!("expected NotFound naming the binary, got {other:?}"),
     }
     assert!(!config.pidfile.exists() && !config.qmp_socket.exists());
@@ -318,7 +320,7 @@ async fn a_missing_disk_is_named_and_a_failing_start_quotes_the_log() {
     let missing = dir.path().join("missing.qcow2");
     config.disks[0].path = missing.clone();
     match Launcher::default().launch(&config).await {
-        Err(Error::NotFound { kind: "disk image", name }) => assert_eq!(name, missing.display().to_string()),
+        Err(Error::NotFound { kind: "disk image", name, .. }) => assert_eq!(name, missing.display().to_string()),
         other => panic!("expected NotFound naming the disk, got {other:?}"),
     }
     // A disk that is not qcow2: QEMU itself refuses, and the error quotes QEMU's message.

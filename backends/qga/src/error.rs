@@ -107,7 +107,7 @@ impl From<AgentError> for stagecore::Error {
 /// The agent's failure behind a [`stagecore::Error`], if it is one.
 pub(crate) fn agent_failure(e: &stagecore::Error) -> Option<&AgentFailure> {
     match e {
-        stagecore::Error::Backend { backend: BACKEND, source } => source.downcast_ref::<AgentFailure>(),
+        stagecore::Error::Backend { backend: BACKEND, source, .. } => source.downcast_ref::<AgentFailure>(),
         _ => None,
     }
 }

@@ -429,7 +429,7 @@ async fn error_replies_map_to_typed_errors() {
     let fake = Fake::start();
     let agent = fake.agent();
     match agent.read_file("/etc/missing").await.unwrap_err() {
-        Error::NotFound { kind, name } => {
+        Error::NotFound { kind, name, .. } => {
             assert_eq!(kind, "guest file");
             assert!(name.contains("/etc/missing") && name.contains("test/vm"), "{name}");
         }
@@ -441,7 +441,7 @@ async fn error_replies_map_to_typed_errors() {
     }
     let e = agent.exec(&GuestExec::new(["/nonexistent", "a"])).await.unwrap_err();
     let text = e.to_string();
-    let Error::Backend { backend: "qga", source } = &e else { panic!("expected a qga backend error, got {e:?}") };
+    let Error::Backend { backend: "qga", source, .. } = &e else { panic!("expected a qga backend error, got {e:?}") };
     let failure = source.downcast_ref::<AgentFailure>().expect("an AgentFailure inside");
     assert_eq!(failure.command, "guest-exec");
     assert_eq!(failure.class, "GenericError");

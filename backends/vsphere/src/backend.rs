@@ -199,6 +199,12 @@ impl Backend for VsphereBackend {
         c.atomic_snapshot = false;
         c.disk_drift = vim;
         c.guest_channel = self.shared.opts.guest_credentials.is_some();
+        // `apply` reconfigures memory and vCPUs and runs guest changes; NIC, disk and raw
+        // disk changes are refused.
+        c.changes.set_memory = true;
+        c.changes.set_vcpus = true;
+        c.changes.guest_command = true;
+        c.changes.guest_file = true;
         c.persistent = true;
         c
     }
@@ -265,7 +271,7 @@ impl Backend for VsphereBackend {
             match VsphereEnvironment::new(&r.name, self.shared.clone()).info().await {
                 Ok(info) => out.push(info),
                 // A VM deleted behind stagecore's back must not hide the other environments.
-                Err(Error::NotFound { kind, name }) => {
+                Err(Error::NotFound { kind, name, .. }) => {
                     tracing::warn!(environment = %r.name, missing = %format!("{kind} {name}"), "listing from the registry only");
                     out.push(registry_info(r));
                 }

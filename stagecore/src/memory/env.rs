@@ -54,7 +54,12 @@ impl Environment for MemoryEnvironment {
 
     async fn status(&self) -> Result<Vec<MachineStatus>> {
         self.with(|env, _| {
-            Ok(env.backend.power.iter().map(|(m, p)| MachineStatus { machine: m.clone(), power: *p, detail: None }).collect())
+            Ok(env
+                .backend
+                .power
+                .iter()
+                .map(|(m, p)| MachineStatus { machine: m.clone(), power: *p, detail: None })
+                .collect())
         })
     }
 

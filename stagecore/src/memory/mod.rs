@@ -20,15 +20,15 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
+pub use crate::toolbox::FaultInjector;
 pub use disk::BLOCK;
 pub use env::MemoryEnvironment;
-pub use crate::toolbox::FaultInjector;
 pub use sample::sample_spec;
 
 use crate::toolbox::{StagePlan, check_destroy};
 use crate::{
-    Backend, Baseline, Capabilities, ChangeKinds, Environment, EnvironmentInfo, EnvironmentSpec, Error, Result, Selector,
-    StageOptions,
+    Backend, Baseline, Capabilities, ChangeKinds, Environment, EnvironmentInfo, EnvironmentSpec, Error, Result,
+    Selector, StageOptions,
 };
 use state::State;
 

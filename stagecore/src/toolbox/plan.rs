@@ -85,7 +85,10 @@ impl StagePlan {
         for m in &baseline.spec.machines {
             for d in &m.disks {
                 let layer = baseline.layer(&m.name, &d.name).ok_or_else(|| {
-                    Error::not_found("baseline layer", format!("{}/{}/{}/{}", baseline.environment, baseline.id, m.name, d.name))
+                    Error::not_found(
+                        "baseline layer",
+                        format!("{}/{}/{}/{}", baseline.environment, baseline.id, m.name, d.name),
+                    )
                 })?;
                 disks.push(DiskPlan {
                     machine: m.name.clone(),

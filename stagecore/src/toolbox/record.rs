@@ -134,7 +134,9 @@ impl<L: Clone, X> EnvRecord<L, X> {
     /// The writable top of `machine`/`disk`, or `NotFound` naming machine or disk.
     pub fn top(&self, machine: &str, disk: &str) -> Result<&L> {
         self.spec.require_machine(machine)?;
-        self.disks.get(&disk_key(machine, disk)).ok_or_else(|| Error::not_found("disk", format!("{}/{machine}/{disk}", self.name)))
+        self.disks
+            .get(&disk_key(machine, disk))
+            .ok_or_else(|| Error::not_found("disk", format!("{}/{machine}/{disk}", self.name)))
     }
 
     /// Which name the segments of this environment's NICs are named after: its own segment id
