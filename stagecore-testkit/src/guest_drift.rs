@@ -371,6 +371,9 @@ pub async fn gates_on_stage(kit: &Kit, fx: &GuestFixture) {
     let receipt = engine.promote(request(&prod, &stage, vec![closed])).await.expect("promote");
     let Outcome::RolledBack { reason } = &receipt.outcome else { panic!("expected a rollback: {receipt:#?}") };
     assert!(reason.contains("gate closed refused"), "{reason}");
+    // Rolling back reverts production to its pre-promotion snapshot: a backend may restart the
+    // machines for that (libvirt does), so their agents are waited for before reading.
+    wait_agents(&*prod, fx.ready).await;
     let file = prod.guest().unwrap().read_file(m, &fx.file).await.expect("read");
     assert!(!String::from_utf8_lossy(&file).contains("gated"), "the rolled-back file is still in production");
     cleanup(&*kit.backend, &[&sname, &pname]).await;

@@ -345,8 +345,16 @@ async fn disk_changes(shared: &EnvShared, st: &mut EnvState, baseline: &Baseline
             let top = rec.top(&m.name, &d.name)?;
             let origin = rec.origins.get(&baseline.id).and_then(|o| o.get(&disk_key(&m.name, &d.name))).cloned();
             let (label, id) = (format!("{}/{}", m.name, d.name), baseline.id.clone());
+            let size_hint = d.size_bytes.unwrap_or(0);
             let (virtual_size, granularity, changes) = blocking(move || {
-                let info = stagecore_qcow2::info(&top)?;
+                // A disk whose image cannot be read is NOT_CHECKED alone, with the reason; the
+                // others are still checked.
+                let info = match stagecore_qcow2::info(&top) {
+                    Ok(info) => info,
+                    Err(e) => {
+                        return Ok((size_hint, 1, ChangeMap::NotChecked { reason: format!("{label}: {e}") }));
+                    }
+                };
                 let changes = match origin {
                     None => ChangeMap::NotChecked { reason: format!("{label} is not part of baseline {id}") },
                     Some(origin) => match stagecore_qcow2::typed::changed_since(&top, &origin) {
@@ -355,9 +363,9 @@ async fn disk_changes(shared: &EnvShared, st: &mut EnvState, baseline: &Baseline
                             reason: format!("the layer of baseline {id} left the chain of {label}"),
                         },
                         // Only this disk cannot be read (an image feature the reader lacks, a layer
-                        // rewritten behind our back): it alone is NOT_CHECKED, with the reason.
-                        Err(e) if e.is_not_checked() => ChangeMap::NotChecked { reason: format!("{label}: {e}") },
-                        Err(e) => return Err(e.into()),
+                        // rewritten behind our back, an I/O error): it alone is NOT_CHECKED, with
+                        // the reason.
+                        Err(e) => ChangeMap::NotChecked { reason: format!("{label}: {e}") },
                     },
                 };
                 Ok((info.virtual_size, info.cluster_size.unwrap_or(1), changes))
