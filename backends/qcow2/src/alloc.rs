@@ -43,10 +43,13 @@ struct Key {
     header: u64,
 }
 
+/// Where a chain continues below a layer: the resolved backing file and its recorded format.
+type Backing = Option<(PathBuf, Option<ImageFormat>)>;
+
 /// A cached layer: its own allocation and where its chain continues.
 struct Entry {
     extents: Arc<Vec<Extent>>,
-    backing: Option<(PathBuf, Option<ImageFormat>)>,
+    backing: Backing,
 }
 
 #[derive(Default)]
@@ -101,13 +104,13 @@ fn key_of(file: &File, path: &Path) -> Result<Key> {
     })
 }
 
-fn lookup(key: &Key) -> Option<(Arc<Vec<Extent>>, Option<(PathBuf, Option<ImageFormat>)>)> {
+fn lookup(key: &Key) -> Option<(Arc<Vec<Extent>>, Backing)> {
     let c = CACHE.lock().ok()?;
     let e = c.as_ref()?.map.get(key)?;
     Some((e.extents.clone(), e.backing.clone()))
 }
 
-fn insert(key: Key, extents: Arc<Vec<Extent>>, backing: Option<(PathBuf, Option<ImageFormat>)>) {
+fn insert(key: Key, extents: Arc<Vec<Extent>>, backing: Backing) {
     if extents.len() > MAX_EXTENTS / 4 {
         return; // one huge map would push everything else out
     }

@@ -117,10 +117,7 @@ pub(crate) fn copy_allocated_many(jobs: &[CopyJob], parallelism: usize) -> Vec<R
             });
         }
     });
-    results
-        .into_iter()
-        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()).expect("every job ran"))
-        .collect()
+    results.into_iter().map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()).expect("every job ran")).collect()
 }
 
 fn backing_of(layer: &Layer) -> Result<(PathBuf, ImageFormat)> {
@@ -310,7 +307,8 @@ const CLONE_REFUSED: [i32; 6] = [libc::EOPNOTSUPP, libc::EXDEV, libc::EINVAL, li
 /// Shares `len` bytes at `from` of `src` into `dst` at `to` (FICLONERANGE: reflink, no data
 /// moves; XFS with reflink, btrfs, bcachefs).
 fn clone_range(src: &File, from: u64, dst: &File, to: u64, len: u64) -> std::io::Result<()> {
-    let arg = libc::file_clone_range { src_fd: src.as_raw_fd() as i64, src_offset: from, src_length: len, dest_offset: to };
+    let arg =
+        libc::file_clone_range { src_fd: src.as_raw_fd() as i64, src_offset: from, src_length: len, dest_offset: to };
     // SAFETY: both descriptors are open; `arg` is a valid file_clone_range for the call's duration.
     let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONERANGE, &arg) };
     if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
