@@ -210,6 +210,10 @@ impl MachineInventory {
     }
 }
 
+/// How long inventory collection waits, by default, for a machine's guest agent to answer
+/// ([`InventoryConfig::agent_timeout`]; set that field to change it).
+pub const DEFAULT_AGENT_WAIT: Duration = Duration::from_secs(5);
+
 /// How inventories are collected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InventoryConfig {
@@ -221,7 +225,8 @@ pub struct InventoryConfig {
     pub max_files: usize,
     /// Time the collector may run per machine.
     pub timeout: Duration,
-    /// Time the agent gets to answer before the machine counts as unreachable.
+    /// Time the agent gets to answer before the machine counts as unreachable (default
+    /// [`DEFAULT_AGENT_WAIT`], 5 s).
     pub agent_timeout: Duration,
     /// Output accepted per machine, in bytes; more makes the machine NOT_CHECKED.
     pub output_cap: usize,
@@ -238,7 +243,7 @@ impl Default for InventoryConfig {
             ignore: DEFAULT_IGNORE.iter().map(|s| s.to_string()).collect(),
             max_files: 20_000,
             timeout: Duration::from_secs(60),
-            agent_timeout: Duration::from_secs(5),
+            agent_timeout: DEFAULT_AGENT_WAIT,
             output_cap: 8 << 20,
             parallel: 4,
             hash_on_atime_mounts: false,
