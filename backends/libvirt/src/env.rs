@@ -290,7 +290,19 @@ impl Environment for LibvirtEnvironment {
                                 });
                                 continue;
                             }
-                            other => other?,
+                            // Any other failure to read this disk's layers: it alone is
+                            // NOT_CHECKED, with the reason; the other disks are still checked.
+                            Err(e) => {
+                                out.push(DiskChanges {
+                                    machine: m.name().into(),
+                                    disk: disk.clone(),
+                                    virtual_size,
+                                    granularity,
+                                    changes: ChangeMap::NotChecked { reason: format!("{disk} ({top}): {e}") },
+                                });
+                                continue;
+                            }
+                            Ok(found) => found,
                         };
                         match found {
                             Some((extents, g)) => {
