@@ -1216,7 +1216,8 @@ mod tests {
         assert_eq!(o.exit_code, 0, "{o:?}");
         let o = sh(&mut g, "printf '\\150\\151\\n' > f; cat /root/f | grep h; stat -c %a /root/f");
         assert_eq!(o.stdout_text(), "hi\n644\n");
-        let o = sh(&mut g, "'/bin/sh' -c 'echo it'\\''s' </dev/null >/tmp/o 2>/tmp/e");
+        // `'\''` ends a quote, adds a quoted `'`, reopens: the inner shell sees `echo "it's"`.
+        let o = sh(&mut g, "'/bin/sh' -c 'echo \"it'\\''s\"' </dev/null >/tmp/o 2>/tmp/e");
         assert_eq!((o.exit_code, &g.files["/tmp/o"].0[..]), (0, &b"it's\n"[..]));
         assert_eq!(sh(&mut g, "nope 2>&1").stdout_text(), "sh: 1: nope: not found\n");
         assert_eq!(sh(&mut g, "svc status app; svc stop app; svc status app").exit_code, 3);
