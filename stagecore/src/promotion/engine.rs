@@ -66,7 +66,8 @@ impl PromotionEngine {
         }
         Ok(PromotionEngine {
             dir,
-            backend,
+            // Every backend call of a promotion goes through the capability check layer.
+            backend: crate::checked::checked(backend),
             crash: CrashPoint::Never,
             inventory: InventoryConfig::default(),
             progress: None,
