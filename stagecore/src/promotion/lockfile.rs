@@ -95,9 +95,11 @@ pub struct LockFile {
 }
 
 /// The files this process holds, by (device, inode), with the content their holder wrote.
-static HELD: LazyLock<Mutex<HashMap<(u64, u64), Option<String>>>> = LazyLock::new(Default::default);
+type Held = HashMap<(u64, u64), Option<String>>;
 
-fn held() -> std::sync::MutexGuard<'static, HashMap<(u64, u64), Option<String>>> {
+static HELD: LazyLock<Mutex<Held>> = LazyLock::new(Default::default);
+
+fn held() -> std::sync::MutexGuard<'static, Held> {
     HELD.lock().unwrap_or_else(|p| p.into_inner())
 }
 
