@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use stagecore::{
-    Backend, Baseline, Capabilities, CloneKind, Environment, EnvironmentInfo, EnvironmentSpec, Error, Result, Role,
-    Selector, StageOptions,
+    Backend, Baseline, Capabilities, Environment, EnvironmentInfo, EnvironmentSpec, Error, Result, Role, Selector,
+    StageOptions,
 };
 
 use crate::conn::{Conn, lv};
@@ -100,8 +100,14 @@ impl LibvirtBackend {
         options: &StageOptions,
         progress: Option<&stagecore::Progress>,
     ) -> Result<Arc<dyn Environment>> {
+        stagecore::checked::check_stage(&self.capabilities(), options, NAME)?;
         crate::stage::stage(&self.shared, &source.shared, baseline, options, progress).await?;
-        Ok(Arc::new(self.handle(&options.name)))
+        self.hand_out(&options.name)
+    }
+
+    /// Every environment leaves this backend through the capability check layer.
+    fn hand_out(&self, name: &str) -> Result<Arc<dyn Environment>> {
+        stagecore::checked::hand_out(Arc::new(self.handle(name)), self.capabilities(), NAME)
     }
 
     /// The connection URI.
@@ -203,7 +209,7 @@ impl LibvirtBackend {
             entries.push(registry::Entry { instance: inst.clone(), record });
         }
         registry::store(&self.shared.dir, environment, &entries)?;
-        Ok(Arc::new(self.handle(environment)))
+        self.hand_out(environment)
     }
 }
 
@@ -236,7 +242,7 @@ impl Backend for LibvirtBackend {
     #[tracing::instrument(skip_all, fields(environment = %spec.name))]
     async fn create(&self, spec: &EnvironmentSpec) -> Result<Arc<dyn Environment>> {
         crate::create::create(&self.shared, spec).await?;
-        Ok(Arc::new(self.handle(&spec.name)))
+        self.hand_out(&spec.name)
     }
 
     #[tracing::instrument(skip_all, fields(environment = %selector.environment()))]
@@ -275,12 +281,14 @@ impl Backend for LibvirtBackend {
     }
 
     async fn stage(&self, baseline: &Baseline, options: &StageOptions) -> Result<Arc<dyn Environment>> {
+        stagecore::checked::check_stage(&self.capabilities(), options, NAME)?;
         crate::stage::stage(&self.shared, &self.shared, baseline, options, None).await?;
-        Ok(Arc::new(self.handle(&options.name)))
+        self.hand_out(&options.name)
     }
 
     async fn open(&self, name: &str) -> Result<Arc<dyn Environment>> {
-        Ok(Arc::new(self.open_libvirt(name).await?))
+        self.open_libvirt(name).await?;
+        self.hand_out(name)
     }
 
     /// The environments of this backend's state directory: attached ones (its registry) and those
@@ -307,17 +315,9 @@ impl Backend for LibvirtBackend {
         stagecore::name::validate("environment", name)?;
         let registered = registry::load(&self.shared.dir, name)?.is_some();
         let ms = if registered { Vec::new() } else { self.shared.machines(name).await? };
-        for recs in self.all_records().await?.values() {
-            if let Some(Role::Stage(s)) = recs.first().map(|r| &r.role)
-                && s.source == name
-                && s.clone == CloneKind::Linked
-            {
-                return Err(Error::Precondition(format!(
-                    "stage {} is a linked clone of {name}; destroy it first",
-                    recs[0].environment
-                )));
-            }
-        }
+        let all = self.all_records().await?;
+        let roles = all.iter().filter_map(|(env, recs)| Some((env.as_str(), &recs.first()?.role)));
+        stagecore::toolbox::check_destroy(name, roles)?;
         if registered {
             // An attached production: forget it, even when its domains are gone; never touch them.
             return registry::remove(&self.shared.dir, name);

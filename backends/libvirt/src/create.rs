@@ -4,28 +4,79 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use stagecore::{DiskFormat, EnvironmentSpec, Error, Result, Role, random_mac};
+use stagecore::toolbox::Undo;
+use stagecore::{DiskFormat, EnvironmentSpec, Error, Result, Role};
 
+use crate::conn::Conn;
 use crate::shared::{Shared, make_dir};
-use crate::undo::Undo;
 use crate::xml::{edit, meta};
 
-/// Creates `spec` as a production; on failure everything made so far is removed.
+/// Creates `spec` as a production; on failure everything made so far is removed (or the error
+/// says what could not be: `Error::LeftBehind`).
 pub(crate) async fn create(shared: &Shared, spec: &EnvironmentSpec) -> Result<()> {
     spec.validate()?;
     if shared.exists(&spec.name).await? {
         return Err(Error::already_exists("environment", &spec.name));
     }
+    let mut spec = spec.clone();
+    stagecore::toolbox::fill_identities(&mut spec);
     let instances: Vec<String> = spec.machines.iter().map(|m| format!("{}-{}", spec.name, m.name)).collect();
     check_free_domains(shared, &instances).await?;
-    let mut undo = Undo::default();
-    match build(shared, spec, &instances, &mut undo).await {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            undo.rollback(&shared.conn).await;
-            Err(e)
-        }
-    }
+    let mut undo = Undo::new(format!("create {}", spec.name));
+    let r = build(shared, &spec, &instances, &mut undo).await;
+    undo.finish(r).await
+}
+
+/// Undo step: destroy (if running) and undefine domain `name`, keeping its NVRAM (a domain this
+/// operation defined has its NVRAM in the operation's directory, removed by its own step).
+pub(crate) fn undo_domain(undo: &mut Undo, conn: &Conn, name: &str) {
+    let (conn, n) = (conn.clone(), name.to_string());
+    undo.push_async(format!("domain {name}"), move || async move {
+        conn.run(move |c, uri| {
+            let Ok(dom) = c.lookup_domain_by_name(&n) else { return Ok(()) };
+            let _ = dom.destroy();
+            let flags = virt::sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM;
+            dom.undefine_flags(flags)
+                .or_else(|_| dom.undefine())
+                .map_err(|e| crate::error::map(&e, ctx(uri, "domain", &n)))
+        })
+        .await
+    });
+}
+
+/// Undo step: destroy and undefine network `name`.
+pub(crate) fn undo_network(undo: &mut Undo, conn: &Conn, name: &str) {
+    let (conn, n) = (conn.clone(), name.to_string());
+    undo.push_async(format!("network {name}"), move || async move {
+        conn.run(move |c, uri| {
+            let Ok(net) = c.lookup_network_by_name(&n) else { return Ok(()) };
+            let _ = net.destroy();
+            net.undefine().map_err(|e| crate::error::map(&e, ctx(uri, "network", &n)))
+        })
+        .await
+    });
+}
+
+/// Undo step: remove environment `env`'s storage pool and every volume in it (remote URIs).
+pub(crate) fn undo_pool(undo: &mut Undo, shared: &Shared, env: &str) {
+    let (conn, st, e) = (shared.conn.clone(), shared.storage.clone(), env.to_string());
+    undo.push_async(format!("storage pool of {env} on {}", shared.conn.uri()), move || async move {
+        conn.run(move |c, uri| st.remove_env(c, uri, &e)).await
+    });
+}
+
+/// Undo step: remove a directory this operation made, with everything in it.
+pub(crate) fn undo_dir(undo: &mut Undo, dir: &Path) {
+    let d = dir.to_path_buf();
+    undo.push(format!("directory {}", dir.display()), move || {
+        std::fs::remove_dir_all(&d)
+            .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+            .map_err(|e| Error::io("removing", &d, e))
+    });
+}
+
+fn ctx<'a>(uri: &'a str, kind: &'static str, name: &'a str) -> crate::error::Ctx<'a> {
+    crate::error::Ctx { uri, kind, name }
 }
 
 /// `AlreadyExists` if any of `names` is a defined domain.
@@ -50,14 +101,14 @@ async fn build(shared: &Shared, spec: &EnvironmentSpec, instances: &[String], un
     let dir = shared.env_dir(&spec.name);
     if !dir.exists() {
         make_dir(&dir)?;
-        undo.dirs.push(dir.clone());
+        undo_dir(undo, &dir);
     }
     let storage = shared.storage.clone();
     let images = storage.env_dir(&spec.name);
     if storage.is_remote() {
         let (st, env, probe) = (storage.clone(), spec.name.clone(), format!("{images}/.pool"));
         shared.conn.run(move |c, uri| st.ensure_dir(c, uri, &env, &probe)).await?;
-        undo.images = Some((storage.clone(), spec.name.clone()));
+        undo_pool(undo, shared, &spec.name);
     }
     let mut files: BTreeMap<(String, String), String> = BTreeMap::new();
     for (i, m) in spec.machines.iter().enumerate() {
@@ -86,7 +137,10 @@ async fn build(shared: &Shared, spec: &EnvironmentSpec, instances: &[String], un
                 })
                 .await?;
             if created && !storage.is_remote() {
-                undo.files.push(PathBuf::from(&path));
+                let p = PathBuf::from(&path);
+                undo.push(format!("image {path}"), move || {
+                    std::fs::remove_file(&p).map_err(|e| Error::io("removing", &p, e))
+                });
             }
             files.insert((m.name.clone(), d.name.clone()), path);
         }
@@ -94,11 +148,7 @@ async fn build(shared: &Shared, spec: &EnvironmentSpec, instances: &[String], un
     let (networks, owned) = networks(shared, spec, undo).await?;
     let mut xmls = Vec::new();
     for (m, instance) in spec.machines.iter().zip(instances) {
-        let mut machine = m.clone();
-        machine.uuid.get_or_insert_with(|| uuid::Uuid::new_v4().to_string());
-        for n in &mut machine.nics {
-            n.mac.get_or_insert_with(random_mac);
-        }
+        let machine = m.clone();
         let disks: BTreeMap<String, String> =
             m.disks.iter().map(|d| (d.name.clone(), files[&(m.name.clone(), d.name.clone())].clone())).collect();
         let serial_log = format!("{images}/{}.serial.log", m.name);
@@ -129,7 +179,7 @@ pub(crate) async fn define_all(shared: &Shared, xmls: Vec<(String, String)>, und
     for (name, xml) in xmls {
         let n = name.clone();
         shared.conn.call("domain", &name, move |c| c.define_domain_xml(&xml).map(drop)).await?;
-        undo.domains.push(n);
+        undo_domain(undo, &shared.conn, &n);
     }
     Ok(())
 }
@@ -182,7 +232,7 @@ pub(crate) async fn create_isolated(shared: &Shared, name: &str, undo: &mut Undo
             crate::conn::lv(uri, "network", &n, c.define_network_xml(&xml)).map(drop)
         })
         .await?;
-    undo.networks.push(name.to_string());
+    undo_network(undo, &shared.conn, name);
     let n = name.to_string();
     shared.conn.call("network", name, move |c| c.lookup_network_by_name(&n)?.create().map(drop)).await
 }

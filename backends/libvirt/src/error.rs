@@ -3,7 +3,10 @@
 //! libvirt error numbers map to typed variants: missing objects → `NotFound`, clashes →
 //! `AlreadyExists`, connection failures → `Unreachable`, authentication → `Unauthenticated`,
 //! invalid operations for the object's state → `Precondition`, unsupported → `NotSupported`,
-//! timeouts → `Timeout`, the rest → `Backend { backend: "libvirt" }` with libvirt's message.
+//! timeouts → `Timeout`, the rest → `Backend { backend: "libvirt" }` with libvirt's message —
+//! temporary (`Error::backend_temporary`) when libvirt says the call timed out or lost its
+//! connection, or the object is busy. `NotFound` / `AlreadyExists` carry libvirt's error as their
+//! source. `stagecore-qcow2` errors are mapped here too ([`qcow2`]), once, naming this backend.
 
 use stagecore::Error;
 use virt::error::{ErrorDomain, ErrorNumber};
@@ -29,13 +32,15 @@ pub(crate) fn map(e: &virt::error::Error, ctx: Ctx<'_>) -> Error {
     let msg = e.message().to_string();
     let name = || ctx.name.to_string();
     match code {
-        ErrorNumber::NoDomain => Error::not_found("domain", name()),
-        ErrorNumber::NoNetwork => Error::not_found("network", name()),
-        ErrorNumber::NoDomainSnapshot => Error::not_found("snapshot", name()),
-        ErrorNumber::NoStorageVolume | ErrorNumber::NoStoragePool => Error::not_found(ctx.kind, name()),
-        ErrorNumber::NoDomainMetadata => Error::not_found("domain metadata", name()),
+        ErrorNumber::NoDomain => Error::not_found_because("domain", name(), e.clone()),
+        ErrorNumber::NoNetwork => Error::not_found_because("network", name(), e.clone()),
+        ErrorNumber::NoDomainSnapshot => Error::not_found_because("snapshot", name(), e.clone()),
+        ErrorNumber::NoStorageVolume | ErrorNumber::NoStoragePool => {
+            Error::not_found_because(ctx.kind, name(), e.clone())
+        }
+        ErrorNumber::NoDomainMetadata => Error::not_found_because("domain metadata", name(), e.clone()),
         ErrorNumber::DomExist | ErrorNumber::NetworkExist | ErrorNumber::StorageVolExist => {
-            Error::already_exists(ctx.kind, name())
+            Error::already_exists_because(ctx.kind, name(), e.clone())
         }
         ErrorNumber::AuthFailed | ErrorNumber::AuthCancelled | ErrorNumber::AuthUnavailable => {
             Error::Unauthenticated { endpoint: ctx.uri.to_string(), reason: msg }
@@ -60,8 +65,25 @@ pub(crate) fn map(e: &virt::error::Error, ctx: Ctx<'_>) -> Error {
         ErrorNumber::XmlError | ErrorNumber::XmlDetail | ErrorNumber::XmlInvalidSchema | ErrorNumber::InvalidArg => {
             Error::invalid(format!("{} {}", ctx.kind, ctx.name), msg)
         }
+        ErrorNumber::ResourceBusy => Error::backend_temporary(NAME, format!("{} {}: {msg}", ctx.kind, ctx.name)),
+        _ if is_temporary(&msg) => Error::backend_temporary(NAME, format!("{} {}: {msg}", ctx.kind, ctx.name)),
         _ => Error::backend_msg(NAME, format!("{} {}: {msg}", ctx.kind, ctx.name)),
     }
+}
+
+/// Whether libvirt's message says the same call may work later: it timed out (libvirt's
+/// "Timed out during operation: cannot acquire state change lock", "operation timed out") or
+/// lost its connection ("connection reset", "End of file while reading data").
+fn is_temporary(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    ["timed out", "connection", "end of file while reading", "cannot acquire state change lock"]
+        .iter()
+        .any(|t| m.contains(t))
+}
+
+/// Maps a `stagecore-qcow2` error, naming this backend (its table: `stagecore_qcow2::Error::into_core`).
+pub(crate) fn qcow2(e: stagecore_qcow2::Error) -> Error {
+    e.into_core(NAME)
 }
 
 /// Maps the failure of one guest agent command sent through libvirt to `domain` `ctx.name`.
@@ -98,12 +120,13 @@ pub(crate) fn tool(tool: &str, path: &std::path::Path, stderr: &[u8]) -> Error {
     Error::backend_msg(NAME, format!("{tool} on {}: {text}", path.display()))
 }
 
-/// An I/O failure on a file this backend manages.
+/// An I/O failure on a file this backend manages: `NotFound` (with the I/O error as source)
+/// when it is missing, else [`Error::Io`] naming the file.
 pub(crate) fn io(path: &std::path::Path, e: std::io::Error) -> Error {
     if e.kind() == std::io::ErrorKind::NotFound {
-        return Error::not_found("file", path.display().to_string());
+        return Error::not_found_because("file", path.display().to_string(), e);
     }
-    Error::backend_msg(NAME, format!("{}: {e}", path.display()))
+    Error::io("accessing", path, e)
 }
 
 /// Internal bookkeeping that cannot be (de)serialised.
@@ -128,7 +151,8 @@ mod tests {
         virt::error::clear_error_callback();
         let c = Connect::open(Some(URI)).expect("the test driver needs no daemon");
         let e = c.lookup_domain_by_name("missing").unwrap_err();
-        assert!(matches!(map(&e, ctx("domain", "missing")), Error::NotFound { kind: "domain", .. }));
+        let mapped = map(&e, ctx("domain", "missing"));
+        assert!(matches!(&mapped, Error::NotFound { kind: "domain", source: Some(_), .. }), "{mapped:?}");
         let e = c.lookup_network_by_name("missing").unwrap_err();
         assert!(matches!(map(&e, ctx("network", "missing")), Error::NotFound { kind: "network", .. }));
         let e = c.define_domain_xml("<domain").unwrap_err();
@@ -146,5 +170,20 @@ mod tests {
         let mapped = map(&e, Ctx { uri, kind: "connection", name: uri });
         assert!(matches!(&mapped, Error::Unreachable { endpoint, .. } if endpoint == uri), "{mapped:?}");
         assert!(mapped.is_temporary());
+    }
+
+    #[test]
+    fn timeouts_and_lost_connections_are_temporary() {
+        assert!(is_temporary("Timed out during operation: cannot acquire state change lock"));
+        assert!(is_temporary("internal error: connection reset by peer"));
+        assert!(!is_temporary("internal error: unknown disk bus"));
+    }
+
+    #[test]
+    fn qcow2_errors_name_this_backend() {
+        let dir = std::env::temp_dir().join(format!("lv-qcow2-{}", std::process::id()));
+        let e = stagecore_qcow2::typed::info(&dir.join("missing.qcow2")).unwrap_err();
+        let mapped = qcow2(e);
+        assert!(matches!(&mapped, Error::NotFound { source: Some(_), .. }), "{mapped:?}");
     }
 }

@@ -79,7 +79,7 @@ pub(crate) fn create_image(path: &Path, format: &str, size: u64) -> Result<()> {
 /// Creates a qcow2 overlay at `path` over `backing` (absolute; its format is probed), in-process.
 pub(crate) fn create_overlay(path: &Path, backing: &Path) -> Result<()> {
     let backing = absolute(backing)?;
-    stagecore_qcow2::create_overlay(path, &backing, format(&backing)?, None)
+    stagecore_qcow2::typed::create_overlay(path, &backing, format(&backing)?, None).map_err(error::qcow2)
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -90,7 +90,7 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 pub(crate) fn info(path: &Path) -> Result<ImageInfo> {
     match format(path)? {
         ImageFormat::Qcow2 => {
-            let i = stagecore_qcow2::info(path)?;
+            let i = stagecore_qcow2::typed::info(path).map_err(error::qcow2)?;
             Ok(ImageInfo { format: i.format, virtual_size: i.virtual_size })
         }
         ImageFormat::Raw => {
@@ -114,10 +114,10 @@ pub(crate) fn changed_since(top: &Path, base: &Path) -> Result<Option<(Vec<Exten
     if format(top)? == ImageFormat::Raw {
         return Ok(same_file(top, base).then(|| (Vec::new(), 1)));
     }
-    let chain = stagecore_qcow2::chain(top)?;
+    let chain = stagecore_qcow2::typed::chain(top).map_err(error::qcow2)?;
     let Some(depth) = chain.iter().position(|i| same_file(&i.path, base)) else { return Ok(None) };
     let granularity = chain[..depth].iter().filter_map(|i| i.cluster_size).min().unwrap_or(1);
-    Ok(Some((stagecore_qcow2::changed_since(top, base)?, granularity)))
+    Ok(Some((stagecore_qcow2::typed::changed_since(top, base).map_err(error::qcow2)?, granularity)))
 }
 
 /// Copies what `src`'s chain allocates into a new independent qcow2 image `dst`.
@@ -130,13 +130,13 @@ pub(crate) fn copy_allocated(src: &Path, dst: &Path) -> Result<()> {
     }
     let src = absolute(src)?;
     if format(&src)? == ImageFormat::Qcow2 {
-        return stagecore_qcow2::copy_allocated(&src, None, dst).map(drop);
+        return stagecore_qcow2::typed::copy_allocated(&src, None, dst).map(drop).map_err(error::qcow2);
     }
     let name = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dst.with_file_name(format!(".{name}.raw-view.qcow2"));
     let _ = std::fs::remove_file(&tmp);
-    stagecore_qcow2::create_overlay(&tmp, &src, ImageFormat::Raw, None)?;
-    let r = stagecore_qcow2::copy_allocated(&tmp, None, dst).map(drop);
+    stagecore_qcow2::typed::create_overlay(&tmp, &src, ImageFormat::Raw, None).map_err(error::qcow2)?;
+    let r = stagecore_qcow2::typed::copy_allocated(&tmp, None, dst).map(drop).map_err(error::qcow2);
     let _ = std::fs::remove_file(&tmp);
     r
 }
@@ -145,7 +145,7 @@ pub(crate) fn copy_allocated(src: &Path, dst: &Path) -> Result<()> {
 pub(crate) fn read_at(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
     match format(path)? {
-        ImageFormat::Qcow2 => stagecore_qcow2::read_at(path, offset, &mut buf)?,
+        ImageFormat::Qcow2 => stagecore_qcow2::typed::read_at(path, offset, &mut buf).map_err(error::qcow2)?,
         ImageFormat::Raw => {
             let f = open(path, false)?;
             let mut done = 0;
@@ -164,7 +164,7 @@ pub(crate) fn read_at(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
 /// QEMU (callers refuse running domains).
 pub(crate) fn write_at(path: &Path, offset: u64, data: &[u8]) -> Result<()> {
     if format(path)? == ImageFormat::Qcow2 {
-        stagecore_qcow2::write_at(path, offset, data)?;
+        stagecore_qcow2::typed::write_at(path, offset, data).map_err(error::qcow2)?;
         return open(path, true)?.sync_data().map_err(|e| error::io(path, e));
     }
     let f = open(path, true)?;
@@ -174,7 +174,7 @@ pub(crate) fn write_at(path: &Path, offset: u64, data: &[u8]) -> Result<()> {
 /// SHA-256 of the whole guest-visible content.
 pub(crate) fn digest(path: &Path) -> Result<[u8; 32]> {
     if format(path)? == ImageFormat::Qcow2 {
-        return stagecore_qcow2::digest(path);
+        return stagecore_qcow2::typed::digest(path).map_err(error::qcow2);
     }
     let mut f = open(path, false)?;
     let mut h = Sha256::new();

@@ -47,7 +47,6 @@ mod snapshot;
 mod stage;
 mod storage;
 mod swap;
-mod undo;
 mod xml;
 
 pub use backend::LibvirtBackend;

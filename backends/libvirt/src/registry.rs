@@ -41,15 +41,13 @@ pub(crate) fn load(state: &Path, env: &str) -> Result<Option<Vec<Entry>>> {
     }
 }
 
-/// Writes the entries of `env` atomically (temp file + rename).
+/// Writes the entries of `env` durably ([`stagecore::toolbox::write_atomic`]: temporary file,
+/// fsync, rename, directory fsync), so a crash leaves the old or the new registry file.
 pub(crate) fn store(state: &Path, env: &str, entries: &[Entry]) -> Result<()> {
     let d = dir(state);
     std::fs::create_dir_all(&d).map_err(|e| error::io(&d, e))?;
-    let path = file(state, env);
-    let tmp = d.join(format!(".{env}.json.tmp"));
     let bytes = serde_json::to_vec_pretty(entries).map_err(|e| error::json("registry", e))?;
-    std::fs::write(&tmp, bytes).map_err(|e| error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| error::io(&path, e))
+    stagecore::toolbox::write_atomic(&file(state, env), &bytes)
 }
 
 /// Forgets `env`.

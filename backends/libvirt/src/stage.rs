@@ -1,21 +1,23 @@
-//! Creating a stage from a production baseline: new names, UUIDs and MACs; disks as qcow2
-//! overlays on the baseline layers (linked) or on allocated-only copies (full); NICs on isolated
-//! per-stage networks when fenced; our record (source, baseline, ChangeSets) in each domain's
-//! metadata. Production's definitions and files are only read. On failure everything made so far
-//! is removed.
+//! Executing a [`StagePlan`] on libvirt: the plan (names, UUIDs, MACs, clone kind per disk,
+//! fencing, StageInfo) comes from the toolbox; this module makes the disks (qcow2 overlays on the
+//! baseline layers for linked disks, on allocated-only copies for full ones, streamed copies
+//! across hosts), the fenced networks and the domains (production's XML edited, our record in
+//! each domain's metadata). Production's definitions and files are only read. Every step pushes
+//! its undo ([`stagecore::toolbox::Undo`]): a failed stage removes what it made, or says exactly
+//! what is left (`Error::LeftBehind`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use stagecore::{Baseline, CloneKind, DiskFormat, Error, Progress, Result, Role, StageInfo, StageOptions, random_mac};
+use stagecore::toolbox::{StagePlan, Undo};
+use stagecore::{Baseline, CloneKind, DiskFormat, Error, Progress, Result, Role, StageOptions};
 
-use crate::create::{check_free_domains, create_isolated, define_all};
+use crate::create::{check_free_domains, create_isolated, define_all, undo_dir, undo_pool};
 use crate::env::LibvirtEnvironment;
 use crate::hostfiles;
 use crate::machines::Machine;
 use crate::shared::{Shared, make_dir};
-use crate::undo::Undo;
 use crate::xml::tree::Element;
 use crate::xml::{edit, meta};
 
@@ -28,36 +30,35 @@ pub(crate) async fn stage(
     options: &StageOptions,
     progress: Option<&Progress>,
 ) -> Result<()> {
-    options.validate()?;
-    if shared.exists(&options.name).await? {
-        return Err(Error::already_exists("environment", &options.name));
-    }
+    let plan = StagePlan::new(baseline, options)?;
+    plan.require_name_free(shared.exists(&plan.name).await?)?;
     let prod = source.machines(&baseline.environment).await?;
-    let prefix = options.prefix();
-    check_inputs(baseline, options, &prod)?;
-    let instances: Vec<String> = baseline.spec.machines.iter().map(|m| format!("{prefix}{}", m.name)).collect();
-    check_free_domains(shared, &instances).await?;
-    let mut undo = Undo::default();
+    // Production's record keeps no list of baselines: the layers (and the baseline's saved XML)
+    // are the proof, checked below and when the overlays are made.
+    plan.require_known_baseline(None)?;
+    check_inputs(&plan, &prod)?;
+    let names: Vec<String> = plan.instances().into_iter().map(|i| i.instance_name).collect();
+    check_free_domains(shared, &names).await?;
+    let mut undo = Undo::new(format!("stage {}", plan.name));
     let from = Source { shared: source.clone(), progress: progress.cloned() };
-    match build(shared, &from, baseline, options, &prod, &mut undo).await {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            undo.rollback(&shared.conn).await;
-            Err(e)
-        }
-    }
+    let r = build(shared, &from, &plan, &prod, &mut undo).await;
+    undo.finish(r).await
 }
 
-fn check_inputs(baseline: &Baseline, options: &StageOptions, prod: &[Machine]) -> Result<()> {
-    for (i, m) in baseline.spec.machines.iter().enumerate() {
+/// libvirt's own checks of a plan: every machine is one of production's, and a linked disk is
+/// qcow2 (a raw file cannot be an overlay's base).
+fn check_inputs(plan: &StagePlan, prod: &[Machine]) -> Result<()> {
+    let baseline = plan.baseline();
+    for m in &baseline.spec.machines {
         if !prod.iter().any(|p| p.name() == m.name) {
             return Err(Error::not_found("machine", format!("{}/{}", baseline.environment, m.name)));
         }
+    }
+    for (i, m) in baseline.spec.machines.iter().enumerate() {
         for (j, d) in m.disks.iter().enumerate() {
-            if baseline.layer(&m.name, &d.name).is_none() {
-                return Err(Error::not_found("baseline layer", format!("{}/{}/{}", baseline.id, m.name, d.name)));
-            }
-            if options.clone == CloneKind::Linked && d.format != DiskFormat::Qcow2 {
+            let linked =
+                plan.disks.iter().any(|p| p.machine == m.name && p.disk == d.name && p.clone == CloneKind::Linked);
+            if linked && d.format != DiskFormat::Qcow2 {
                 return Err(Error::invalid(
                     format!("machines[{i}].disks[{j}].format"),
                     format!(
@@ -84,85 +85,51 @@ impl Source {
     }
 }
 
-async fn build(
-    shared: &Arc<Shared>,
-    from: &Source,
-    baseline: &Baseline,
-    options: &StageOptions,
-    prod: &[Machine],
-    undo: &mut Undo,
-) -> Result<()> {
-    let prefix = options.prefix();
-    let dir = shared.env_dir(&options.name);
+async fn build(shared: &Arc<Shared>, from: &Source, plan: &StagePlan, prod: &[Machine], undo: &mut Undo) -> Result<()> {
+    let baseline = plan.baseline();
+    let dir = shared.env_dir(&plan.name);
     if dir.exists() {
         return Err(Error::already_exists("stage directory", dir.display().to_string()));
     }
     make_dir(&dir)?;
-    undo.dirs.push(dir.clone());
+    undo_dir(undo, &dir);
     let storage = shared.storage.clone();
-    let images = storage.env_dir(&options.name);
+    let images = storage.env_dir(&plan.name);
     if storage.is_remote() {
-        let (st, env, probe) = (storage.clone(), options.name.clone(), format!("{images}/.pool"));
+        let (st, env, probe) = (storage.clone(), plan.name.clone(), format!("{images}/.pool"));
         shared.conn.run(move |c, uri| st.ensure_dir(c, uri, &env, &probe)).await?;
-        undo.images = Some((storage.clone(), options.name.clone()));
+        undo_pool(undo, shared, &plan.name);
     }
     let mut networks = BTreeMap::new();
     let mut owned = Vec::new();
-    if options.fenced {
+    if plan.fencing.fenced {
         for net in &baseline.spec.networks {
-            let name = format!("{prefix}{}", net.name);
+            let name = format!("{}{}", plan.prefix, net.name);
             create_isolated(shared, &name, undo).await?;
             networks.insert(net.name.clone(), name.clone());
             owned.push(name);
         }
     }
-    let info = StageInfo::new(baseline, options);
     let mut xmls = Vec::new();
-    for m in &baseline.spec.machines {
+    for (m, instance) in plan.spec.machines.iter().zip(plan.instances()) {
         let p = prod.iter().find(|p| p.name() == m.name).expect("checked");
         let prod_nets = p.record.networks.clone();
-        let nets = if options.fenced { networks.clone() } else { prod_nets.clone() };
+        let nets = if plan.fencing.fenced { networks.clone() } else { prod_nets.clone() };
         let mut paths = BTreeMap::new();
         let mut origins = BTreeMap::new();
-        for d in &m.disks {
-            let layer = baseline.layer(&m.name, &d.name).expect("checked").layer.clone();
-            let top = format!("{images}/{}.{}.qcow2", m.name, d.name);
-            let env = options.name.clone();
-            let origin = match options.clone {
-                _ if !from.same_host(shared) => {
-                    // Another host: stream the data of the baseline layer's chain into this host's
-                    // pool — linked: once per baseline, into production's pool here, shared by every
-                    // stage of that baseline; full: into the stage's own pool.
-                    let file = format!("{}.{}.{}.qcow2", m.name, d.name, baseline.id);
-                    let (env, replica) = match options.clone {
-                        CloneKind::Linked => {
-                            let env = baseline.environment.clone();
-                            (env.clone(), format!("{}/{file}", storage.env_dir(&env)))
-                        }
-                        CloneKind::Full => (env.clone(), format!("{images}/{}.{}.base.qcow2", m.name, d.name)),
-                    };
-                    let subject = format!("{}/{}/{}", options.name, m.name, d.name);
-                    stream_copy(from, shared, &layer, &env, &replica, &subject).await?;
-                    replica
-                }
-                CloneKind::Linked => layer,
-                CloneKind::Full => {
-                    let copy = format!("{images}/{}.{}.base.qcow2", m.name, d.name);
-                    let (st, src, dst, e) = (storage.clone(), layer.clone(), copy.clone(), env.clone());
-                    shared.conn.run(move |c, uri| st.copy_full(c, uri, &e, &src, &dst)).await?;
-                    copy
-                }
-            };
-            let (st, o, t) = (storage.clone(), origin.clone(), top.clone());
+        for d in plan.disks.iter().filter(|d| d.machine == m.name) {
+            let top = format!("{images}/{}.{}.qcow2", m.name, d.disk);
+            let origin = make_disk(shared, from, plan, d, &images).await?;
+            let (st, o, t, env) = (storage.clone(), origin.clone(), top.clone(), plan.name.clone());
             shared.conn.run(move |c, uri| st.create_overlay(c, uri, &env, &t, &o)).await?;
-            paths.insert(d.name.clone(), top);
-            origins.insert(d.name.clone(), origin);
+            paths.insert(d.disk.clone(), top);
+            origins.insert(d.disk.clone(), origin);
         }
         let mut tree = source_tree(&from.shared, baseline, p)?;
-        let instance = format!("{prefix}{}", m.name);
-        edit::set_identity(&mut tree, &instance, &uuid::Uuid::new_v4().to_string());
+        edit::set_identity(&mut tree, &instance.instance_name, &instance.uuid);
         edit::set_disk_sources(&mut tree, &paths);
-        let macs = m.nics.iter().map(|n| (n.name.clone(), random_mac())).collect();
+        let macs =
+            m.nics.iter().map(|n| (n.name.clone(), n.mac.clone().unwrap_or_else(stagecore::random_mac))).collect();
         edit::set_macs(&mut tree, &macs);
         // Never keep production's host-side files (NVRAM, sockets, logs, TPM state, devices
         // naming host paths): copies or new files in the stage's own directory (removed with
@@ -180,14 +147,14 @@ async fn build(
         if !host_paths.is_empty() {
             tracing::info!(machine = %m.name, changed = ?host_paths, "stage got its own host-side files");
         }
-        if options.fenced {
+        if plan.fencing.fenced {
             let reverse: BTreeMap<String, String> = prod_nets.iter().map(|(l, n)| (n.clone(), l.clone())).collect();
             edit::set_networks(&mut tree, &networks, |n| reverse.get(n).cloned().unwrap_or_else(|| n.to_string()));
         }
         let record = meta::MachineRecord {
-            environment: options.name.clone(),
+            environment: plan.name.clone(),
             machine: m.name.clone(),
-            role: Role::Stage(Box::new(info.clone())),
+            role: Role::Stage(Box::new(plan.info.clone())),
             networks: nets,
             cidrs: p.record.cidrs.clone(),
             env_labels: p.record.env_labels.clone(),
@@ -200,15 +167,52 @@ async fn build(
             host_notes,
         };
         meta::set(&mut tree, &meta::labels(&p.tree), &record)?;
-        xmls.push((instance, tree.render()));
+        xmls.push((instance.instance_name, tree.render()));
     }
     define_all(shared, xmls, undo).await?;
-    if options.start {
+    if plan.start {
         // In start order, like any start (waves wait for the agents later machines start after).
-        let env = LibvirtEnvironment { name: options.name.clone(), shared: shared.clone() };
+        let env = LibvirtEnvironment { name: plan.name.clone(), shared: shared.clone() };
         stagecore::Environment::start(&env).await?;
     }
     Ok(())
+}
+
+/// Makes the layer holding the baseline's content for one disk of the stage and returns it: the
+/// baseline layer itself (linked, same host), an allocated-only copy in the stage's pool (full),
+/// or a copy streamed from production's host (another host: linked into production's pool here,
+/// once per baseline and shared by its stages; full into the stage's pool).
+async fn make_disk(
+    shared: &Shared,
+    from: &Source,
+    plan: &StagePlan,
+    d: &stagecore::toolbox::DiskPlan,
+    images: &str,
+) -> Result<String> {
+    let baseline = plan.baseline();
+    let storage = &shared.storage;
+    let copy = format!("{images}/{}.{}.base.qcow2", d.machine, d.disk);
+    if !from.same_host(shared) {
+        let file = format!("{}.{}.{}.qcow2", d.machine, d.disk, baseline.id);
+        let (env, replica) = match d.clone {
+            CloneKind::Linked => {
+                let env = baseline.environment.clone();
+                (env.clone(), format!("{}/{file}", storage.env_dir(&env)))
+            }
+            CloneKind::Full => (plan.name.clone(), copy),
+        };
+        let subject = format!("{}/{}", plan.name, d.key);
+        stream_copy(from, shared, &d.layer, &env, &replica, &subject).await?;
+        return Ok(replica);
+    }
+    match d.clone {
+        CloneKind::Linked => Ok(d.layer.clone()),
+        CloneKind::Full => {
+            let (st, src, dst, e) = (storage.clone(), d.layer.clone(), copy.clone(), plan.name.clone());
+            shared.conn.run(move |c, uri| st.copy_full(c, uri, &e, &src, &dst)).await?;
+            Ok(copy)
+        }
+    }
 }
 
 /// Production's XML at baseline time (saved by `take_baseline`), or its current XML.

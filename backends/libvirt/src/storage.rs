@@ -281,7 +281,7 @@ impl Storage {
                         let vol = lookup(c, path).map_err(|e| crate::error::map(&e, ctx(uri, path)))?;
                         Ok(ImageInfo { format: ImageFormat::Raw, virtual_size: physical(&vol).map_err(io_err(path))? })
                     }
-                    Err(e) => Err(e.into()),
+                    Err(e) => Err(crate::error::qcow2(e)),
                 }
             }
         }
@@ -303,11 +303,11 @@ impl Storage {
                     return Ok((top == base).then(|| (Vec::new(), 1)));
                 }
                 let r = self.resolver(c);
-                let chain = stagecore_qcow2::typed::chain_in(&r, Path::new(top)).map_err(Error::from)?;
+                let chain = stagecore_qcow2::typed::chain_in(&r, Path::new(top)).map_err(crate::error::qcow2)?;
                 let Some(depth) = chain.iter().position(|i| i.path == Path::new(base)) else { return Ok(None) };
                 let granularity = chain[..depth].iter().filter_map(|i| i.cluster_size).min().unwrap_or(1);
                 let extents = stagecore_qcow2::typed::changed_since_in(&r, Path::new(top), Path::new(base))
-                    .map_err(Error::from)?;
+                    .map_err(crate::error::qcow2)?;
                 Ok(Some((extents, granularity)))
             }
         }
@@ -329,11 +329,13 @@ impl Storage {
             Storage::Remote { .. } => &r,
         };
         let mut all = Vec::new();
-        for layer in stagecore_qcow2::typed::chain_in(res, Path::new(top)).map_err(Error::from)? {
+        for layer in stagecore_qcow2::typed::chain_in(res, Path::new(top)).map_err(crate::error::qcow2)? {
             if layer.format == ImageFormat::Raw {
                 all.push(Extent { offset: 0, length: layer.virtual_size.min(info.virtual_size) });
             } else {
-                all.extend(stagecore_qcow2::typed::allocated_extents_in(res, &layer.path).map_err(Error::from)?);
+                all.extend(
+                    stagecore_qcow2::typed::allocated_extents_in(res, &layer.path).map_err(crate::error::qcow2)?,
+                );
             }
         }
         Ok(stagecore::extent::normalize(all))
@@ -352,7 +354,7 @@ impl Storage {
                         .map_err(io_err(top))?;
                 } else {
                     stagecore_qcow2::typed::read_at_in(&self.resolver(c), Path::new(top), offset, &mut buf)
-                        .map_err(Error::from)?;
+                        .map_err(crate::error::qcow2)?;
                 }
                 Ok(buf)
             }
@@ -372,7 +374,7 @@ impl Storage {
                         .map_err(io_err(top));
                 }
                 stagecore_qcow2::typed::write_at_in(&self.resolver(c), Path::new(top), offset, data)
-                    .map_err(Error::from)
+                    .map_err(crate::error::qcow2)
             }
         }
     }
@@ -394,7 +396,7 @@ impl Storage {
                     }
                     return Ok(h.finalize().into());
                 }
-                stagecore_qcow2::typed::digest_in(&self.resolver(c), Path::new(top)).map_err(Error::from)
+                stagecore_qcow2::typed::digest_in(&self.resolver(c), Path::new(top)).map_err(crate::error::qcow2)
             }
         }
     }
@@ -415,7 +417,7 @@ fn ctx<'a>(uri: &'a str, path: &'a str) -> crate::error::Ctx<'a> {
 fn io_err(path: &str) -> impl FnOnce(io::Error) -> Error + '_ {
     move |e| {
         if e.kind() == io::ErrorKind::NotFound {
-            Error::not_found("storage volume", path)
+            Error::not_found_because("storage volume", path, e)
         } else {
             Error::backend_msg(NAME, format!("storage volume {path}: {e}"))
         }

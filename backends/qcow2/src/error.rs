@@ -181,6 +181,27 @@ impl Error {
     }
 }
 
+impl Error {
+    /// This error as a [`stagecore::Error`] raised by `backend` (the caller's backend name):
+    /// the mapping table above, with `backend` in `Backend` and `NotSupported`, and the
+    /// qcow2 error kept as the source of `NotFound` / `AlreadyExists` / `Backend`.
+    pub fn into_core(self, backend: &'static str) -> stagecore::Error {
+        match self {
+            Error::NotFound { kind, ref path } => {
+                let name = path.display().to_string();
+                stagecore::Error::not_found_because(kind, name, self)
+            }
+            Error::AlreadyExists { ref path } => {
+                let name = path.display().to_string();
+                stagecore::Error::already_exists_because("disk image", name, self)
+            }
+            Error::UnsupportedFeature { feature, .. } => stagecore::Error::not_supported(feature.as_str(), backend),
+            e @ Error::Io { .. } => stagecore::Error::backend(backend, e),
+            other => stagecore::Error::from(other),
+        }
+    }
+}
+
 impl From<Error> for stagecore::Error {
     fn from(e: Error) -> Self {
         match e {
