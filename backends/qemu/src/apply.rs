@@ -11,12 +11,12 @@
 use std::path::PathBuf;
 
 use stagecore::{Change, EnvironmentSpec, Error, Result};
-use stagecore_qcow2::ImageFormat;
+use stagecore_qcow2::{ImageFormat, typed};
 
-use crate::error::BACKEND;
+use crate::error::{BACKEND, qcow2};
 use crate::machines;
 use crate::shared::{EnvShared, EnvState, blocking};
-use crate::store::disk_key;
+use crate::store::{QemuRecord, disk_key};
 
 pub(crate) async fn apply(shared: &EnvShared, st: &mut EnvState, change: &Change) -> Result<()> {
     if let Some(message) = shared.ctx.hooks.before_apply.as_ref().and_then(|hook| hook()) {
@@ -82,9 +82,10 @@ async fn apply_offline(
             let (top, _) = rec.new_layer_path(&disks_dir, m, disk);
             let (c, t) = (copy.clone(), top.clone());
             blocking(move || {
-                stagecore_qcow2::copy_allocated(&src, None, &c)?;
-                stagecore_qcow2::create_overlay(&t, &c, ImageFormat::Qcow2, None).inspect_err(|_| {
+                typed::copy_allocated(&src, None, &c).map_err(qcow2)?;
+                typed::create_overlay(&t, &c, ImageFormat::Qcow2, None).map_err(|e| {
                     let _ = std::fs::remove_file(&c);
+                    qcow2(e)
                 })
             })
             .await?;

@@ -10,18 +10,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use stagecore::checked::{check_stage, hand_out};
+use stagecore::toolbox::{check_destroy, disk_key, fill_identities};
 use stagecore::{
-    Backend, Baseline, Capabilities, CloneKind, Environment, EnvironmentInfo, EnvironmentSpec, Error, Result, Role,
-    Selector, StageOptions,
+    Backend, Baseline, Capabilities, Environment, EnvironmentInfo, EnvironmentSpec, Error, Result, Role, Selector,
+    StageOptions,
 };
 use tracing::Instrument;
 
 use crate::config::QemuConfig;
-use crate::env::{QemuEnvironment, stop_all};
+use crate::env::stop_all;
 use crate::error::{self, BACKEND};
 use crate::process::Launcher;
-use crate::shared::{Ctx, EnvShared, NewEnv, blocking, open_shared};
-use crate::store::{EnvPaths, EnvRecord, disk_key};
+use crate::shared::{Ctx, EnvShared, NewEnv, QemuEnvironment, blocking, open_shared};
+use crate::store::{EnvPaths, EnvRecord, QemuExtra, QemuRecord};
 
 /// The daemonless QEMU backend. Cheap to clone; clones share their configuration.
 #[derive(Debug, Clone)]
@@ -79,8 +81,9 @@ impl QemuBackend {
         crate::swap::settle(&self.ctx, &production).await
     }
 
-    fn handle(shared: Arc<EnvShared>) -> Arc<dyn Environment> {
-        Arc::new(QemuEnvironment::new(shared))
+    /// Hands out `env` through the capability check layer.
+    fn hand_out(&self, env: QemuEnvironment) -> Result<Arc<dyn Environment>> {
+        hand_out(Arc::new(env), self.capabilities(), BACKEND)
     }
 
     /// Records of every environment under the root (unreadable ones are skipped with a warning).
@@ -135,28 +138,10 @@ impl QemuBackend {
             disks.insert(disk_key(&m, &d), file);
         }
         let mut spec = spec.clone();
-        for m in &mut spec.machines {
-            m.uuid.get_or_insert_with(|| uuid::Uuid::new_v4().to_string());
-            for n in &mut m.nics {
-                n.mac.get_or_insert_with(stagecore::random_mac);
-            }
-        }
-        let rec = EnvRecord {
-            name: spec.name.clone(),
-            role: Role::Production,
-            spec,
-            prefix: String::new(),
-            fenced: false,
-            segment_id: uuid::Uuid::new_v4().to_string(),
-            baselines: Vec::new(),
-            origins: Default::default(),
-            snapshots: Vec::new(),
-            disks,
-            next_layer: 1,
-            owned_files: new.owned.clone(),
-            last_swap: None,
-        };
-        Ok(Self::handle(new.commit(&self.ctx, rec)?))
+        fill_identities(&mut spec);
+        let extra = QemuExtra { next_layer: 1, owned_files: new.owned.clone(), last_swap: None };
+        let rec = EnvRecord::production(spec, disks, extra);
+        self.hand_out(QemuEnvironment::new(new.commit(&self.ctx, rec)?))
     }
 
     /// Stops the machines of `shared`, removes its directory and owned files, and forgets it.
@@ -165,7 +150,7 @@ impl QemuBackend {
         stop_all(shared, &mut st).await?;
         let rec = st.rec.take();
         shared.mark_destroyed();
-        for f in rec.iter().flat_map(|r| r.owned_files.iter()) {
+        for f in rec.iter().flat_map(|r| r.backend.owned_files.iter()) {
             let _ = std::fs::remove_file(f);
         }
         match std::fs::remove_dir_all(&shared.paths.dir) {
@@ -212,6 +197,7 @@ impl Backend for QemuBackend {
     }
 
     async fn stage(&self, baseline: &Baseline, options: &StageOptions) -> Result<Arc<dyn Environment>> {
+        check_stage(&self.capabilities(), options, BACKEND)?;
         options.validate()?;
         let span = tracing::info_span!("qemu.stage", env = %options.name, source = %baseline.environment);
         async {
@@ -226,7 +212,7 @@ impl Backend for QemuBackend {
                     return Err(e);
                 }
             }
-            Ok(Self::handle(shared))
+            self.hand_out(QemuEnvironment::new(shared))
         }
         .instrument(span)
         .await
@@ -234,11 +220,11 @@ impl Backend for QemuBackend {
 
     async fn open(&self, name: &str) -> Result<Arc<dyn Environment>> {
         stagecore::name::validate("environment", name)?;
-        Ok(Arc::new(self.open_qemu(name).await?))
+        self.hand_out(self.open_qemu(name).await?)
     }
 
     async fn list(&self) -> Result<Vec<EnvironmentInfo>> {
-        Ok(self.records()?.iter().map(EnvRecord::info).collect())
+        Ok(self.records()?.iter().map(|r| r.info(BACKEND)).collect())
     }
 
     async fn destroy(&self, name: &str) -> Result<()> {
@@ -246,18 +232,10 @@ impl Backend for QemuBackend {
         let span = tracing::info_span!("qemu.destroy", env = %name);
         async {
             let shared = open_shared(&self.ctx, name)?;
-            let child = self.records()?.into_iter().find(|r| match &r.role {
-                Role::Stage(s) => s.source == name && s.clone == CloneKind::Linked,
-                Role::Production => false,
-            });
-            if let Some(child) = child {
-                return Err(Error::Precondition(format!(
-                    "stage {} is a linked clone of {name}; destroy it first",
-                    child.name
-                )));
-            }
+            let records = self.records()?;
+            check_destroy(name, records.iter().map(|r| (r.name.as_str(), &r.role)))?;
             let mut files = crate::gc::layer_files(&shared.paths.disks())?;
-            files.extend(shared.state.lock().await.rec(name)?.owned_files.iter().cloned());
+            files.extend(shared.state.lock().await.rec(name)?.backend.owned_files.iter().cloned());
             let (root, env) = (self.ctx.root.clone(), name.to_string());
             if let Some((other, file)) = blocking(move || crate::gc::dependent(&root, &env, &files)).await? {
                 return Err(Error::Precondition(format!(

@@ -20,13 +20,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use stagecore::{Extent, Result, Role};
+use stagecore_qcow2::typed;
 
-use crate::error;
+use crate::error::{self, qcow2};
 use crate::gc::{canonical, needed_by_others, other_records};
 use crate::machines::{self, disk_id};
 use crate::qmp::QmpClient;
 use crate::shared::{EnvShared, EnvState, blocking};
-use crate::store::EnvRecord;
+use crate::store::{EnvRecord, QemuRecord};
 
 /// How long one merge job on a running machine may take.
 const JOB_LIMIT: Duration = Duration::from_secs(600);
@@ -114,7 +115,7 @@ fn plan(root: &Path, disks_dir: &Path, rec: &EnvRecord, retire: bool) -> Result<
     for m in &rec.spec.machines {
         for (index, d) in m.disks.iter().enumerate() {
             let chain: Vec<PathBuf> =
-                stagecore_qcow2::chain(&rec.top(&m.name, &d.name)?)?.iter().map(|i| canonical(&i.path)).collect();
+                typed::chain(rec.top(&m.name, &d.name)?).map_err(qcow2)?.iter().map(|i| canonical(&i.path)).collect();
             let n = chain.len();
             let is_kept = |i: usize| i == 0 || i + 1 == n || keep.contains(&chain[i]) || !chain[i].starts_with(&own);
             let mut i = 1;
@@ -178,8 +179,8 @@ pub(crate) async fn collapse(shared: &EnvShared, st: &mut EnvState, retire: bool
     rec.save(&shared.paths)?;
     let files_removed = crate::gc::collect(shared, rec).await?;
     for d in &mut disks {
-        let top = rec.top(&d.machine, &d.disk)?;
-        d.layers_after = blocking(move || Ok(stagecore_qcow2::chain(&top)?.len())).await?;
+        let top = rec.top(&d.machine, &d.disk)?.clone();
+        d.layers_after = blocking(move || Ok(typed::chain(&top).map_err(qcow2)?.len())).await?;
     }
     tracing::info!(env = %shared.name, merges = merges.len(), files_removed, retired = retired.len(), "layers collapsed");
     result.map(|()| CollapseReport { disks, retired_baselines: retired, files_removed })
@@ -210,16 +211,18 @@ fn subtract(ranges: &[Extent], minus: &[Extent]) -> Vec<Extent> {
 async fn merge_stopped(m: &Merge) -> Result<()> {
     let (upper, lower) = (m.upper.clone(), m.lower.clone());
     blocking(move || {
-        let missing =
-            subtract(&stagecore_qcow2::changed_since(&upper, &lower)?, &stagecore_qcow2::allocated_extents(&upper)?);
+        let missing = subtract(
+            &typed::changed_since(&upper, &lower).map_err(qcow2)?,
+            &typed::allocated_extents(&upper).map_err(qcow2)?,
+        );
         let mut buf = Vec::new();
         for e in missing {
             let mut off = e.offset;
             while off < e.offset + e.length {
                 let n = (e.offset + e.length - off).min(4 << 20) as usize;
                 buf.resize(n, 0);
-                stagecore_qcow2::read_at(&upper, off, &mut buf)?;
-                stagecore_qcow2::write_at(&upper, off, &buf)?;
+                typed::read_at(&upper, off, &mut buf).map_err(qcow2)?;
+                typed::write_at(&upper, off, &buf).map_err(qcow2)?;
                 off += n as u64;
             }
         }

@@ -7,32 +7,20 @@
 //! the baseline's layer, after QEMU flushed a running machine's disks, so no completed write is
 //! missed; disks outside the baseline are `NotChecked` with the reason.
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use stagecore::{
     Baseline, BaselineLayer, Change, ChangeMap, ChangeSet, DiskChanges, DiskIo, Environment, EnvironmentInfo,
-    EnvironmentSpec, Error, GuestChannel, MachineStatus, PowerState, Result, Role,
+    EnvironmentSpec, Error, GuestChannel, MachineStatus, PowerState, Result,
 };
 use time::OffsetDateTime;
 use tracing::Instrument;
 
+use crate::error::BACKEND;
 use crate::machines::{self, Liveness};
-use crate::shared::{EnvShared, EnvState, blocking};
-use crate::store::disk_key;
-
-/// A handle on one environment run by the QEMU backend. All handles on one environment in a
-/// process share its state, lock and QMP sessions.
-#[derive(Debug, Clone)]
-pub struct QemuEnvironment {
-    pub(crate) shared: Arc<EnvShared>,
-}
+use crate::shared::{EnvShared, EnvState, QemuEnvironment, blocking};
+use crate::store::{QemuRecord, disk_key};
 
 impl QemuEnvironment {
-    pub(crate) fn new(shared: Arc<EnvShared>) -> Self {
-        QemuEnvironment { shared }
-    }
-
     /// The QEMU argv of `machine` as it would be started now (without the binary). For
     /// inspection and tests (e.g. proving NICs are fenced).
     pub async fn machine_argv(&self, machine: &str) -> Result<Vec<std::ffi::OsString>> {
@@ -44,7 +32,7 @@ impl QemuEnvironment {
 
     /// The writable top layer file of `machine`/`disk`.
     pub async fn disk_top(&self, machine: &str, disk: &str) -> Result<std::path::PathBuf> {
-        self.shared.state.lock().await.rec(&self.shared.name)?.top(machine, disk)
+        self.shared.state.lock().await.rec(&self.shared.name)?.top(machine, disk).cloned()
     }
 
     /// The pid of `machine`'s QEMU, when one of ours is alive.
@@ -96,10 +84,6 @@ impl QemuEnvironment {
     pub async fn collapse_layers(&self) -> Result<crate::CollapseReport> {
         let mut st = self.shared.state.lock().await;
         crate::collapse::collapse(&self.shared, &mut st, true).instrument(self.span("collapse_layers")).await
-    }
-
-    pub(crate) fn span(&self, op: &'static str) -> tracing::Span {
-        tracing::info_span!("qemu.env", env = %self.shared.name, op)
     }
 }
 
@@ -231,7 +215,7 @@ impl Environment for QemuEnvironment {
     }
 
     async fn info(&self) -> Result<EnvironmentInfo> {
-        Ok(self.shared.state.lock().await.rec(&self.shared.name)?.info())
+        Ok(self.shared.state.lock().await.rec(&self.shared.name)?.info(BACKEND))
     }
 
     async fn spec(&self) -> Result<EnvironmentSpec> {
@@ -271,13 +255,11 @@ impl Environment for QemuEnvironment {
     async fn take_baseline(&self) -> Result<Baseline> {
         let shared = &self.shared;
         let mut st = shared.state.lock().await;
-        if st.rec(&shared.name)?.role != Role::Production {
-            return Err(Error::Precondition(format!("{} is a stage; baselines are taken of production", shared.name)));
-        }
+        st.rec(&shared.name)?.require_production()?;
         let crate::freeze::Frozen { layers: frozen, consistency } =
             crate::freeze::freeze_all(shared, &mut st).instrument(self.span("take_baseline")).await?;
         let rec = st.rec_mut(&shared.name)?;
-        let id = format!("bl-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let id = stagecore::toolbox::new_baseline_id();
         let mut layers = Vec::new();
         for m in &rec.spec.machines {
             for d in &m.disks {
@@ -290,15 +272,14 @@ impl Environment for QemuEnvironment {
             }
         }
         let baseline = Baseline {
-            id: id.clone(),
+            id,
             environment: shared.name.clone(),
             taken_at: OffsetDateTime::now_utc(),
             spec: rec.spec.clone(),
             layers,
             consistency,
         };
-        rec.origins.insert(id, frozen);
-        rec.baselines.push(baseline.clone());
+        rec.push_baseline(baseline.clone(), frozen);
         rec.save(&shared.paths)?;
         Ok(baseline)
     }
@@ -317,10 +298,7 @@ impl Environment for QemuEnvironment {
         let shared = &self.shared;
         let mut st = shared.state.lock().await;
         let rec = st.rec_mut(&shared.name)?;
-        match &mut rec.role {
-            Role::Stage(s) => s.change_sets.push(change_set.clone()),
-            Role::Production => return Err(Error::Precondition(format!("{} is not a stage", shared.name))),
-        }
+        rec.record_change_set(change_set)?;
         rec.save(&shared.paths)
     }
 
@@ -342,7 +320,7 @@ async fn disk_changes(shared: &EnvShared, st: &mut EnvState, baseline: &Baseline
         }
         let rec = st.rec(&shared.name)?;
         for d in &m.disks {
-            let top = rec.top(&m.name, &d.name)?;
+            let top = rec.top(&m.name, &d.name)?.clone();
             let origin = rec.origins.get(&baseline.id).and_then(|o| o.get(&disk_key(&m.name, &d.name))).cloned();
             let (label, id) = (format!("{}/{}", m.name, d.name), baseline.id.clone());
             let size_hint = d.size_bytes.unwrap_or(0);

@@ -1,15 +1,14 @@
 //! The one place where this crate's failures become [`stagecore::Error`].
 //!
-//! Every constructor names what failed and where (socket path, binary path, command name).
-//! QMP error replies keep their class and description as a [`QmpCommandError`] source inside
-//! [`Error::Backend`], so callers can downcast (see [`crate::qmp::command_error`]).
+//! qcow2 errors go through [`qcow2`] (typed calls, mapped once). Every constructor names what
+//! failed and where (socket path, binary path, command name). QMP error replies keep their class
+//! and description as a `QmpCommandError` source inside [`Error::Backend`], so callers can
+//! downcast (see `qmp::command_error`). This module depends on no other module of the crate.
 
 use std::path::Path;
 use std::time::Duration;
 
 use stagecore::Error;
-
-use crate::qmp::QmpCommandError;
 
 /// The backend name used in every error.
 pub(crate) const BACKEND: &str = "qemu";
@@ -25,7 +24,8 @@ pub(crate) fn timeout(operation: impl Into<String>, limit: Duration) -> Error {
 }
 
 /// QEMU answered a command with `{"error": {"class", "desc"}}`.
-pub(crate) fn command(err: QmpCommandError) -> Error {
+/// (`err` is the `QmpCommandError`, kept as the source.)
+pub(crate) fn command(err: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::backend(BACKEND, err)
 }
 
@@ -37,6 +37,13 @@ pub(crate) fn protocol(socket: &Path, what: impl std::fmt::Display) -> Error {
 /// Any other backend failure, as a message.
 pub(crate) fn msg(what: impl std::fmt::Display) -> Error {
     Error::backend_msg(BACKEND, what)
+}
+
+/// A failure of the in-process qcow2 code, as an error of this backend: the one place qcow2
+/// errors are mapped (every call goes through `stagecore_qcow2::typed` and this function, never
+/// through the `From` conversion that would name backend "qcow2").
+pub(crate) fn qcow2(e: stagecore_qcow2::Error) -> Error {
+    e.into_core(BACKEND)
 }
 
 /// An I/O failure on a named path.

@@ -33,7 +33,7 @@ use stagecore_qga::Agent;
 use crate::machines::{self, Liveness, disk_id};
 use crate::qmp::{BlockdevSnapshotSync, NewImageMode, QmpClient, RunState};
 use crate::shared::{EnvShared, EnvState, blocking};
-use crate::store::{disk_key, write_atomic};
+use crate::store::{QemuRecord, disk_key, write_atomic};
 
 /// Bound of the probe that tells a machine with a guest agent from one without.
 pub(crate) const PROBE: Duration = Duration::from_millis(1500);
@@ -162,7 +162,7 @@ pub(crate) async fn recover(shared: &EnvShared, st: &mut EnvState) {
             }
         }
         if fm.exists() {
-            let agent = crate::guest::running_agent(shared, st, &m);
+            let agent = crate::shared::running_agent(shared, st, &m);
             match agent.fsfreeze_thaw(THAW_TIMEOUT).await {
                 Ok(n) => {
                     tracing::warn!(env = %shared.name, machine = %m, thawed = n, "thawed a guest left frozen by a dead process");
@@ -290,7 +290,7 @@ async fn quiesce(
         } else {
             probing.push(Quiesced {
                 machine: m.clone(),
-                agent: crate::guest::running_agent(shared, st, m),
+                agent: crate::shared::running_agent(shared, st, m),
                 qmp: q.clone(),
             });
         }
@@ -370,7 +370,7 @@ async fn create_overlays(shared: &EnvShared, st: &mut EnvState) -> Result<Vec<Pl
     let machines = rec.spec.machines.clone();
     for m in &machines {
         for (j, d) in m.disks.iter().enumerate() {
-            let old = rec.top(&m.name, &d.name)?;
+            let old = rec.top(&m.name, &d.name)?.clone();
             let (new, n) = rec.new_layer_path(&disks_dir, &m.name, &d.name);
             let node = format!("{}-l{n}", disk_id(j));
             plans.push(Plan { machine: m.name.clone(), index: j, key: disk_key(&m.name, &d.name), old, new, node });
@@ -379,11 +379,11 @@ async fn create_overlays(shared: &EnvShared, st: &mut EnvState) -> Result<Vec<Pl
     let jobs: Vec<(PathBuf, PathBuf)> = plans.iter().map(|p| (p.new.clone(), p.old.clone())).collect();
     blocking(move || {
         for (i, (new, old)) in jobs.iter().enumerate() {
-            if let Err(e) = stagecore_qcow2::create_overlay(new, old, ImageFormat::Qcow2, None) {
+            if let Err(e) = stagecore_qcow2::typed::create_overlay(new, old, ImageFormat::Qcow2, None) {
                 for (made, _) in &jobs[..i] {
                     let _ = std::fs::remove_file(made);
                 }
-                return Err(e);
+                return Err(crate::error::qcow2(e));
             }
         }
         Ok(())

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use stagecore::{Error, Result};
 
 use crate::shared::{EnvShared, blocking};
-use crate::store::{EnvPaths, EnvRecord};
+use crate::store::{EnvPaths, EnvRecord, QemuRecord};
 
 /// A path with symlinks and `..` resolved (the path itself when it cannot be resolved).
 pub(crate) fn canonical(p: &Path) -> PathBuf {
@@ -34,7 +34,9 @@ pub(crate) fn roots(rec: &EnvRecord) -> Vec<PathBuf> {
 pub(crate) fn chain_files(roots: &[PathBuf]) -> Result<HashSet<PathBuf>> {
     let mut out = HashSet::new();
     for root in roots {
-        out.extend(stagecore_qcow2::chain(root)?.iter().map(|i| canonical(&i.path)));
+        out.extend(
+            stagecore_qcow2::typed::chain(root).map_err(crate::error::qcow2)?.iter().map(|i| canonical(&i.path)),
+        );
     }
     Ok(out)
 }

@@ -9,34 +9,17 @@
 //! agent's label). The environment lock is held only to find the agent, not while a command
 //! runs.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use stagecore::{Error, GuestChannel, GuestExec, GuestOutput, Result};
-use stagecore_qga::{Agent, SocketTransport};
+use stagecore_qga::Agent;
 use tracing::Instrument;
 
-use crate::env::QemuEnvironment;
 use crate::machines;
-use crate::shared::{EnvShared, EnvState};
+use crate::shared::{EnvShared, EnvState, QemuEnvironment};
 
-/// How the agent of `machine` names itself in errors: `env/machine`.
-pub(crate) fn label(shared: &EnvShared, machine: &str) -> String {
-    format!("{}/{machine}", shared.name)
-}
-
-/// The agent client of `machine`, made on first use. The caller knows the machine runs.
-pub(crate) fn running_agent(shared: &EnvShared, st: &mut EnvState, machine: &str) -> Agent {
-    st.agents
-        .entry(machine.to_string())
-        .or_insert_with(|| {
-            let label = label(shared, machine);
-            let transport = SocketTransport::new(machines::agent_socket(shared, machine), label.clone());
-            Agent::new(Arc::new(transport), label)
-        })
-        .clone()
-}
+pub(crate) use crate::shared::running_agent;
 
 /// The agent client of `machine` if it runs; `NotFound` for an unknown machine, `Precondition`
 /// when it does not run.

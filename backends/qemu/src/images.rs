@@ -9,8 +9,9 @@
 use std::path::{Component, Path, PathBuf};
 
 use stagecore::{Error, Result};
+use stagecore_qcow2::{Error as Q, typed};
 
-use crate::error;
+use crate::error::{self, qcow2};
 use crate::shared::blocking;
 
 /// The file a disk `source` names; `field` is the spec path for errors.
@@ -28,19 +29,20 @@ pub(crate) fn resolve(root: &Path, field: &str, source: &str) -> Result<PathBuf>
 /// Checks that `file` is a usable qcow2 image (its whole chain readable).
 pub(crate) async fn check_existing(field: &str, file: &Path) -> Result<u64> {
     let f = file.to_path_buf();
-    let result = blocking(move || {
-        let info = stagecore_qcow2::info(&f)?;
-        stagecore_qcow2::chain(&f)?;
-        Ok(info.virtual_size)
+    let field = field.to_string();
+    blocking(move || {
+        let checked = typed::info(&f).and_then(|info| typed::chain(&f).map(|_| info.virtual_size));
+        // A file that is not a usable qcow2 chain is a bad spec field; the message names the file.
+        checked.map_err(|e| match e {
+            Q::NotQcow2 { .. }
+            | Q::Corrupt { .. }
+            | Q::UnsupportedFeature { .. }
+            | Q::BaseNotInChain { .. }
+            | Q::InvalidArgument { .. } => Error::invalid(field, e.to_string()),
+            other => qcow2(other),
+        })
     })
-    .await;
-    result.map_err(|e| match e {
-        Error::InvalidSpec { reason, .. } => Error::invalid(field, format!("{}: {reason}", file.display())),
-        Error::NotSupported { operation, .. } => {
-            Error::invalid(field, format!("{}: unsupported qcow2 feature: {operation}", file.display()))
-        }
-        other => other,
-    })
+    .await
 }
 
 /// Creates an empty qcow2 image of `size` bytes at `path` (parent directories included).

@@ -60,4 +60,4 @@ mod swap;
 pub use backend::QemuBackend;
 pub use collapse::{CollapseReport, CollapsedDisk};
 pub use config::{Accel, DEFAULT_AGENT_TIMEOUT, FailHook, FaultHooks, Hook, PointHook, QemuConfig};
-pub use env::QemuEnvironment;
+pub use shared::QemuEnvironment;

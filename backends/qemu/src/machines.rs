@@ -19,7 +19,7 @@ use crate::error;
 use crate::process::{ProcessState, QemuPaths, QemuProcess, inspect};
 use crate::qmp::QmpClient;
 use crate::shared::{EnvShared, EnvState};
-use crate::store::EnvRecord;
+use crate::store::{EnvRecord, QemuRecord};
 
 /// How long to wait for QMP to answer a fresh connection, and for a QEMU to go away.
 const CONNECT: Duration = Duration::from_secs(5);
@@ -49,7 +49,7 @@ pub(crate) fn qemu_paths(shared: &EnvShared, machine: &str) -> QemuPaths {
 
 /// The guest agent socket of a machine, in its own environment's machine directory.
 pub(crate) fn agent_socket(shared: &EnvShared, machine: &str) -> PathBuf {
-    shared.paths.machine_dir(machine).join("qga.sock")
+    shared.paths.agent_socket(machine)
 }
 
 /// The serial console log of a machine (appended to by every boot).
@@ -188,7 +188,7 @@ async fn verify(
         Err(e) => return Ok(Some(format!("query-block on qemu pid {pid} failed: {e}"))),
     };
     let disks: Vec<(String, std::path::PathBuf)> =
-        m.disks.iter().map(|d| Ok((d.name.clone(), rec.top(machine, &d.name)?))).collect::<Result<_>>()?;
+        m.disks.iter().map(|d| Ok((d.name.clone(), rec.top(machine, &d.name)?.clone()))).collect::<Result<_>>()?;
     let mut adopt = Vec::new();
     for (j, (disk, top)) in disks.iter().enumerate() {
         let id = disk_id(j);
@@ -217,7 +217,7 @@ async fn verify(
             tracing::warn!(env = %shared.name, machine, disk = %disk, top = %file.display(),
                 "adopting the overlay a dead process's freeze switched to before it saved the record");
             if let Some(n) = layer_number(&file) {
-                rec.next_layer = rec.next_layer.max(n + 1);
+                rec.backend.next_layer = rec.backend.next_layer.max(n + 1);
             }
             rec.disks.insert(crate::store::disk_key(machine, &disk), file);
         }
@@ -235,7 +235,7 @@ async fn newer_overlay_of_ours(shared: &EnvShared, running: &Path, top: &Path) -
         return false;
     }
     let r = running.clone();
-    let chain = crate::shared::blocking(move || Ok(stagecore_qcow2::chain(&r)?)).await;
+    let chain = crate::shared::blocking(move || stagecore_qcow2::typed::chain(&r).map_err(error::qcow2)).await;
     matches!(chain, Ok(c) if c.iter().skip(1).any(|i| crate::gc::canonical(&i.path) == top))
 }
 
@@ -292,7 +292,9 @@ pub(crate) fn machine_config(shared: &EnvShared, rec: &EnvRecord, m: &MachineSpe
         .disks
         .iter()
         .enumerate()
-        .map(|(j, d)| Ok(DiskConfig { id: disk_id(j), path: rec.top(&m.name, &d.name)?, read_only: d.read_only }))
+        .map(|(j, d)| {
+            Ok(DiskConfig { id: disk_id(j), path: rec.top(&m.name, &d.name)?.clone(), read_only: d.read_only })
+        })
         .collect::<Result<Vec<_>>>()?;
     let nics = m
         .nics

@@ -5,6 +5,10 @@
 //! Contract: [`open_shared`] returns the live [`EnvShared`] of an environment or opens it (taking
 //! its cross-process lock: `Error::Locked` when another process holds it). [`NewEnv`] creates a
 //! fresh environment directory and removes it again unless [`NewEnv::commit`] is called.
+//!
+//! This is the crate's core module: [`QemuEnvironment`] (the handle type) lives here so that the
+//! modules implementing its traits (`env`, `diskio`, `guest`, `snapshot`) depend on this module
+//! and not on each other.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -18,7 +22,29 @@ use crate::error;
 use crate::lock::EnvLock;
 use crate::process::Launcher;
 use crate::qmp::QmpClient;
-use crate::store::{EnvPaths, EnvRecord};
+use crate::store::{EnvPaths, EnvRecord, QemuRecord};
+
+/// Runs blocking file work (qcow2 layers) off the async runtime, as this backend.
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    stagecore::toolbox::blocking(error::BACKEND, f).await
+}
+
+/// A handle on one environment run by the QEMU backend. All handles on one environment in a
+/// process share its state, lock and QMP sessions.
+#[derive(Debug, Clone)]
+pub struct QemuEnvironment {
+    pub(crate) shared: Arc<EnvShared>,
+}
+
+impl QemuEnvironment {
+    pub(crate) fn new(shared: Arc<EnvShared>) -> Self {
+        QemuEnvironment { shared }
+    }
+
+    pub(crate) fn span(&self, op: &'static str) -> tracing::Span {
+        tracing::info_span!("qemu.env", env = %self.shared.name, op)
+    }
+}
 
 /// What every environment of one backend shares.
 #[derive(Debug)]
@@ -206,7 +232,15 @@ impl Drop for NewEnv {
     }
 }
 
-/// Runs blocking file work (qcow2 layers) off the async runtime.
-pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| error::msg(format!("blocking task failed: {e}")))?
+/// The agent client of `machine`, made on first use (named `env/machine` in errors). The caller
+/// knows the machine runs.
+pub(crate) fn running_agent(shared: &EnvShared, st: &mut EnvState, machine: &str) -> stagecore_qga::Agent {
+    st.agents
+        .entry(machine.to_string())
+        .or_insert_with(|| {
+            let label = format!("{}/{machine}", shared.name);
+            let transport = stagecore_qga::SocketTransport::new(shared.paths.agent_socket(machine), label.clone());
+            stagecore_qga::Agent::new(Arc::new(transport), label)
+        })
+        .clone()
 }

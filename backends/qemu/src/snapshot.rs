@@ -11,22 +11,19 @@
 use std::path::PathBuf;
 
 use async_trait::async_trait;
-use stagecore::{Consistency, Error, Result, Snapshot, SnapshotInfo};
-use stagecore_qcow2::ImageFormat;
+use stagecore::{Consistency, Result, Snapshot, SnapshotInfo};
+use stagecore_qcow2::{ImageFormat, typed};
 use time::OffsetDateTime;
 use tracing::Instrument;
 
-use crate::env::{QemuEnvironment, stop_all};
-use crate::shared::{EnvShared, EnvState, blocking};
-use crate::store::SnapshotRecord;
-
-fn not_found(env: &str, name: &str) -> Error {
-    Error::not_found("snapshot", format!("{env}/{name}"))
-}
+use crate::env::stop_all;
+use crate::error::qcow2;
+use crate::shared::{EnvShared, EnvState, QemuEnvironment, blocking};
+use crate::store::{QemuRecord, SnapshotRecord};
 
 async fn revert(shared: &EnvShared, st: &mut EnvState, name: &str) -> Result<()> {
     let rec = st.rec(&shared.name)?;
-    let snap = rec.snapshots.iter().find(|s| s.info.name == name).cloned().ok_or_else(|| not_found(&rec.name, name))?;
+    let snap = rec.snapshot(name)?.clone();
     let running = stop_all(shared, st).await?;
     let rec = st.rec_mut(&shared.name)?;
     let disks_dir = shared.paths.disks();
@@ -39,11 +36,11 @@ async fn revert(shared: &EnvShared, st: &mut EnvState, name: &str) -> Result<()>
     let work = jobs.clone();
     blocking(move || {
         for (i, (_, layer, new)) in work.iter().enumerate() {
-            if let Err(e) = stagecore_qcow2::create_overlay(new, layer, ImageFormat::Qcow2, None) {
+            if let Err(e) = typed::create_overlay(new, layer, ImageFormat::Qcow2, None) {
                 for (_, _, made) in &work[..i] {
                     let _ = std::fs::remove_file(made);
                 }
-                return Err(e);
+                return Err(qcow2(e));
             }
         }
         Ok(())
@@ -60,13 +57,9 @@ async fn revert(shared: &EnvShared, st: &mut EnvState, name: &str) -> Result<()>
 #[async_trait]
 impl Snapshot for QemuEnvironment {
     async fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo> {
-        stagecore::name::validate("snapshot", name)?;
         let shared = &self.shared;
         let mut st = shared.state.lock().await;
-        let rec = st.rec(&shared.name)?;
-        if rec.snapshots.iter().any(|s| s.info.name == name) {
-            return Err(Error::already_exists("snapshot", format!("{}/{name}", shared.name)));
-        }
+        st.rec(&shared.name)?.require_new_snapshot(name)?;
         let crate::freeze::Frozen { layers, consistency } =
             crate::freeze::freeze_all(shared, &mut st).instrument(self.span("create_snapshot")).await?;
         let rec = st.rec_mut(&shared.name)?;
@@ -86,25 +79,19 @@ impl Snapshot for QemuEnvironment {
 
     async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         let st = self.shared.state.lock().await;
-        Ok(st.rec(&self.shared.name)?.snapshots.iter().map(|s| s.info.clone()).collect())
+        Ok(st.rec(&self.shared.name)?.snapshot_infos())
     }
 
     async fn revert_snapshot(&self, name: &str) -> Result<()> {
-        stagecore::name::validate("snapshot", name)?;
         let mut st = self.shared.state.lock().await;
         revert(&self.shared, &mut st, name).instrument(self.span("revert_snapshot")).await
     }
 
     async fn delete_snapshot(&self, name: &str) -> Result<()> {
-        stagecore::name::validate("snapshot", name)?;
         let shared = &self.shared;
         let mut st = shared.state.lock().await;
         let rec = st.rec_mut(&shared.name)?;
-        let before = rec.snapshots.len();
-        rec.snapshots.retain(|s| s.info.name != name);
-        if rec.snapshots.len() == before {
-            return Err(not_found(&shared.name, name));
-        }
+        rec.remove_snapshot(name)?;
         rec.save(&shared.paths)?;
         crate::gc::collect(shared, rec).await?;
         // Merge the deleted snapshot's layer away if the current state chains through it. Best

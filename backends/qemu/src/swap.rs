@@ -32,7 +32,7 @@ use crate::env::stop_all;
 use crate::error;
 use crate::gc::{canonical, chain_files, layer_files, needed_by_others, roots};
 use crate::shared::{Ctx, EnvShared, EnvState, blocking, open_shared};
-use crate::store::{EnvPaths, EnvRecord, write_atomic};
+use crate::store::{EnvPaths, EnvRecord, QemuRecord, write_atomic};
 
 /// The intent file's name in production's directory.
 const INTENT: &str = "swap-intent.json";
@@ -118,7 +118,7 @@ fn plan_moves(root: &Path, (p, s): (&EnvPaths, &EnvPaths), np: &EnvRecord, ns: &
     }
     let mut links = Vec::new();
     for r in rp.iter().chain(&rs) {
-        let chain = stagecore_qcow2::chain(r)?;
+        let chain = stagecore_qcow2::typed::chain(r).map_err(error::qcow2)?;
         for pair in chain.windows(2) {
             links.push((canonical(&pair[0].path), canonical(&pair[1].path)));
         }
@@ -181,8 +181,8 @@ fn intent_for(
     let mut moves = BTreeMap::new();
     for (files, rec, dir) in [(&plan.to_p, &mut *np, pp.disks()), (&plan.to_s, &mut ns, sp.disks())] {
         for f in files {
-            let n = rec.next_layer;
-            rec.next_layer += 1;
+            let n = rec.backend.next_layer;
+            rec.backend.next_layer += 1;
             moves.insert(f.clone(), canonical(&dir).join(moved_name(n, f)));
         }
     }
@@ -209,7 +209,7 @@ async fn exchange(ctx: &Ctx, p: Side<'_, '_>, s: Side<'_, '_>, baseline_id: &str
     let (mut np, mut ns) = (pst.rec(&ps.name)?.clone(), sst.rec(&ss.name)?.clone());
     exchange_records(&mut np, &mut ns, baseline_id);
     let id = uuid::Uuid::new_v4().to_string();
-    np.last_swap = Some(id.clone());
+    np.backend.last_swap = Some(id.clone());
     let plan = {
         let (root, pe, se, np, ns) = (ctx.root.clone(), ps.paths.clone(), ss.paths.clone(), np.clone(), ns.clone());
         blocking(move || plan_moves(&root, (&pe, &se), &np, &ns)).await?
@@ -267,7 +267,7 @@ async fn rebase(r: &Rebase, forward: bool) -> Result<()> {
     let image = if r.image.exists() { r.image.clone() } else { r.alt.clone() };
     let target = if forward { &r.new } else { &r.old };
     let probe = image.clone();
-    let current = blocking(move || stagecore_qcow2::info(&probe)).await?.backing_file;
+    let current = blocking(move || stagecore_qcow2::typed::info(&probe).map_err(error::qcow2)).await?.backing_file;
     if current.as_deref().map(canonical) == Some(canonical(target)) {
         return Ok(());
     }
@@ -280,7 +280,7 @@ async fn resolve(p: Side<'_, '_>, s: Side<'_, '_>, file: &Path, intent: &Intent)
     let (ps, pst) = p;
     let (ss, sst) = s;
     let on_disk = EnvRecord::load(&ps.paths, &ps.name)?;
-    if on_disk.last_swap.as_deref() == Some(intent.id.as_str()) {
+    if on_disk.backend.last_swap.as_deref() == Some(intent.id.as_str()) {
         for (old, new) in &intent.moves {
             if old.exists() {
                 link(old, new)?;

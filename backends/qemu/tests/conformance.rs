@@ -1,97 +1,27 @@
-//! The stagecore conformance kit against real QEMU (TCG), one test per kit function (the
-//! promotion functions are in `promotion.rs`; `run_all` is not repeated here, it would run them
-//! all again), plus the invariants with production *running* (its baseline goes through a live
-//! QMP transaction).
+//! The stagecore conformance kit against real QEMU (TCG): every kit case the backend's
+//! capabilities allow, one test each (`conformance_tests!`, promotion cases included), plus the
+//! invariants with production *running* (its baseline goes through a live QMP transaction).
 
 mod support;
 
 use std::time::Instant;
 
 use stagecore::{BackendExt, EnvironmentExt, StageOptions};
-use stagecore_testkit::{Kit, bad_input, clone, drift, invariants, snapshot, unique};
+use stagecore_testkit::{Kit, drift, invariants, unique};
 use support::{Fixture, running_kit};
 
 fn kit(f: &Fixture) -> Kit {
     Kit::new(f.backend.clone())
 }
 
-#[tokio::test]
-async fn spec_round_trip() {
+/// A fresh state root per case; the fixture kills what the case left running when dropped.
+async fn setup() -> (Fixture, Kit) {
     let f = Fixture::new();
-    clone::spec_round_trip(&kit(&f)).await;
+    let k = kit(&f);
+    (f, k)
 }
 
-#[tokio::test]
-async fn linked_clone() {
-    let f = Fixture::new();
-    clone::linked_clone(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn full_clone() {
-    let f = Fixture::new();
-    clone::full_clone(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn identity_safety() {
-    let f = Fixture::new();
-    clone::identity_safety(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn fencing_flag() {
-    let f = Fixture::new();
-    clone::fencing_flag(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn zero_drift_after_clone() {
-    let f = Fixture::new();
-    invariants::zero_drift_after_clone(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn production_untouched() {
-    let f = Fixture::new();
-    invariants::production_untouched(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn snapshot_revert_restores() {
-    let f = Fixture::new();
-    snapshot::snapshot_revert_restores(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn bad_input_is_typed() {
-    let f = Fixture::new();
-    bad_input::bad_input_is_typed(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn stage_config_edit_is_drift() {
-    let f = Fixture::new();
-    drift::stage_config_edit_is_drift(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn production_disk_write_is_drift() {
-    let f = Fixture::new();
-    drift::production_disk_write_is_drift(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn both_sides_is_conflict() {
-    let f = Fixture::new();
-    drift::both_sides_is_conflict(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn change_set_is_intended() {
-    let f = Fixture::new();
-    drift::change_set_is_intended(&kit(&f)).await;
-}
+stagecore_testkit::conformance_tests!(setup);
 
 /// Invariant 1 with production running: the baseline (a live transaction under every disk)
 /// and every staging operation leave what production's guests read, and its spec, identical.

@@ -1,48 +1,19 @@
-//! The stagecore-testkit promotion functions (replay and swap) against real QEMU (TCG): atomic
-//! commit or rollback (invariant 4), one `Locked` of two (invariant 5).
+//! The stagecore-testkit promotion functions that need more than a plain kit, against real QEMU
+//! (TCG): an injected apply failure, and promotions of a *running* production. The plain promotion
+//! cases (replay and swap commit, rollback, crash at every step, one `Locked` of two) run once, from
+//! `conformance_tests!` in `conformance.rs`.
 
 mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use stagecore::promotion::Strategy;
 use stagecore_qemu::{FaultHooks, QemuConfig};
 use stagecore_testkit::{Kit, promotion};
 use support::{Fixture, running_kit};
 
 fn kit(f: &Fixture) -> Kit {
     Kit::new(f.backend.clone())
-}
-
-#[tokio::test]
-async fn replay_commits() {
-    let f = Fixture::new();
-    promotion::replay_commits(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn gate_failure_rolls_back() {
-    let f = Fixture::new();
-    promotion::gate_failure_rolls_back(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn precondition_refuses() {
-    let f = Fixture::new();
-    promotion::precondition_refuses(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn concurrent_promotions_one_locked() {
-    let f = Fixture::new();
-    promotion::concurrent_promotions_one_locked(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn crash_at_every_step_replay() {
-    let f = Fixture::new();
-    promotion::crash_at_every_step(&kit(&f), Strategy::Replay).await;
 }
 
 #[tokio::test]
@@ -74,24 +45,6 @@ async fn replay_commits_on_running_production() {
 async fn gate_failure_rolls_back_on_running_production() {
     let f = Fixture::new();
     promotion::gate_failure_rolls_back(&running_kit(&f)).await;
-}
-
-#[tokio::test]
-async fn swap_commits() {
-    let f = Fixture::new();
-    promotion::swap_commits(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn swap_rolls_back() {
-    let f = Fixture::new();
-    promotion::swap_rolls_back(&kit(&f)).await;
-}
-
-#[tokio::test]
-async fn crash_at_every_step_swap() {
-    let f = Fixture::new();
-    promotion::crash_at_every_step(&kit(&f), Strategy::Swap).await;
 }
 
 #[tokio::test]
