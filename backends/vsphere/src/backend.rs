@@ -3,64 +3,26 @@
 //! Contract: productions are *attached* (existing VMs by name or folder; never created, never
 //! modified by attaching, never deleted); stages are linked or full clones of a baseline's
 //! snapshots (see `stage.rs`); environment membership lives in a local registry directory
-//! (`registry.rs`). Destroying a stage deletes its VMs; destroying a production only forgets it
+//! (`record.rs`). Every environment is handed out through `stagecore::checked::hand_out`. Destroying a stage deletes its VMs; destroying a production only forgets it
 //! (after removing the snapshots stagecore took of it, when no linked stage still needs them).
 //! `create` and `swap` are `NotSupported`.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use stagecore::{
-    Backend, Baseline, Capabilities, CloneKind, Environment, EnvironmentInfo, EnvironmentSpec, Error, Result, Role,
-    Secret, Selector, StageOptions,
+    Backend, Baseline, Capabilities, DynEnvironment, Environment, EnvironmentInfo, EnvironmentSpec, Error, Result,
+    Role, Selector, StageOptions, checked::hand_out, toolbox,
 };
 use tokio::sync::Mutex;
 use tracing::Instrument;
 
+use crate::core::{Shared, VsphereOptions, live_spec, resolve_folder, vm_infos};
 use crate::env::VsphereEnvironment;
-use crate::registry::{EnvRecord, MachineRecord, Registry};
-use crate::{BACKEND, MoRef, VsphereClient, VsphereConfig};
-
-/// How the backend places stages and where it keeps its registry.
-#[derive(Clone, Debug)]
-pub struct VsphereOptions {
-    /// The port group fenced stages' NICs are moved onto (an admin-made port group without
-    /// uplink). Without it, fenced stages are refused with `InvalidSpec("vsphere.isolated_network")`.
-    pub isolated_network: Option<String>,
-    /// The VM folder stages are created in (name or id, e.g. `stage` or `group-v11`); `None` puts
-    /// each stage VM in the folder of the production VM it is cloned from.
-    pub folder: Option<String>,
-    /// The registry directory: one JSON file per environment (see the crate docs).
-    pub state_dir: PathBuf,
-    /// Guest OS credentials for guest operations (VMware Tools); `None`: no guest channel.
-    pub guest_credentials: Option<GuestCredentials>,
-}
-
-/// A guest OS account for guest operations. The password is a [`Secret`]: never in `Debug`,
-/// errors or logs.
-#[derive(Clone, Debug)]
-pub struct GuestCredentials {
-    /// Guest user name, e.g. `root`.
-    pub username: String,
-    /// Guest password.
-    pub password: Secret,
-}
-
-impl VsphereOptions {
-    /// Options with a registry directory, no isolated network, no stage folder, no guest channel.
-    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
-        VsphereOptions { isolated_network: None, folder: None, state_dir: state_dir.into(), guest_credentials: None }
-    }
-}
-
-pub(crate) struct Shared {
-    pub(crate) client: VsphereClient,
-    pub(crate) opts: VsphereOptions,
-    pub(crate) registry: Registry,
-    /// Serialises registry read-modify-write cycles within this process.
-    pub(crate) lock: Mutex<()>,
-}
+use crate::record::{MachineRecord, Record, Registry, VsphereExtra, tops};
+use crate::vms::{delete_vms, remove_snapshots};
+use crate::{BACKEND, VsphereClient, VsphereConfig};
 
 /// The vSphere backend. Cheap to clone.
 #[derive(Clone)]
@@ -102,8 +64,9 @@ impl VsphereBackend {
         &self.shared.client
     }
 
-    fn handle(&self, name: &str) -> Arc<dyn Environment> {
-        Arc::new(VsphereEnvironment::new(name, self.shared.clone()))
+    /// A handle on environment `name`, checked against the capabilities.
+    fn handle(&self, name: &str) -> Result<DynEnvironment> {
+        hand_out(Arc::new(VsphereEnvironment::new(name, self.shared.clone())), self.capabilities(), BACKEND)
     }
 
     /// Finds the VMs a selector names, in a stable order: as listed for names, by name for folders.
@@ -160,27 +123,6 @@ impl VsphereBackend {
     }
 }
 
-/// What the registry alone knows of an environment (the VM id stands in for the UUID).
-fn registry_info(r: EnvRecord) -> EnvironmentInfo {
-    let machines = r
-        .machines
-        .into_iter()
-        .map(|m| stagecore::MachineInstance { name: m.name, instance_name: m.instance_name, uuid: m.vm })
-        .collect();
-    EnvironmentInfo { name: r.name, backend: BACKEND.into(), role: r.role, machines }
-}
-
-/// A folder id from a name or id.
-pub(crate) async fn resolve_folder(client: &VsphereClient, folder: &str) -> Result<String> {
-    let all = client.list_folders(&[]).await?;
-    let hits: Vec<_> = all.iter().filter(|f| f.name == folder || f.folder == folder).collect();
-    match hits.as_slice() {
-        [one] => Ok(one.folder.clone()),
-        [] => Err(Error::not_found("vSphere folder", folder)),
-        _ => Err(Error::invalid("vsphere.folder", format!("`{folder}` names several folders; give its id"))),
-    }
-}
-
 #[async_trait]
 impl Backend for VsphereBackend {
     fn name(&self) -> &'static str {
@@ -209,11 +151,11 @@ impl Backend for VsphereBackend {
         c
     }
 
-    async fn create(&self, _spec: &EnvironmentSpec) -> Result<Arc<dyn Environment>> {
+    async fn create(&self, _spec: &EnvironmentSpec) -> Result<DynEnvironment> {
         Err(Error::not_supported("create (attach existing VMs instead)", BACKEND))
     }
 
-    async fn attach(&self, selector: &Selector) -> Result<Arc<dyn Environment>> {
+    async fn attach(&self, selector: &Selector) -> Result<DynEnvironment> {
         if let Selector::Environment { name } = selector {
             return self.open(name).await;
         }
@@ -227,42 +169,38 @@ impl Backend for VsphereBackend {
                 return Err(Error::already_exists("environment", &env));
             }
             for other in self.shared.registry.all()? {
-                if let Some(m) = machines.iter().find(|m| other.machines.iter().any(|o| o.vm == m.vm)) {
+                if let Some(m) = machines.iter().find(|m| other.backend.machines.iter().any(|o| o.vm == m.vm)) {
                     return Err(Error::already_exists(
                         "vSphere VM in an environment",
                         format!("{} ({}) belongs to {}", m.instance_name, m.vm, other.name),
                     ));
                 }
             }
-            let record = EnvRecord {
-                name: env.clone(),
-                role: Role::Production,
-                machines,
-                baselines: Vec::new(),
-                origin: Vec::new(),
-                snapshots: Vec::new(),
-            };
+            let infos = vm_infos(&self.shared.client, &machines).await?;
+            let spec = live_spec(&self.shared, &env, &Role::Production, &machines, &infos);
+            let disks = tops(&spec, &machines);
+            let record = Record::production(spec, disks, VsphereExtra { machines, points: BTreeMap::new() });
             self.shared.registry.save(&record)?;
-            tracing::info!(machines = record.machines.len(), "attached");
-            Ok(self.handle(&env))
+            tracing::info!(machines = record.backend.machines.len(), "attached");
+            self.handle(&env)
         }
         .instrument(span)
         .await
     }
 
-    async fn stage(&self, baseline: &Baseline, options: &StageOptions) -> Result<Arc<dyn Environment>> {
+    async fn stage(&self, baseline: &Baseline, options: &StageOptions) -> Result<DynEnvironment> {
         let span = tracing::info_span!("vsphere.stage", stage = %options.name, baseline = %baseline.id);
         async {
-            crate::stage::stage(&self.shared, baseline, options).await?;
-            Ok(self.handle(&options.name))
+            crate::stage::stage(&self.shared, &self.capabilities(), baseline, options).await?;
+            self.handle(&options.name)
         }
         .instrument(span)
         .await
     }
 
-    async fn open(&self, name: &str) -> Result<Arc<dyn Environment>> {
+    async fn open(&self, name: &str) -> Result<DynEnvironment> {
         self.shared.registry.load(name)?;
-        Ok(self.handle(name))
+        self.handle(name)
     }
 
     async fn list(&self) -> Result<Vec<EnvironmentInfo>> {
@@ -273,7 +211,7 @@ impl Backend for VsphereBackend {
                 // A VM deleted behind stagecore's back must not hide the other environments.
                 Err(Error::NotFound { kind, name, .. }) => {
                     tracing::warn!(environment = %r.name, missing = %format!("{kind} {name}"), "listing from the registry only");
-                    out.push(registry_info(r));
+                    out.push(r.info(BACKEND));
                 }
                 Err(e) => return Err(e),
             }
@@ -287,7 +225,7 @@ impl Backend for VsphereBackend {
             let _guard = self.shared.lock.lock().await;
             let record = self.shared.registry.load(name)?;
             match &record.role {
-                Role::Stage(_) => crate::stage::delete_vms(&self.shared.client, &record.machines).await?,
+                Role::Stage(_) => delete_vms(&self.shared.client, &record.backend.machines).await?,
                 Role::Production => self.forget_production(&record).await?,
             }
             self.shared.registry.remove(name)?;
@@ -306,26 +244,9 @@ impl Backend for VsphereBackend {
 impl VsphereBackend {
     /// Removes the snapshots stagecore took of a production (refusing while a linked stage still
     /// stands on one of its baselines); the VMs themselves are left alone.
-    async fn forget_production(&self, record: &EnvRecord) -> Result<()> {
-        for other in self.shared.registry.all()? {
-            if let Role::Stage(s) = &other.role
-                && s.source == record.name
-                && s.clone == CloneKind::Linked
-            {
-                return Err(Error::Precondition(format!(
-                    "stage {} is a linked clone of {}; destroy it first",
-                    other.name, record.name
-                )));
-            }
-        }
-        let points =
-            record.baselines.iter().flat_map(|b| &b.points).chain(record.snapshots.iter().flat_map(|s| &s.points));
-        for p in points {
-            match self.shared.client.remove_snapshot(&MoRef::new("VirtualMachineSnapshot", &p.snapshot), false).await {
-                Ok(()) | Err(Error::NotFound { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+    async fn forget_production(&self, record: &Record) -> Result<()> {
+        let others = self.shared.registry.all()?;
+        toolbox::check_destroy(&record.name, others.iter().map(|o| (o.name.as_str(), &o.role)))?;
+        remove_snapshots(&self.shared.client, record.backend.points.values().flatten()).await
     }
 }

@@ -13,7 +13,7 @@
 use stagecore::{Baseline, ChangeMap, DiskChanges, Error, Extent, Result, Role};
 
 use crate::inspect::disk_name;
-use crate::registry::{EnvRecord, MachineRecord, VmPoint};
+use crate::record::{MachineRecord, Record, VmPoint, baseline_set};
 use crate::{MoRef, VsphereClient};
 
 /// CBT reports sector-aligned extents.
@@ -22,33 +22,34 @@ pub(crate) const GRANULARITY: u64 = 512;
 const PROBE_SNAPSHOT: &str = "stagecore-drift-probe";
 
 /// The points changes are measured from, and how to name them in reasons.
-fn points<'a>(record: &'a EnvRecord, baseline: &Baseline) -> Result<(&'a [VmPoint], String)> {
-    match &record.role {
-        Role::Production => record
-            .baselines
-            .iter()
-            .find(|b| b.baseline.id == baseline.id)
-            .map(|b| (b.points.as_slice(), format!("baseline {}", baseline.id)))
-            .ok_or_else(|| Error::not_found("baseline", format!("{}/{}", record.name, baseline.id))),
-        Role::Stage(s) if s.baseline.id == baseline.id => {
-            Ok((record.origin.as_slice(), format!("the origin snapshot of stage {}", record.name)))
+fn points<'a>(record: &'a Record, baseline: &Baseline) -> Result<(&'a [VmPoint], String)> {
+    let from = match &record.role {
+        Role::Production => format!("baseline {}", baseline.id),
+        Role::Stage(s) if s.baseline.id == baseline.id => format!("the origin snapshot of stage {}", record.name),
+        Role::Stage(s) => {
+            return Err(Error::not_found(
+                "baseline",
+                format!("{}: stage {} was cloned from {}", baseline.id, record.name, s.baseline.id),
+            ));
         }
-        Role::Stage(s) => Err(Error::not_found(
-            "baseline",
-            format!("{}: stage {} was cloned from {}", baseline.id, record.name, s.baseline.id),
-        )),
-    }
+    };
+    record
+        .backend
+        .points
+        .get(&baseline_set(&baseline.id))
+        .map(|p| (p.as_slice(), from))
+        .ok_or_else(|| Error::not_found("baseline", format!("{}/{}", record.name, baseline.id)))
 }
 
 /// Changes of every disk of every machine (see module docs).
 pub(crate) async fn disk_changes(
     client: &VsphereClient,
-    record: &EnvRecord,
+    record: &Record,
     baseline: &Baseline,
 ) -> Result<Vec<DiskChanges>> {
     let (points, from) = points(record, baseline)?;
     let mut out = Vec::new();
-    for m in &record.machines {
+    for m in &record.backend.machines {
         let point = points.iter().find(|p| p.machine == m.name);
         out.extend(machine_changes(client, m, point, &from).await?);
     }

@@ -11,14 +11,14 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use stagecore::{
     Baseline, BaselineLayer, Change, ChangeSet, DiskChanges, DiskIo, Environment, EnvironmentInfo, EnvironmentSpec,
-    Error, GuestChannel, MachineInstance, MachineStatus, PowerState, Result, Role,
+    Error, GuestChannel, MachineInstance, MachineStatus, PowerState, Result, toolbox,
 };
 use time::OffsetDateTime;
 use tracing::Instrument;
 
-use crate::backend::Shared;
-use crate::inspect::{Fencing, environment_spec, machine_spec};
-use crate::registry::{BaselineRecord, EnvRecord};
+use crate::core::{Shared, live_spec, vm_infos};
+use crate::record::{self, Record, baseline_set};
+use crate::vms::snapshot_all;
 use crate::{BACKEND, Reconfig, VmInfo};
 
 /// One environment of a [`crate::VsphereBackend`]. Handles are cheap; state lives in vCenter and
@@ -40,12 +40,12 @@ impl VsphereEnvironment {
         VsphereEnvironment { name: name.to_string(), shared }
     }
 
-    pub(crate) fn record(&self) -> Result<EnvRecord> {
+    pub(crate) fn record(&self) -> Result<Record> {
         self.shared.registry.load(&self.name)
     }
 
     /// Loads, changes and saves the record under the registry lock.
-    pub(crate) async fn update<T>(&self, f: impl FnOnce(&mut EnvRecord) -> Result<T>) -> Result<T> {
+    pub(crate) async fn update<T>(&self, f: impl FnOnce(&mut Record) -> Result<T>) -> Result<T> {
         let _guard = self.shared.lock.lock().await;
         let mut record = self.record()?;
         let out = f(&mut record)?;
@@ -53,32 +53,17 @@ impl VsphereEnvironment {
         Ok(out)
     }
 
-    async fn infos(&self, record: &EnvRecord) -> Result<Vec<VmInfo>> {
-        let mut out = Vec::new();
-        for m in &record.machines {
-            out.push(self.shared.client.get_vm(&m.vm).await?);
-        }
-        Ok(out)
+    async fn infos(&self, record: &Record) -> Result<Vec<VmInfo>> {
+        vm_infos(&self.shared.client, &record.backend.machines).await
     }
 
-    fn spec_of(&self, record: &EnvRecord, infos: &[VmInfo]) -> EnvironmentSpec {
-        let stage = match &record.role {
-            Role::Stage(s) if s.fenced => Some(s),
-            _ => None,
-        };
-        let isolated = self.shared.opts.isolated_network.as_deref();
-        let fencing = match (stage, isolated) {
-            (Some(s), Some(isolated)) => Some(Fencing { isolated, baseline: &s.baseline.spec }),
-            _ => None,
-        };
-        let machines =
-            record.machines.iter().zip(infos).map(|(m, info)| machine_spec(&m.name, info, fencing.as_ref())).collect();
-        environment_spec(&self.name, machines)
+    fn spec_of(&self, record: &Record, infos: &[VmInfo]) -> EnvironmentSpec {
+        live_spec(&self.shared, &self.name, &record.role, &record.backend.machines, infos)
     }
 
     async fn reconfigure(&self, machine: &str, change: Reconfig) -> Result<()> {
         let record = self.record()?;
-        let vm = record.machine(machine)?.vm.clone();
+        let vm = record::machine(&record, machine)?.vm.clone();
         self.shared.client.reconfigure(&vm, &change).await
     }
 }
@@ -102,6 +87,7 @@ impl Environment for VsphereEnvironment {
         let record = self.record()?;
         let infos = self.infos(&record).await?;
         let machines = record
+            .backend
             .machines
             .iter()
             .zip(&infos)
@@ -124,6 +110,7 @@ impl Environment for VsphereEnvironment {
         let record = self.record()?;
         let infos = self.infos(&record).await?;
         Ok(record
+            .backend
             .machines
             .iter()
             .zip(&infos)
@@ -135,14 +122,14 @@ impl Environment for VsphereEnvironment {
     }
 
     async fn start(&self) -> Result<()> {
-        for m in &self.record()?.machines {
+        for m in &self.record()?.backend.machines {
             self.shared.client.power_on(&m.vm).await?;
         }
         Ok(())
     }
 
     async fn stop(&self) -> Result<()> {
-        for m in &self.record()?.machines {
+        for m in &self.record()?.backend.machines {
             self.shared.client.power_off(&m.vm).await?;
         }
         Ok(())
@@ -152,41 +139,44 @@ impl Environment for VsphereEnvironment {
         let span = tracing::info_span!("vsphere.take_baseline", environment = %self.name);
         async {
             let record = self.record()?;
-            if record.role != Role::Production {
-                return Err(Error::Precondition(format!(
-                    "{} is a stage; baselines are taken of production",
-                    self.name
-                )));
-            }
+            record.require_production()?;
             let spec = self.spec().await?;
-            let id = format!("bl-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+            let id = toolbox::new_baseline_id();
             let name = format!("stagecore-baseline-{id}");
             let description = format!("stagecore baseline {id} of environment {}", self.name);
-            let points = crate::stage::snapshot_all(&self.shared.client, &record.machines, &name, &description).await?;
-            let layers = points
-                .iter()
-                .flat_map(|p| {
-                    p.disks.iter().map(|d| BaselineLayer {
-                        machine: p.machine.clone(),
-                        disk: d.disk.clone(),
-                        layer: p.snapshot.clone(),
+            let mut undo = toolbox::Undo::new(format!("baseline {id} of {}", self.name));
+            let result = async {
+                let points =
+                    snapshot_all(&self.shared, &record.backend.machines, &name, &description, &mut undo).await?;
+                let origin = record::layers(&points);
+                let layers = points
+                    .iter()
+                    .flat_map(|p| {
+                        p.disks.iter().map(|d| BaselineLayer {
+                            machine: p.machine.clone(),
+                            disk: d.disk.clone(),
+                            layer: p.snapshot.clone(),
+                        })
                     })
+                    .collect();
+                let baseline = Baseline {
+                    id: id.clone(),
+                    environment: self.name.clone(),
+                    taken_at: OffsetDateTime::now_utc(),
+                    spec,
+                    layers,
+                    consistency: Default::default(),
+                };
+                self.update(|r| {
+                    r.backend.points.insert(baseline_set(&baseline.id), points);
+                    r.push_baseline(baseline.clone(), origin);
+                    Ok(())
                 })
-                .collect();
-            let baseline = Baseline {
-                id,
-                environment: self.name.clone(),
-                taken_at: OffsetDateTime::now_utc(),
-                spec,
-                layers,
-                consistency: Default::default(),
-            };
-            let rec = BaselineRecord { baseline: baseline.clone(), points };
-            self.update(|r| {
-                r.baselines.push(rec);
-                Ok(())
-            })
-            .await?;
+                .await?;
+                Ok(baseline)
+            }
+            .await;
+            let baseline = undo.finish(result).await?;
             tracing::info!(baseline = %baseline.id, "baseline taken");
             Ok(baseline)
         }
@@ -224,14 +214,7 @@ impl Environment for VsphereEnvironment {
     }
 
     async fn record_change_set(&self, change_set: &ChangeSet) -> Result<()> {
-        self.update(|r| match &mut r.role {
-            Role::Stage(s) => {
-                s.change_sets.push(change_set.clone());
-                Ok(())
-            }
-            Role::Production => Err(Error::Precondition(format!("{} is not a stage", r.name))),
-        })
-        .await
+        self.update(|r| r.record_change_set(change_set)).await
     }
 
     fn disk_io(&self) -> Option<&dyn DiskIo> {

@@ -36,7 +36,7 @@ impl VsphereEnvironment {
             .guest_credentials
             .as_ref()
             .ok_or_else(|| Error::not_supported("guest operations without guest credentials", BACKEND))?;
-        let vm = self.record()?.machine(machine)?.vm.clone();
+        let vm = crate::record::machine(&self.record()?, machine)?.vm.clone();
         Ok((vm, creds))
     }
 

@@ -16,15 +16,18 @@
 
 mod backend;
 mod client;
+mod core;
 mod drift;
 mod env;
 mod guest;
 mod inspect;
-mod registry;
+mod record;
 mod snapshots;
 mod stage;
+mod vms;
 
-pub use backend::{GuestCredentials, VsphereBackend, VsphereOptions};
+pub use backend::VsphereBackend;
+pub use core::{GuestCredentials, VsphereOptions};
 pub use env::VsphereEnvironment;
 
 pub use client::config::{RetryPolicy, TaskPolicy, VsphereConfig};

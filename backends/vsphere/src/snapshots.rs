@@ -2,87 +2,84 @@
 //!
 //! Contract: vSphere has no cross-VM atomic snapshot, so `create_snapshot` snapshots the VMs one
 //! after another (each crash-consistent, no memory): [`Consistency::PerMachine`]. A failure
-//! midway removes the VM snapshots already taken. `revert_snapshot` reverts every VM
+//! midway removes the VM snapshots already taken ([`Undo`]). `revert_snapshot` reverts every VM
 //! (`RevertToSnapshot_Task`, power-on suppressed) and powers on again the VMs that were running;
 //! the VM configuration reverts with the disks. `delete_snapshot` removes every VM's snapshot
-//! (children kept, disks consolidated). Snapshots are listed oldest first from the registry.
+//! (children kept, disks consolidated). Names, uniqueness and the list (oldest first) are the
+//! toolbox record's bookkeeping.
 
 use async_trait::async_trait;
-use stagecore::{Consistency, Environment, Error, Result, Snapshot, SnapshotInfo};
+use stagecore::toolbox::{SnapshotRecord, Undo};
+use stagecore::{Consistency, Environment, Result, Snapshot, SnapshotInfo};
 use time::OffsetDateTime;
 use tracing::Instrument;
 
-use crate::MoRef;
 use crate::env::VsphereEnvironment;
-use crate::registry::{EnvRecord, SnapshotRecord};
+use crate::record::{Record, VmPoint, layers, snapshot_set};
+use crate::vms::{remove_snapshots, snap_ref, snapshot_all};
 
-fn snap_ref(id: &str) -> MoRef {
-    MoRef::new("VirtualMachineSnapshot", id)
-}
-
-impl VsphereEnvironment {
-    /// The recorded snapshot called `name`, or `NotFound` naming `environment/name`.
-    fn find_snapshot<'a>(&self, record: &'a EnvRecord, name: &str) -> Result<&'a SnapshotRecord> {
-        record
-            .snapshots
-            .iter()
-            .find(|s| s.info.name == name)
-            .ok_or_else(|| Error::not_found("snapshot", format!("{}/{name}", self.name())))
-    }
+/// The VM snapshots of environment snapshot `name` (checked to exist first).
+fn points(record: &Record, name: &str) -> Result<Vec<VmPoint>> {
+    record.snapshot(name)?;
+    Ok(record.backend.points.get(&snapshot_set(name)).cloned().unwrap_or_default())
 }
 
 #[async_trait]
 impl Snapshot for VsphereEnvironment {
     async fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo> {
-        stagecore::name::validate("snapshot", name)?;
         let span = tracing::info_span!("vsphere.create_snapshot", environment = %self.name(), snapshot = name);
         async {
             let record = self.record()?;
-            if record.snapshots.iter().any(|s| s.info.name == name) {
-                return Err(Error::already_exists("snapshot", format!("{}/{name}", self.name())));
-            }
+            record.require_new_snapshot(name)?;
             let spec = self.spec().await?;
             let description = format!("stagecore snapshot {name} of environment {}", self.name());
-            let points = crate::stage::snapshot_all(&self.shared.client, &record.machines, name, &description).await?;
-            let info = SnapshotInfo {
-                name: name.to_string(),
-                environment: self.name().to_string(),
-                created_at: OffsetDateTime::now_utc(),
-                spec,
-                consistency: Consistency::PerMachine,
-                memory: false,
-                machines: Default::default(),
-            };
-            let rec = SnapshotRecord { info: info.clone(), points };
-            self.update(|r| {
-                r.snapshots.push(rec);
-                Ok(())
-            })
-            .await?;
-            Ok(info)
+            let mut undo = Undo::new(format!("snapshot {name} of {}", self.name()));
+            let result = async {
+                let points =
+                    snapshot_all(&self.shared, &record.backend.machines, name, &description, &mut undo).await?;
+                let info = SnapshotInfo {
+                    name: name.to_string(),
+                    environment: self.name().to_string(),
+                    created_at: OffsetDateTime::now_utc(),
+                    spec,
+                    consistency: Consistency::PerMachine,
+                    memory: false,
+                    machines: Default::default(),
+                };
+                let rec = SnapshotRecord { info: info.clone(), layers: layers(&points) };
+                self.update(|r| {
+                    r.require_new_snapshot(name)?;
+                    r.backend.points.insert(snapshot_set(name), points);
+                    r.snapshots.push(rec);
+                    Ok(())
+                })
+                .await?;
+                Ok(info)
+            }
+            .await;
+            undo.finish(result).await
         }
         .instrument(span)
         .await
     }
 
     async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
-        Ok(self.record()?.snapshots.into_iter().map(|s| s.info).collect())
+        Ok(self.record()?.snapshot_infos())
     }
 
     async fn revert_snapshot(&self, name: &str) -> Result<()> {
-        stagecore::name::validate("snapshot", name)?;
         let span = tracing::info_span!("vsphere.revert_snapshot", environment = %self.name(), snapshot = name);
         async {
             let record = self.record()?;
-            let snap = self.find_snapshot(&record, name)?;
+            let points = points(&record, name)?;
             let client = &self.shared.client;
             let mut running = Vec::new();
-            for m in &record.machines {
+            for m in &record.backend.machines {
                 if client.get_vm(&m.vm).await?.power_state == "POWERED_ON" {
                     running.push(m.vm.clone());
                 }
             }
-            for p in &snap.points {
+            for p in &points {
                 client.revert_snapshot(&snap_ref(&p.snapshot), true).await?;
             }
             for vm in &running {
@@ -95,19 +92,13 @@ impl Snapshot for VsphereEnvironment {
     }
 
     async fn delete_snapshot(&self, name: &str) -> Result<()> {
-        stagecore::name::validate("snapshot", name)?;
         let span = tracing::info_span!("vsphere.delete_snapshot", environment = %self.name(), snapshot = name);
         async {
-            let record = self.record()?;
-            let snap = self.find_snapshot(&record, name)?;
-            for p in &snap.points {
-                match self.shared.client.remove_snapshot(&snap_ref(&p.snapshot), false).await {
-                    Ok(()) | Err(Error::NotFound { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            let points = points(&self.record()?, name)?;
+            remove_snapshots(&self.shared.client, &points).await?;
             self.update(|r| {
-                r.snapshots.retain(|s| s.info.name != name);
+                r.remove_snapshot(name)?;
+                r.backend.points.remove(&snapshot_set(name));
                 Ok(())
             })
             .await

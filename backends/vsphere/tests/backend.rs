@@ -40,14 +40,15 @@ async fn stage_vm(stage: &DynEnvironment, machine: &str) -> String {
 }
 
 #[tokio::test]
-async fn fenced_without_isolated_network_is_invalid_and_creates_nothing() {
+async fn fenced_without_isolated_network_is_not_supported_and_creates_nothing() {
     let f = fixture(None).await;
     assert!(!f.backend.capabilities().fencing);
     assert!(!f.backend.capabilities().atomic_snapshot);
     let prod = attach(&f, "prod").await;
     let baseline = prod.take_baseline().await.unwrap();
     let err = f.backend.stage(&baseline, &StageOptions::linked("s1")).await.unwrap_err();
-    assert!(matches!(err, Error::InvalidSpec { ref path, .. } if path == "vsphere.isolated_network"), "{err}");
+    // Fencing is not declared without an isolated port group, so `check_stage` refuses it.
+    assert!(matches!(err, Error::NotSupported { operation: "fencing", .. }), "{err}");
     assert!(f.backend.client().list_vms(&[], &["group-v11"]).await.unwrap().is_empty(), "a VM was cloned");
     assert_eq!(f.backend.list().await.unwrap().len(), 1);
     let open = StageOptions { fenced: false, ..StageOptions::linked("s1") };

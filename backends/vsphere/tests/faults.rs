@@ -46,7 +46,8 @@ async fn burst_of_503_is_retried_then_gives_up() {
     assert_eq!(sim.stats().injected_503, 6);
     sim.fail_next_requests_with_503(50);
     let e = client.list_vms(&[], &[]).await.unwrap_err();
-    assert!(matches!(e, Error::Unreachable { .. }), "{e:?}");
+    assert!(matches!(e, Error::Backend { backend: "vsphere", temporary: true, .. }), "{e:?}");
+    assert_eq!(fault(&e).map(|f| f.fault_type).as_deref(), Some("SERVICE_UNAVAILABLE"));
     assert!(e.is_temporary());
     assert_no_violations(&sim);
 }

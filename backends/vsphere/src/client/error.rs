@@ -50,15 +50,18 @@ pub(crate) fn rest_error(status: u16, body: &[u8], context: &str, endpoint: &str
         .unwrap_or_else(|| format!("HTTP {status}"));
     let fault = VsphereFault { fault_type: error_type, message, context: context.to_string() };
     match fault.fault_type.as_str() {
-        "NOT_FOUND" => Error::not_found("vSphere object", format!("{context}: {}", fault.message)),
-        "ALREADY_EXISTS" => Error::already_exists("vSphere object", format!("{context}: {}", fault.message)),
+        "NOT_FOUND" => Error::not_found_because("vSphere object", format!("{context}: {}", fault.message), fault),
+        "ALREADY_EXISTS" => {
+            Error::already_exists_because("vSphere object", format!("{context}: {}", fault.message), fault)
+        }
         "INVALID_ARGUMENT"
         | "INVALID_REQUEST"
         | "UNEXPECTED_INPUT"
         | "INVALID_ELEMENT_TYPE"
         | "INVALID_ELEMENT_CONFIGURATION" => Error::invalid(context, fault.message),
         "UNAUTHENTICATED" => Error::Unauthenticated { endpoint: endpoint.to_string(), reason: fault.message },
-        "SERVICE_UNAVAILABLE" => Error::Unreachable { endpoint: endpoint.to_string(), reason: fault.message },
+        // The server answered and did not take the request: the same call may work later.
+        "SERVICE_UNAVAILABLE" => Error::backend_temporary(BACKEND, fault),
         "TIMED_OUT" => Error::Timeout { operation: context.to_string(), seconds: 0.0 },
         "RESOURCE_BUSY" | "RESOURCE_IN_USE" | "CONCURRENT_CHANGE" => {
             Error::Locked { resource: context.to_string(), holder: format!("vCenter ({})", fault.message) }
@@ -96,9 +99,11 @@ pub(crate) fn vim_fault(v: &Value, context: &str, endpoint: &str) -> Error {
         "NotAuthenticated" | "InvalidLogin" => {
             Error::Unauthenticated { endpoint: endpoint.to_string(), reason: fault.message }
         }
-        "ManagedObjectNotFound" => Error::not_found("vSphere managed object", format!("{context}: {}", fault.message)),
+        "ManagedObjectNotFound" => {
+            Error::not_found_because("vSphere managed object", format!("{context}: {}", fault.message), fault)
+        }
         "DuplicateName" | "AlreadyExists" => {
-            Error::already_exists("vSphere object", format!("{context}: {}", fault.message))
+            Error::already_exists_because("vSphere object", format!("{context}: {}", fault.message), fault)
         }
         "InvalidArgument" | "InvalidRequest" | "InvalidType" | "InvalidName" | "InvalidDeviceSpec" => {
             Error::invalid(context, format!("{}: {}", fault.fault_type, fault.message))
@@ -112,6 +117,16 @@ pub(crate) fn vim_fault(v: &Value, context: &str, endpoint: &str) -> Error {
         }
         _ => backend(fault),
     }
+}
+
+/// An HTTP 503 without a fault body (either API): the server did not take the request, so it is
+/// temporary ([`Error::is_temporary`]) and the retry loop may send even a non-idempotent call
+/// again (see `retry.rs`).
+pub(crate) fn service_unavailable(context: &str) -> Error {
+    Error::backend_temporary(
+        BACKEND,
+        VsphereFault { fault_type: "SERVICE_UNAVAILABLE".into(), message: "HTTP 503".into(), context: context.into() },
+    )
 }
 
 /// Whether a vim25 fault body says the session is gone.

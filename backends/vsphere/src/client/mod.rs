@@ -352,8 +352,7 @@ impl VsphereClient {
             };
             let (err, retryable) = match outcome {
                 Ok(raw) if raw.status == 503 => {
-                    let err =
-                        Error::Unreachable { endpoint: self.endpoint.clone(), reason: format!("{context}: HTTP 503") };
+                    let err = error::service_unavailable(context);
                     if attempt >= policy.max_attempts {
                         return Ok(raw);
                     }
@@ -384,9 +383,7 @@ impl VsphereClient {
         match (api, parsed) {
             (Api::Rest, _) => Err(error::rest_error(raw.status, &raw.body, context, &self.endpoint)),
             (Api::Vim, Ok(v)) if v.get("_typeName").is_some() => Err(error::vim_fault(&v, context, &self.endpoint)),
-            (Api::Vim, _) if raw.status == 503 => {
-                Err(Error::Unreachable { endpoint: self.endpoint.clone(), reason: format!("{context}: HTTP 503") })
-            }
+            (Api::Vim, _) if raw.status == 503 => Err(error::service_unavailable(context)),
             (Api::Vim, _) if raw.status == 401 => {
                 Err(Error::Unauthenticated { endpoint: self.endpoint.clone(), reason: format!("{context}: HTTP 401") })
             }
