@@ -327,7 +327,7 @@ async fn disk_changes(shared: &EnvShared, st: &mut EnvState, baseline: &Baseline
             let (virtual_size, granularity, changes) = blocking(move || {
                 // A disk whose image cannot be read is NOT_CHECKED alone, with the reason; the
                 // others are still checked.
-                let info = match stagecore_qcow2::info(&top) {
+                let info = match stagecore_qcow2::typed::info(&top) {
                     Ok(info) => info,
                     Err(e) => {
                         return Ok((size_hint, 1, ChangeMap::NotChecked { reason: format!("{label}: {e}") }));
