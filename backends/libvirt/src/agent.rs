@@ -19,8 +19,8 @@ use stagecore::{Error, GuestChannel, GuestExec, GuestOutput, PowerState, Result}
 use stagecore_qga::{Agent, Transport};
 
 use crate::conn::{Conn, lv};
-use crate::env::LibvirtEnvironment;
 use crate::error::{self, NAME};
+use crate::handle::LibvirtEnvironment;
 use crate::machines::Machine;
 
 /// The agent of one domain, reached through libvirt.

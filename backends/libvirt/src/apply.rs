@@ -8,8 +8,8 @@ use stagecore::{Change, DiskIo, Error, Result, Role, random_mac};
 use virt::sys;
 
 use crate::conn::lv;
-use crate::env::LibvirtEnvironment;
 use crate::error::NAME;
+use crate::handle::LibvirtEnvironment;
 use crate::machines::Machine;
 use crate::xml::edit;
 

@@ -11,8 +11,8 @@ use stagecore::{
 };
 
 use crate::conn::{Conn, lv};
-use crate::env::LibvirtEnvironment;
 use crate::error::NAME;
+use crate::handle::LibvirtEnvironment;
 use crate::machines;
 use crate::registry;
 use crate::shared::{Shared, make_dir};

@@ -58,9 +58,10 @@ impl Conn {
         F: FnOnce(&Connect) -> std::result::Result<T, virt::error::Error> + Send + 'static,
     {
         let (inner, uri, name) = (self.inner.clone(), self.uri.clone(), name.to_string());
-        tokio::task::spawn_blocking(move || f(&inner).map_err(|e| error::map(&e, Ctx { uri: &uri, kind, name: &name })))
-            .await
-            .map_err(|e| Error::backend_msg(NAME, format!("libvirt worker failed: {e}")))?
+        stagecore::toolbox::blocking(NAME, move || {
+            f(&inner).map_err(|e| error::map(&e, Ctx { uri: &uri, kind, name: &name }))
+        })
+        .await
     }
 
     /// Like [`Conn::call`], for closures that already produce [`stagecore::Error`]s (several
@@ -71,9 +72,7 @@ impl Conn {
         F: FnOnce(&Connect, &str) -> Result<T> + Send + 'static,
     {
         let (inner, uri) = (self.inner.clone(), self.uri.clone());
-        tokio::task::spawn_blocking(move || f(&inner, &uri))
-            .await
-            .map_err(|e| Error::backend_msg(NAME, format!("libvirt worker failed: {e}")))?
+        stagecore::toolbox::blocking(NAME, move || f(&inner, &uri)).await
     }
 }
 

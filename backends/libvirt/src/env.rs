@@ -1,7 +1,5 @@
 //! [`LibvirtEnvironment`]: one production or stage as a set of libvirt domains.
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use stagecore::{
     Baseline, BaselineLayer, Change, ChangeMap, ChangeSet, DiskChanges, DiskIo, Environment, EnvironmentInfo,
@@ -11,92 +9,10 @@ use time::OffsetDateTime;
 
 use crate::error::NAME;
 use crate::freeze::freeze;
+use crate::handle::LibvirtEnvironment;
 use crate::machines::Machine;
-use crate::shared::{Shared, make_dir};
+use crate::shared::make_dir;
 use crate::xml::meta;
-
-/// A handle on one environment. Cheap to clone; every call reads the current state from libvirt.
-#[derive(Debug, Clone)]
-pub struct LibvirtEnvironment {
-    pub(crate) name: String,
-    pub(crate) shared: Arc<Shared>,
-}
-
-impl LibvirtEnvironment {
-    pub(crate) async fn machines(&self) -> Result<Vec<Machine>> {
-        self.shared.machines(&self.name).await
-    }
-
-    /// For a stage: per machine, what of production's host-side files the stage could not make
-    /// its own (devices dropped, NVRAM not copied, TPM state new), one sentence each; machines
-    /// with nothing to say are left out. Empty for a production. See `docs/backends/libvirt.md`
-    /// ("Host-side files").
-    pub async fn host_file_notes(&self) -> Result<std::collections::BTreeMap<String, Vec<String>>> {
-        Ok(self
-            .machines()
-            .await?
-            .into_iter()
-            .filter(|m| !m.record.host_notes.is_empty())
-            .map(|m| (m.name().to_string(), m.record.host_notes))
-            .collect())
-    }
-
-    /// Starts the named domains.
-    async fn start_domains(&self, names: Vec<String>) -> Result<()> {
-        self.shared
-            .conn
-            .run(move |c, uri| {
-                for n in &names {
-                    let dom = crate::conn::lv(uri, "domain", n, c.lookup_domain_by_name(n))?;
-                    crate::conn::lv(uri, "domain", n, dom.create().map(drop))?;
-                }
-                Ok(())
-            })
-            .await
-    }
-
-    /// Runs a per-domain libvirt call on every machine selected by `pick`.
-    async fn each(&self, pick: fn(&Machine) -> bool, op: &'static str) -> Result<()> {
-        let names: Vec<String> = self.machines().await?.into_iter().filter(pick).map(|m| m.instance).collect();
-        self.shared
-            .conn
-            .run(move |c, uri| {
-                for n in &names {
-                    let dom = crate::conn::lv(uri, "domain", n, c.lookup_domain_by_name(n))?;
-                    let r = if op == "start" { dom.create().map(drop) } else { dom.destroy() };
-                    crate::conn::lv(uri, "domain", n, r)?;
-                }
-                Ok(())
-            })
-            .await
-    }
-
-    /// The top image of `machine`/`disk` (a local file, or a volume path on the remote host) and
-    /// whether the domain runs.
-    pub(crate) async fn top(&self, machine: &str, disk: &str) -> Result<(String, bool)> {
-        let ms = self.machines().await?;
-        let m = ms
-            .iter()
-            .find(|m| m.name() == machine)
-            .ok_or_else(|| Error::not_found("machine", format!("{}/{machine}", self.name)))?;
-        let (_, d) = m
-            .parsed
-            .disks()
-            .find(|(n, _)| n == disk)
-            .ok_or_else(|| Error::not_found("disk", format!("{}/{machine}/{disk}", self.name)))?;
-        let path = d.path().ok_or_else(|| Error::not_found("disk file", format!("{}/{machine}/{disk}", self.name)))?;
-        Ok((path, m.active()))
-    }
-
-    /// Runs a blocking storage call (see [`crate::storage`]) on the connection's worker.
-    pub(crate) async fn images<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&crate::storage::Storage, &virt::connect::Connect, &str) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let storage = self.shared.storage.clone();
-        self.shared.conn.run(move |c, uri| f(&storage, c, uri)).await
-    }
-}
 
 #[async_trait]
 impl Environment for LibvirtEnvironment {
@@ -186,11 +102,11 @@ impl Environment for LibvirtEnvironment {
     #[tracing::instrument(skip(self), fields(environment = %self.name))]
     async fn take_baseline(&self) -> Result<Baseline> {
         let ms = self.machines().await?;
-        if ms[0].record.role != Role::Production {
+        if let Role::Stage(_) = ms[0].record.role {
             return Err(Error::Precondition(format!("{} is a stage; baselines are taken of production", self.name)));
         }
         let spec = self.shared.spec_of(&self.name, &ms).await?;
-        let id = format!("bl-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let id = stagecore::toolbox::new_baseline_id();
         let xml_dir = self.shared.env_dir(&self.name).join("baselines").join(&id);
         make_dir(&xml_dir)?;
         for m in &ms {
@@ -345,45 +261,4 @@ impl Environment for LibvirtEnvironment {
     fn guest(&self) -> Option<&dyn GuestChannel> {
         Some(self)
     }
-}
-
-#[async_trait]
-impl DiskIo for LibvirtEnvironment {
-    async fn read(&self, machine: &str, disk: &str, offset: u64, length: u64) -> Result<Vec<u8>> {
-        let (top, _) = self.top(machine, disk).await?;
-        let t = top.clone();
-        let size = self.images(move |s, c, uri| s.info(c, uri, &t)).await?.virtual_size;
-        check_range(&self.name, machine, disk, size, offset, length)?;
-        self.images(move |s, c, uri| s.read_at(c, uri, &top, offset, length)).await
-    }
-
-    async fn write(&self, machine: &str, disk: &str, offset: u64, data: &[u8]) -> Result<()> {
-        let (top, active) = self.top(machine, disk).await?;
-        if active {
-            return Err(Error::Precondition(format!(
-                "{}/{machine} is running; stop it before writing its disk from outside",
-                self.name
-            )));
-        }
-        let t = top.clone();
-        let size = self.images(move |s, c, uri| s.info(c, uri, &t)).await?.virtual_size;
-        check_range(&self.name, machine, disk, size, offset, data.len() as u64)?;
-        let data = data.to_vec();
-        self.images(move |s, c, uri| s.write_at(c, uri, &top, offset, &data)).await
-    }
-
-    async fn digest(&self, machine: &str, disk: &str) -> Result<[u8; 32]> {
-        let (top, _) = self.top(machine, disk).await?;
-        self.images(move |s, c, uri| s.digest(c, uri, &top)).await
-    }
-}
-
-fn check_range(env: &str, machine: &str, disk: &str, size: u64, offset: u64, len: u64) -> Result<()> {
-    if offset.checked_add(len).is_none_or(|end| end > size) {
-        return Err(Error::invalid(
-            format!("{env}/{machine}/{disk}"),
-            format!("range {offset}+{len} lies beyond the disk's {size} bytes"),
-        ));
-    }
-    Ok(())
 }

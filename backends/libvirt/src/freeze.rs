@@ -10,8 +10,8 @@ use stagecore::{Error, PowerState, Result};
 use virt::sys;
 
 use crate::conn::lv;
-use crate::env::LibvirtEnvironment;
 use crate::error::NAME;
+use crate::handle::LibvirtEnvironment;
 use crate::machines::Machine;
 use crate::quiesce::{self, Consistencies};
 use crate::shared::Shared;

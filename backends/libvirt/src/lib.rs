@@ -37,6 +37,7 @@ mod create;
 mod env;
 mod error;
 mod freeze;
+mod handle;
 mod hostfiles;
 mod layers;
 mod machines;
@@ -50,4 +51,4 @@ mod swap;
 mod xml;
 
 pub use backend::LibvirtBackend;
-pub use env::LibvirtEnvironment;
+pub use handle::LibvirtEnvironment;

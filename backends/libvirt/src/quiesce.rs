@@ -27,8 +27,8 @@ use stagecore::{ConsistencyLevel, Error, MachineConsistency, PowerState, Result}
 use stagecore_qga::Agent;
 use tokio::task::JoinSet;
 
-use crate::env::LibvirtEnvironment;
 use crate::error::{self, NAME};
+use crate::handle::LibvirtEnvironment;
 use crate::machines::Machine;
 use crate::xml::edit;
 

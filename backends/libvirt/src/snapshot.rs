@@ -14,8 +14,8 @@ use stagecore::{Consistency, Error, Result, Snapshot, SnapshotInfo};
 use time::OffsetDateTime;
 
 use crate::conn::lv;
-use crate::env::LibvirtEnvironment;
 use crate::freeze::freeze;
+use crate::handle::LibvirtEnvironment;
 use crate::machines::Store;
 use crate::xml::meta::{self, SnapshotRecord};
 use crate::xml::{edit, tree::Element};

@@ -14,7 +14,7 @@ use stagecore::toolbox::{StagePlan, Undo};
 use stagecore::{Baseline, CloneKind, DiskFormat, Error, Progress, Result, Role, StageOptions};
 
 use crate::create::{check_free_domains, create_isolated, define_all, undo_dir, undo_pool};
-use crate::env::LibvirtEnvironment;
+use crate::handle::LibvirtEnvironment;
 use crate::hostfiles;
 use crate::machines::Machine;
 use crate::shared::{Shared, make_dir};

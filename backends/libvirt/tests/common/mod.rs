@@ -189,3 +189,8 @@ impl Drop for RemoteGuard {
         }
     }
 }
+
+/// The conformance kit over `backend` (the kit wraps it in the capability check layer).
+pub(crate) fn kit(backend: LibvirtBackend) -> stagecore_testkit::Kit {
+    stagecore_testkit::Kit::new(std::sync::Arc::new(backend))
+}
