@@ -114,3 +114,55 @@ impl QemuRecord for EnvRecord {
             || self.baselines.iter().any(|b| b.layers.iter().any(|l| Path::new(&l.layer) == path))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record in the layout the QEMU backend wrote before the toolbox (its own struct with
+    /// `next_layer`, `owned_files` and `last_swap` at the top level) reads unchanged, and the
+    /// toolbox record writes the same top-level keys back.
+    #[test]
+    fn env_json_layout_is_unchanged() {
+        let spec = stagecore::memory::sample_spec("prod");
+        let old = serde_json::json!({
+            "name": "prod",
+            "role": "Production",
+            "spec": spec,
+            "prefix": "",
+            "fenced": false,
+            "segment_id": "7c0e",
+            "baselines": [],
+            "origins": {},
+            "snapshots": [],
+            "disks": { "web/disk0": "/r/envs/prod/disks/web.disk0.1.qcow2" },
+            "next_layer": 4,
+            "owned_files": ["/r/images/web.qcow2"],
+            "last_swap": "swap-1",
+        });
+        let role = serde_json::to_value(stagecore::Role::Production).unwrap();
+        let mut old = old;
+        old["role"] = role;
+        let rec: EnvRecord = serde_json::from_value(old.clone()).expect("old record reads");
+        assert_eq!(rec.backend.next_layer, 4);
+        assert_eq!(rec.backend.owned_files, vec![PathBuf::from("/r/images/web.qcow2")]);
+        assert_eq!(rec.backend.last_swap.as_deref(), Some("swap-1"));
+        assert_eq!(rec.disks["web/disk0"], PathBuf::from("/r/envs/prod/disks/web.disk0.1.qcow2"));
+        let back = serde_json::to_value(&rec).unwrap();
+        let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&back), keys(&old));
+        assert_eq!(back, old);
+    }
+
+    #[test]
+    fn a_missing_record_is_not_found_naming_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = EnvPaths::new(dir.path(), "nope");
+        match EnvRecord::load(&paths, "nope") {
+            Err(stagecore::Error::NotFound { kind, name, .. }) => {
+                assert_eq!((kind, name.as_str()), ("environment", "nope"))
+            }
+            other => panic!("expected NotFound, got {other:?}"),
+        }
+    }
+}
