@@ -184,8 +184,7 @@ pub(crate) fn split_words(s: &str) -> Vec<String> {
 
 // ---- The Automation API endpoints over the simulated guests ----
 
-use crate::rest::error;
-use crate::server::{Reply, Req};
+use crate::exchange::{Reply, Req, error};
 use crate::state::PowerState;
 use crate::{Shared, lock};
 use serde_json::{Value, json};
@@ -300,7 +299,7 @@ pub(crate) fn handle_rest(shared: &Shared, req: &Req, vm: &str, rest: &[&str], a
             lock(&shared.transfers)
                 .insert(token.clone(), Transfer { vm: vm.to_string(), path: path.to_string(), upload });
             let host = req.headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
-            let scheme = if crate::server::is_https(shared, host) { "https" } else { "http" };
+            let scheme = if crate::exchange::is_https(shared, host) { "https" } else { "http" };
             Reply::json(201, json!(format!("{scheme}://{host}/guestFile?id=1&token={token}")))
         }
         _ => error(404, "NOT_FOUND", format!("no such operation {} {}", req.method, req.path)),

@@ -10,6 +10,7 @@
 //! behind the guest operations (`guest.rs`: `stagecore::sim_guest`, shared with the memory backend). Faults are injected through [`Simulator`] methods.
 //! The servers stop when the [`Simulator`] is dropped.
 
+mod exchange;
 mod guest;
 mod openapi;
 mod rest;

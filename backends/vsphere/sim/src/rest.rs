@@ -8,7 +8,7 @@
 //! `GET /api/vcenter/network` (`names`), `GET /api/vcenter/folder` (`names`, `type`).
 //! All are described by the documents, so all are checked.
 
-use crate::server::{Reply, Req, authenticated, end_session, new_session};
+use crate::exchange::{Reply, Req, authenticated, end_session, error, new_session};
 use crate::state::PowerState;
 use crate::{SIM_PASSWORD, SIM_USER, Shared, Violation, lock};
 use axum::http::Method;
@@ -98,18 +98,6 @@ fn violation(shared: &Shared, req: &Req, direction: &'static str, details: Vec<S
     tracing::error!(?v, "OpenAPI violation");
     lock(&shared.violations).push(v.clone());
     Reply::json(500, json!({"openapi_violation": v.details, "direction": direction}))
-}
-
-/// An `/api` error body.
-pub(crate) fn error(status: u16, error_type: &str, message: impl Into<String>) -> Reply {
-    let message = message.into();
-    Reply::json(
-        status,
-        json!({
-            "error_type": error_type,
-            "messages": [{"id": format!("vapi.std.errors.{}", error_type.to_ascii_lowercase()), "default_message": message, "args": []}],
-        }),
-    )
 }
 
 fn route(shared: &Arc<Shared>, req: &Req, burst: bool) -> Reply {

@@ -3,66 +3,14 @@
 //! Contract: every request goes through [`dispatch`], which applies injected 503 bursts and hands
 //! `/api/...` to `rest.rs` and `/sdk/vim25/...` to `vim.rs`; anything else is 404.
 
+use crate::exchange::{Reply, Req};
 use crate::state::{Disk, DiskBacking, Inventory, Network, NetworkKind, Nic, PowerState, VmConfig};
-use crate::{Session, Shared, lock};
+use crate::{Shared, lock};
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::Response;
 use serde_json::Value;
 use std::sync::Arc;
-use std::time::Instant;
-
-/// A parsed request.
-pub(crate) struct Req {
-    pub(crate) method: Method,
-    pub(crate) path: String,
-    pub(crate) query: Vec<(String, String)>,
-    pub(crate) headers: HeaderMap,
-    pub(crate) body: Option<Value>,
-    pub(crate) raw_body_invalid: bool,
-    pub(crate) raw: Bytes,
-}
-
-impl Req {
-    pub(crate) fn query(&self, key: &str) -> Vec<&str> {
-        self.query.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str()).collect()
-    }
-    pub(crate) fn full_path(&self) -> String {
-        if self.query.is_empty() {
-            self.path.clone()
-        } else {
-            let q: Vec<String> = self.query.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            format!("{}?{}", self.path, q.join("&"))
-        }
-    }
-}
-
-/// A reply before serialisation.
-pub(crate) struct Reply {
-    pub(crate) status: u16,
-    pub(crate) body: Option<Value>,
-    pub(crate) headers: Vec<(&'static str, String)>,
-    /// A non-JSON body (guest file downloads).
-    pub(crate) octets: Option<Vec<u8>>,
-}
-
-impl Reply {
-    pub(crate) fn json(status: u16, body: Value) -> Reply {
-        Reply { status, body: Some(body), headers: Vec::new(), octets: None }
-    }
-    pub(crate) fn empty(status: u16) -> Reply {
-        Reply { status, body: None, headers: Vec::new(), octets: None }
-    }
-    pub(crate) fn bytes(status: u16, data: Vec<u8>) -> Reply {
-        Reply { status, body: None, headers: Vec::new(), octets: Some(data) }
-    }
-}
-
-/// Whether a `Host` header names the HTTPS listener.
-pub(crate) fn is_https(shared: &Shared, host: &str) -> bool {
-    let port = host.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
-    port.is_some() && port == shared.https_port.get().copied()
-}
 
 async fn dispatch(
     axum::extract::State(shared): axum::extract::State<Arc<Shared>>,
@@ -236,30 +184,6 @@ pub(crate) async fn serve_http(
     let server = axum_server::from_tcp(listener).map_err(|e| e.to_string())?.handle(handle.clone());
     tokio::spawn(server.serve(router(shared).into_make_service()));
     Ok((format!("http://127.0.0.1:{}", addr.port()), handle))
-}
-
-/// Creates a session token of the given kind.
-pub(crate) fn new_session(shared: &Shared, vim: bool) -> String {
-    let token = uuid::Uuid::new_v4().simple().to_string();
-    lock(&shared.sessions).insert(token.clone(), Session { vim, expires: Instant::now() + shared.session_ttl });
-    lock(&shared.stats).issued_tokens.push(token.clone());
-    token
-}
-
-/// Whether the request carries a live session token of the given kind.
-pub(crate) fn authenticated(shared: &Shared, req: &Req, vim: bool) -> bool {
-    let Some(token) = req.headers.get("vmware-api-session-id").and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
-    let sessions = lock(&shared.sessions);
-    sessions.get(token).is_some_and(|s| s.vim == vim && s.expires > Instant::now())
-}
-
-/// Removes the request's session.
-pub(crate) fn end_session(shared: &Shared, req: &Req) {
-    if let Some(token) = req.headers.get("vmware-api-session-id").and_then(|v| v.to_str().ok()) {
-        lock(&shared.sessions).remove(token);
-    }
 }
 
 fn disk(key: i32, label: &str, gib: u64, file: &str) -> Disk {

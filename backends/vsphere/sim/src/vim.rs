@@ -12,7 +12,7 @@
 //! `Task/{id}/CancelTask`, and property reads `GET VirtualMachine/{id}/snapshot|config`,
 //! `GET VirtualMachineSnapshot/{id}/config`, `GET Task/{id}/info`.
 
-use crate::server::{Reply, Req, authenticated, end_session, new_session};
+use crate::exchange::{Reply, Req, authenticated, end_session, new_session};
 use crate::state::{Disk, DiskBacking, Fault, Inventory, NetworkKind, PowerState, Vm, VmConfig};
 use crate::tasks::{self, moref};
 use crate::{SIM_PASSWORD, SIM_USER, Shared, lock};
