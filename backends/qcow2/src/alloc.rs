@@ -29,7 +29,7 @@ use crate::types::{Extent, ImageFormat, merge_extents};
 pub(crate) const MAX_ENTRIES: usize = 4096;
 /// Most extents the cache holds over all its maps (16 bytes each: 16 MiB).
 pub(crate) const MAX_EXTENTS: usize = 1 << 20;
-/// Longest chain walked (as [`crate::chain`]).
+/// Longest chain walked (as [`Chain`](crate::chain::Chain)).
 const MAX_DEPTH: usize = 1000;
 
 /// What identifies one unchanged version of a layer file.
@@ -62,6 +62,10 @@ struct Cache {
 static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
 static HITS: AtomicU64 = AtomicU64::new(0);
 static MISSES: AtomicU64 = AtomicU64::new(0);
+
+/// Serialises the tests (here and in `typed`) that read the process-wide counters or empty the cache.
+#[cfg(test)]
+pub(crate) static TEST_LOCK: Mutex<()> = Mutex::new(());
 
 /// Counters of the allocation-map cache of read-only layers (process-wide).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -203,65 +207,8 @@ pub(crate) fn changed_since(resolver: Option<&dyn Resolver>, top: &Path, base: &
 
 #[cfg(test)]
 mod tests {
+    use super::TEST_LOCK as LOCK;
     use super::*;
-    use crate::typed;
-
-    /// Serialises the tests that read the process-wide counters.
-    static LOCK: Mutex<()> = Mutex::new(());
-
-    #[test]
-    fn a_backing_layer_map_is_cached_and_a_write_to_it_misses() {
-        let _g = LOCK.lock().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let base = dir.path().join("base.raw");
-        let mid = dir.path().join("mid.qcow2");
-        let top = dir.path().join("top.qcow2");
-        File::create(&base).unwrap().set_len(64 << 20).unwrap();
-        typed::create_overlay(&mid, &base, ImageFormat::Raw, None).unwrap();
-        typed::write_at(&mid, 1 << 20, b"mid").unwrap();
-        typed::create_overlay(&top, &mid, ImageFormat::Qcow2, None).unwrap();
-        typed::write_at(&top, 8 << 20, b"top").unwrap();
-        let cs = 64 << 10;
-        let want = vec![Extent { offset: 1 << 20, length: cs }, Extent { offset: 8 << 20, length: cs }];
-
-        let before = stats();
-        assert_eq!(typed::changed_since(&top, &base).unwrap(), want);
-        let first = stats();
-        assert_eq!((first.hits - before.hits, first.misses - before.misses), (0, 1), "mid read once");
-        assert_eq!(typed::changed_since(&top, &base).unwrap(), want);
-        let second = stats();
-        assert_eq!((second.hits - first.hits, second.misses - first.misses), (1, 0), "mid from the cache");
-
-        // The top is never cached: a new write there shows at once.
-        typed::write_at(&top, 16 << 20, b"more").unwrap();
-        let got = typed::changed_since(&top, &base).unwrap();
-        assert_eq!(got.len(), 3, "{got:?}");
-
-        // A layer written behind the contract's back grows: the cache misses and sees the write.
-        typed::write_at(&mid, 32 << 20, b"late").unwrap();
-        let got = typed::changed_since(&top, &base).unwrap();
-        assert!(got.contains(&Extent { offset: 32 << 20, length: cs }), "{got:?}");
-        assert_eq!(stats().misses - second.misses, 1);
-    }
-
-    #[test]
-    fn nothing_below_the_base_is_opened() {
-        let dir = tempfile::tempdir().unwrap();
-        let bottom = dir.path().join("bottom.raw");
-        let base = dir.path().join("base.qcow2");
-        let top = dir.path().join("top.qcow2");
-        File::create(&bottom).unwrap().set_len(64 << 20).unwrap();
-        typed::create_overlay(&base, &bottom, ImageFormat::Raw, None).unwrap();
-        typed::create_overlay(&top, &base, ImageFormat::Qcow2, None).unwrap();
-        typed::write_at(&top, 0, b"x").unwrap();
-        let elsewhere = dir.path().join("elsewhere");
-        std::fs::write(&elsewhere, b"x").unwrap();
-        assert!(matches!(typed::changed_since(&top, &elsewhere), Err(Error::BaseNotInChain { .. })));
-        std::fs::remove_file(&bottom).unwrap();
-        assert_eq!(typed::changed_since(&top, &base).unwrap().len(), 1);
-        assert!(matches!(typed::chain(&top), Err(Error::NotFound { .. })), "the whole chain does need it");
-        assert!(matches!(typed::changed_since(&top, &elsewhere), Err(Error::NotFound { .. })), "a broken chain");
-    }
 
     #[test]
     fn the_cache_stays_bounded() {

@@ -14,7 +14,7 @@ use crate::error::{Error, Feature, Result, corrupt, ctx, unsupported};
 use crate::header::{Header, is_qcow2};
 use crate::layer::{Layer, Qcow2Layer, open_file, open_source};
 use crate::source::{ReadAt, Resolver, Source};
-use crate::types::ImageFormat;
+use crate::types::{ImageFormat, ImageInfo};
 
 /// Longest chain accepted (qemu refuses deeper ones too).
 const MAX_DEPTH: usize = 1000;
@@ -65,15 +65,15 @@ fn file_identity(file: &File, path: &Path) -> Result<Ident> {
 }
 
 /// Opens the qcow2 header of `path` only (no tables) and describes it.
-pub(crate) fn describe(resolver: Option<&dyn Resolver>, path: &Path) -> Result<crate::ImageInfo> {
+pub(crate) fn describe(resolver: Option<&dyn Resolver>, path: &Path) -> Result<ImageInfo> {
     let file = open_source(resolver, path, false)?;
     let len = file.size().map_err(ctx("stat", path))?;
     let h = Header::read(&file, path, len)?;
     info_of(path, &h)
 }
 
-fn info_of(path: &Path, h: &Header) -> Result<crate::ImageInfo> {
-    Ok(crate::ImageInfo {
+fn info_of(path: &Path, h: &Header) -> Result<ImageInfo> {
+    Ok(ImageInfo {
         path: path.to_path_buf(),
         format: ImageFormat::Qcow2,
         virtual_size: h.size,
@@ -148,12 +148,12 @@ impl Chain {
     }
 
     /// Describes every layer, top first.
-    pub(crate) fn infos(&self) -> Result<Vec<crate::ImageInfo>> {
+    pub(crate) fn infos(&self) -> Result<Vec<ImageInfo>> {
         self.layers
             .iter()
             .map(|l| match l {
                 Layer::Qcow2(q) => info_of(&q.path, &q.header),
-                Layer::Raw(r) => Ok(crate::ImageInfo {
+                Layer::Raw(r) => Ok(ImageInfo {
                     path: r.path.clone(),
                     format: ImageFormat::Raw,
                     virtual_size: r.len,

@@ -21,7 +21,7 @@ use crate::header::{COPIED, NewHeader, encode_v3};
 use crate::layer::Layer;
 use crate::publish::Staged;
 use crate::read::Seg;
-use crate::types::{CopyStats, ImageFormat, merge_extents};
+use crate::types::{CopyStats, Extent, ImageFormat, merge_extents};
 
 const CS: u64 = 1 << CLUSTER_BITS;
 
@@ -59,7 +59,7 @@ impl Plan {
     }
 }
 
-/// See [`crate::copy_allocated`].
+/// See [`crate::typed::copy_allocated`].
 pub(crate) fn copy_allocated(src: &Path, stop_at: Option<&Path>, dest: &Path) -> Result<CopyStats> {
     let mut chain = Chain::open(src, false)?;
     let all = chain.layers.len();
@@ -86,7 +86,8 @@ pub(crate) fn copy_allocated(src: &Path, stop_at: Option<&Path>, dest: &Path) ->
     Ok(stats)
 }
 
-/// One full copy for [`copy_allocated_many`]: the arguments of [`copy_allocated`].
+/// One full copy for [`copy_allocated_many`](crate::typed::copy_allocated_many): the arguments of
+/// [`copy_allocated`](crate::typed::copy_allocated).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyJob {
     /// Top of the chain to copy.
@@ -130,7 +131,7 @@ fn backing_of(layer: &Layer) -> Result<(PathBuf, ImageFormat)> {
     Ok((abs, fmt))
 }
 
-fn make_plan(chain: &mut Chain, floor: usize, ext: &[crate::Extent], backed: bool) -> Result<Plan> {
+fn make_plan(chain: &mut Chain, floor: usize, ext: &[Extent], backed: bool) -> Result<Plan> {
     let size = chain.layers[0].virtual_size();
     let all = chain.layers.len();
     let mut plan = Plan::default();

@@ -34,7 +34,7 @@ pub(crate) fn l1_entries_for(path: &Path, size: u64) -> Result<u64> {
     Ok(size.div_ceil(cs * (cs / 8)))
 }
 
-/// See [`crate::create_overlay`].
+/// See [`crate::typed::create_overlay`].
 pub(crate) fn create_overlay(
     path: &Path,
     backing: &Path,

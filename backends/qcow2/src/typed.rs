@@ -6,13 +6,14 @@ use std::path::Path;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::chain::Chain;
+use crate::alloc::{self, CacheStats};
+use crate::chain::{self as chain_mod, Chain};
+use crate::copy::{self, CopyJob};
 use crate::error::Result;
+use crate::seal::{self as seal_mod, LayerSeal};
 use crate::source::Resolver;
-use crate::{
-    CopyStats, Extent, ImageFormat, ImageInfo, LayerSeal, chain as chain_mod, copy, create, layer, seal as seal_mod,
-    write,
-};
+use crate::types::{CopyStats, Extent, ImageFormat, ImageInfo};
+use crate::{create, layer, write};
 
 /// Creates a qcow2 overlay at `path` whose backing file is `backing` (an absolute path, in
 /// `backing_format`), without spawning `qemu-img`.
@@ -69,7 +70,7 @@ pub fn allocated_extents(path: &Path) -> Result<Vec<Extent>> {
 /// once ([`allocation_cache_stats`]); the top is always read afresh.
 #[tracing::instrument(level = "debug", skip_all, fields(top = %top.display(), base = %base.display()))]
 pub fn changed_since(top: &Path, base: &Path) -> Result<Vec<Extent>> {
-    crate::alloc::changed_since(None, top, base)
+    alloc::changed_since(None, top, base)
 }
 
 /// Full clone: writes a new qcow2 image at `dest` that reads exactly like `src_top`, copying
@@ -93,7 +94,7 @@ pub fn copy_allocated(src_top: &Path, stop_at: Option<&Path>, dest: &Path) -> Re
 /// result per job, in order; a failed job leaves nothing at its `dest` and does not stop the
 /// others. `parallelism` 0 is taken as 1.
 #[tracing::instrument(level = "debug", skip_all, fields(jobs = jobs.len(), parallelism))]
-pub fn copy_allocated_many(jobs: &[crate::CopyJob], parallelism: usize) -> Vec<Result<CopyStats>> {
+pub fn copy_allocated_many(jobs: &[CopyJob], parallelism: usize) -> Vec<Result<CopyStats>> {
     copy::copy_allocated_many(jobs, parallelism)
 }
 
@@ -184,7 +185,7 @@ pub fn allocated_extents_in(resolver: &dyn Resolver, path: &Path) -> Result<Vec<
 /// the backing names of the chain (as resolved). Reads metadata only: O(changed).
 #[tracing::instrument(level = "debug", skip_all, fields(top = %top.display(), base = %base.display()))]
 pub fn changed_since_in(resolver: &dyn Resolver, top: &Path, base: &Path) -> Result<Vec<Extent>> {
-    crate::alloc::changed_since(Some(resolver), top, base)
+    alloc::changed_since(Some(resolver), top, base)
 }
 
 /// [`read_at`] through `resolver`.
@@ -210,12 +211,15 @@ pub fn digest_in(resolver: &dyn Resolver, top: &Path) -> Result<[u8; 32]> {
 
 /// Counters of the process-wide allocation-map cache that [`changed_since`] keeps for backing
 /// (read-only) layers of local files.
-pub fn allocation_cache_stats() -> crate::CacheStats {
-    crate::alloc::stats()
+pub fn allocation_cache_stats() -> CacheStats {
+    alloc::stats()
 }
 
 /// Empties the allocation-map cache (for callers that rewrite backing layers in place, which the
 /// cache would otherwise notice only by size, timestamps or header).
 pub fn clear_allocation_cache() {
-    crate::alloc::clear()
+    alloc::clear()
 }
+
+#[cfg(test)]
+mod tests;
