@@ -130,7 +130,7 @@ mod run {
     /// Defines 3 small shut-off TCG domains with qcow2 disks, as someone's existing production.
     fn make_domains(uri: &str, dir: &str, tag: &str, names: &[String]) -> Result<()> {
         let files = std::path::Path::new(dir).join(format!("self-test-{tag}"));
-        std::fs::create_dir_all(&files)?;
+        std::fs::create_dir_all(&files).map_err(|e| Error::io("creating", &files, e))?;
         for name in names {
             let tier = name.rsplit('-').next().unwrap_or("vm");
             let disk = files.join(format!("{tier}.qcow2"));
@@ -151,9 +151,10 @@ mod run {
                      </interface></devices></domain>",
                     disk.display()
                 ),
-            )?;
+            )
+            .map_err(|e| Error::io("writing", &xml, e))?;
             if !ok || !virsh(uri, &["define", &xml.display().to_string()]) {
-                return Err(Error::backend_msg("example", format!("could not define {name} (qemu-img, virsh)")));
+                return Err(Error::backend_msg("libvirt", format!("could not define {name} (qemu-img, virsh)")));
             }
         }
         println!("self-test: defined {names:?}");

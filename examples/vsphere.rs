@@ -21,7 +21,7 @@ fn var(name: &str) -> Result<String> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let simulate = env::args().any(|a| a == "--simulator");
-    let state = tempfile::tempdir()?;
+    let state = tempfile::tempdir().map_err(|e| Error::io("creating a directory in", std::env::temp_dir(), e))?;
     let _sim;
     let (config, vms, isolated, folder) = if simulate {
         let sim = stagecore_vsphere_sim::Simulator::start(Default::default())
@@ -33,7 +33,7 @@ async fn main() -> Result<()> {
             Secret::new(stagecore_vsphere_sim::SIM_PASSWORD),
         )?;
         let ca = state.path().join("sim-ca.pem");
-        std::fs::write(&ca, sim.ca_pem())?;
+        std::fs::write(&ca, sim.ca_pem()).map_err(|e| Error::io("writing", &ca, e))?;
         config.ca_cert_pem = Some(ca);
         _sim = sim;
         (config, "web,db".to_string(), Some("isolated-pg".to_string()), Some("stage".to_string()))
