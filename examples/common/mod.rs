@@ -38,7 +38,8 @@ pub(crate) async fn backend(name: &str, work: &Path) -> Result<Demo> {
             })?;
             let disks = work.join("disks");
             std::fs::create_dir_all(&disks).map_err(|e| Error::io("creating", &disks, e))?;
-            let production = image.production_spec("prod", &disks).map_err(|e| Error::invalid("guest image", e.to_string()))?;
+            let production =
+                image.production_spec("prod", &disks).map_err(|e| Error::invalid("guest image", e.to_string()))?;
             Ok(Demo {
                 backend: Arc::new(stagekit::qemu::QemuBackend::new(config)),
                 production,

@@ -10,6 +10,11 @@ use std::time::Duration;
 
 use crate::{Change, Error, GuestChannel, GuestExec, Result};
 
+/// First line of the promotion gates' probe script ([`crate::promotion::PROBE_SCRIPT`]); a
+/// simulated guest ([`crate::sim_guest`]) recognises the probe by it. Kept here, below both, so
+/// the simulated guest does not depend on the promotion engine.
+pub const PROBE_MARKER: &str = "# stagecore-probe v1";
+
 /// How long a guest change waits for the machine's agent to answer.
 pub const AGENT_READY: Duration = Duration::from_secs(120);
 

@@ -38,8 +38,8 @@ pub mod memory;
 pub mod name;
 pub mod progress;
 pub mod promotion;
-pub mod sim_guest;
 mod selector;
+pub mod sim_guest;
 mod snapshot_info;
 mod spec;
 mod stage;
@@ -48,6 +48,7 @@ mod status;
 pub mod toolbox;
 
 pub use backend::{Backend, DynEnvironment};
+pub use baseline::{Baseline, BaselineLayer, ConsistencyLevel, MachineConsistency};
 pub use capabilities::{Capabilities, ChangeKinds};
 pub use change::{Change, ChangeSet, DiskScope};
 pub use environment::{DiskIo, Environment, GuestChannel, GuestExec, GuestOutput, Snapshot};
@@ -55,12 +56,11 @@ pub use error::{BoxError, Error, Result, Secret};
 pub use ext::{BackendExt, EnvironmentExt, Fingerprint};
 pub use extent::{ChangeMap, DiskChanges, Extent};
 pub use progress::{Progress, ProgressEvent};
+pub use selector::Selector;
+pub use snapshot_info::{Consistency, SnapshotInfo};
 pub use spec::{
     BootSpec, DiskFormat, DiskSpec, EnvironmentSpec, Firmware, Identities, MachineSpec, NetworkSpec, NicSpec,
     SpecFormat, check_mac, random_mac,
 };
-pub use baseline::{Baseline, BaselineLayer, ConsistencyLevel, MachineConsistency};
-pub use selector::Selector;
-pub use snapshot_info::{Consistency, SnapshotInfo};
 pub use stage::{CloneKind, Role, StageInfo, StageOptions};
 pub use status::{EnvironmentInfo, MachineInstance, MachineStatus, PowerState};

@@ -185,7 +185,7 @@ impl SimGuest {
         let argv: Vec<&str> = req.argv.iter().map(String::as_str).collect();
         if let [sh, "-c", script, _name, args @ ..] = argv.as_slice()
             && is_sh(sh)
-            && script.starts_with(crate::promotion::PROBE_MARKER)
+            && script.starts_with(crate::guest::PROBE_MARKER)
         {
             let probe = match args {
                 [kind, host, port, ..] => match port.parse() {
@@ -674,7 +674,7 @@ impl SimGuest {
                 if script.starts_with(crate::inventory::SCRIPT_MARKER) {
                     return ok(self.inventory(rest.get(1..).unwrap_or_default()));
                 }
-                if script.starts_with(crate::promotion::PROBE_MARKER) {
+                if script.starts_with(crate::guest::PROBE_MARKER) {
                     return Ok(match rest {
                         [_, kind, host, port, ..] => match port.parse() {
                             Ok(port) => {

@@ -21,6 +21,7 @@
 //! paused, thaws one with a freeze marker through its agent, and removes the markers, so a
 //! process killed inside the window never leaves a frozen or paused guest behind the next open.
 
+use crate::markers::{clear_markers, freeze_marker, pause_marker, remove_marker, write_marker};
 use futures::future::join_all;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -33,7 +34,7 @@ use stagecore_qga::Agent;
 use crate::machines::{self, Liveness, disk_id};
 use crate::qmp::{BlockdevSnapshotSync, NewImageMode, QmpClient, RunState};
 use crate::shared::{EnvShared, EnvState, blocking};
-use crate::store::{QemuRecord, disk_key, write_atomic};
+use crate::store::{QemuRecord, disk_key};
 
 /// Bound of the probe that tells a machine with a guest agent from one without.
 pub(crate) const PROBE: Duration = Duration::from_millis(1500);
@@ -64,37 +65,6 @@ pub(crate) struct Frozen {
     pub(crate) layers: BTreeMap<String, PathBuf>,
     /// Machine → the consistency its disks reached.
     pub(crate) consistency: BTreeMap<String, MachineConsistency>,
-}
-
-fn freeze_marker(shared: &EnvShared, machine: &str) -> PathBuf {
-    shared.paths.machine_dir(machine).join("freeze.marker")
-}
-
-fn pause_marker(shared: &EnvShared, machine: &str) -> PathBuf {
-    shared.paths.machine_dir(machine).join("pause.marker")
-}
-
-fn write_marker(path: &std::path::Path, what: &str) -> Result<()> {
-    let text = format!("{what} by pid {} at {}\n", std::process::id(), time::OffsetDateTime::now_utc());
-    write_atomic(path, text.as_bytes())
-}
-
-fn remove_marker(path: &std::path::Path) {
-    match std::fs::remove_file(path) {
-        Ok(()) => {
-            if let Some(dir) = path.parent() {
-                let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(marker = %path.display(), %e, "cannot remove marker"),
-    }
-}
-
-/// Removes both markers of `machine` (it stopped or boots fresh: neither frozen nor paused).
-pub(crate) fn clear_markers(shared: &EnvShared, machine: &str) {
-    remove_marker(&freeze_marker(shared, machine));
-    remove_marker(&pause_marker(shared, machine));
 }
 
 /// A test's injected crash at `point` (see `FaultHooks::crash_at`).

@@ -49,6 +49,7 @@ mod guest;
 mod images;
 mod lock;
 mod machines;
+mod markers;
 pub mod process;
 pub mod qmp;
 mod shared;

@@ -138,7 +138,7 @@ async fn stop_stray(shared: &EnvShared, st: &mut EnvState, machine: &str, why: &
     tracing::warn!(env = %shared.name, machine, why, "stopping a qemu that does not run this machine as recorded");
     st.forget(machine);
     kill_all(shared, machine).await?;
-    crate::freeze::clear_markers(shared, machine);
+    crate::markers::clear_markers(shared, machine);
     Ok(Liveness::Down(Some(format!("stopped a stray qemu: {why}"))))
 }
 
@@ -340,7 +340,7 @@ pub(crate) fn prepare(shared: &EnvShared, st: &EnvState, machine: &str) -> Resul
     let dir = shared.paths.machine_dir(machine);
     std::fs::create_dir_all(&dir).map_err(|e| error::io("creating", &dir, &e))?;
     // A fresh boot is neither frozen nor paused; an old agent socket file is QEMU's to replace.
-    crate::freeze::clear_markers(shared, machine);
+    crate::markers::clear_markers(shared, machine);
     let _ = std::fs::remove_file(agent_socket(shared, machine));
     Ok(config)
 }
@@ -371,7 +371,7 @@ pub(crate) async fn stop_machine(shared: &EnvShared, st: &mut EnvState, machine:
             tracing::warn!(env = %shared.name, machine, "stopping a qemu no pid file names (its starter died)");
             kill_all(shared, machine).await?;
         }
-        crate::freeze::clear_markers(shared, machine);
+        crate::markers::clear_markers(shared, machine);
         return Ok(strays);
     };
     let span = tracing::info_span!("qemu.stop", env = %shared.name, machine, pid = process.pid());
@@ -387,7 +387,7 @@ pub(crate) async fn stop_machine(shared: &EnvShared, st: &mut EnvState, machine:
     if !QemuProcess::by_cmdline(&paths).is_empty() {
         kill_all(shared, machine).await?;
     }
-    crate::freeze::clear_markers(shared, machine);
+    crate::markers::clear_markers(shared, machine);
     Ok(true)
 }
 

@@ -20,8 +20,7 @@ use super::types::{Gate, GateContext, GateVerdict};
 use crate::progress::{Progress, emit};
 use crate::{Environment, GuestExec, Result};
 
-/// First line of [`PROBE_SCRIPT`] (a simulated guest recognises the probe by it).
-pub const PROBE_MARKER: &str = "# stagecore-probe v1";
+pub use crate::guest::PROBE_MARKER;
 
 /// The TCP/HTTP probe, run as `sh -c PROBE_SCRIPT stagecore-probe KIND HOST PORT PATH SECONDS`.
 /// Exit 0 when connected (HTTP: the status line is printed); 124 on timeout.
