@@ -12,6 +12,7 @@
 
 mod exchange;
 mod guest;
+mod guest_api;
 mod openapi;
 mod rest;
 mod server;

@@ -124,7 +124,7 @@ fn route(shared: &Arc<Shared>, req: &Req, burst: bool) -> Reply {
         (&Method::GET, ["vcenter", "network"], None) => list_networks(shared, req),
         (&Method::GET, ["vcenter", "folder"], None) => list_folders(shared, req),
         (&Method::POST, ["vcenter", "vm", vm, "guest", rest @ ..], a) => {
-            crate::guest::handle_rest(shared, req, vm, rest, a)
+            crate::guest_api::handle_rest(shared, req, vm, rest, a)
         }
         _ => error(404, "NOT_FOUND", format!("no such operation {} {}", req.method, req.path)),
     }

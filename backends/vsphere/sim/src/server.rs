@@ -64,7 +64,7 @@ async fn dispatch(
         });
         reply
     } else if req.path == "/guestFile" && !burst {
-        crate::guest::transfer(&shared, &req, &req.raw)
+        crate::guest_api::transfer(&shared, &req, &req.raw)
     } else if burst {
         Reply::empty(503)
     } else {

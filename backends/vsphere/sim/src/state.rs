@@ -254,7 +254,7 @@ impl Fault {
             "ManagedObjectNotFound",
             format!("The object '{kind}:{id}' has already been deleted or has not been completely created"),
         )
-        .with("obj", crate::tasks::moref(kind, id))
+        .with("obj", moref(kind, id))
     }
     /// The VI/JSON rendering: the `MethodFault` subtype itself, `faultMessage` a `LocalizableMessage` list.
     pub(crate) fn to_json(&self) -> Value {
@@ -486,4 +486,9 @@ fn merge_areas<'a>(writes: impl Iterator<Item = &'a Write>, from: u64, end: u64)
         }
     }
     out.into_iter().map(|(s, e)| (s, e - s)).collect()
+}
+
+/// A `ManagedObjectReference` in VI/JSON form.
+pub(crate) fn moref(kind: &str, value: &str) -> Value {
+    json!({"_typeName": "ManagedObjectReference", "type": kind, "value": value})
 }

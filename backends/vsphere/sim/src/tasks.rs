@@ -158,7 +158,4 @@ pub(crate) fn info_json(t: &Task) -> Value {
     info
 }
 
-/// A `ManagedObjectReference` in VI/JSON form.
-pub(crate) fn moref(kind: &str, value: &str) -> Value {
-    json!({"_typeName": "ManagedObjectReference", "type": kind, "value": value})
-}
+pub(crate) use crate::state::moref;
