@@ -111,13 +111,11 @@ impl ChangeKinds {
     /// The configuration kinds (memory, vCPUs, NICs, disks: [`Change::is_config`]).
     pub fn config() -> Self {
         ChangeKinds {
-            set_memory: true,
-            set_vcpus: true,
-            add_nic: true,
-            remove_nic: true,
-            add_disk: true,
-            remove_disk: true,
-            ..Self::default()
+            write_disk: false,
+            replace_disk_image: false,
+            guest_command: false,
+            guest_file: false,
+            ..Self::all()
         }
     }
 

@@ -214,32 +214,15 @@ impl Drift for DriftEngine {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::memory::{MemoryBackend, sample_spec};
     use crate::{Backend, BackendExt, Change, StageOptions};
-
-    async fn running_pair(with_inventory: bool) -> (MemoryBackend, Arc<dyn Environment>, Arc<dyn Environment>) {
-        let backend = MemoryBackend::new();
-        let prod = backend.create(&sample_spec("prod")).await.unwrap();
-        prod.start().await.unwrap();
-        let stage = if with_inventory {
-            let (b, inv) = inventory::take_baseline(&*prod, &InventoryConfig::default(), None).await.unwrap();
-            inventory::stage(&backend, &b, &inv, &StageOptions::linked("try")).await.unwrap()
-        } else {
-            let b = prod.take_baseline().await.unwrap();
-            backend.stage(&b, &StageOptions::linked("try")).await.unwrap()
-        };
-        stage.start().await.unwrap();
-        (backend, prod, stage)
-    }
 
     /// What a running guest writes after the baseline (the thaw, a journal commit) is reported
     /// but judged by the guest layer: INFORMATIONAL, the report IN_SYNC, clean, 100 %.
     #[tokio::test]
     async fn running_guests_disk_bytes_are_informational_with_a_baseline_inventory() {
-        let (backend, prod, stage) = running_pair(true).await;
+        let (backend, prod, stage) = crate::drift::test_support::running_pair(true).await;
         let spec = prod.spec().await.unwrap();
         let (m, d) = (spec.machines[0].name.clone(), spec.machines[0].disks[0].name.clone());
         prod.disk_io().unwrap().write(&m, &d, 1 << 20, &[9; 4096]).await.unwrap();
@@ -269,7 +252,7 @@ mod tests {
     /// moved, so the same bytes are DRIFTED.
     #[tokio::test]
     async fn without_a_baseline_inventory_running_guests_disk_bytes_are_drift() {
-        let (backend, prod, stage) = running_pair(false).await;
+        let (backend, prod, stage) = crate::drift::test_support::running_pair(false).await;
         let spec = prod.spec().await.unwrap();
         let (m, d) = (spec.machines[1].name.clone(), spec.machines[1].disks[0].name.clone());
         prod.disk_io().unwrap().write(&m, &d, 0, &[1; 512]).await.unwrap();

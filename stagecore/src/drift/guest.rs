@@ -182,27 +182,9 @@ pub(crate) async fn layer(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::drift::Drift;
-    use crate::memory::{MemoryBackend, sample_spec};
-    use crate::{Backend, BackendExt, GuestExec, StageOptions};
-
-    async fn setup(with_inventory: bool) -> (MemoryBackend, Arc<dyn Environment>, Arc<dyn Environment>) {
-        let backend = MemoryBackend::new();
-        let prod = backend.create(&sample_spec("prod")).await.unwrap();
-        prod.start().await.unwrap();
-        let stage = if with_inventory {
-            let (b, inv) = inventory::take_baseline(&*prod, &InventoryConfig::default(), None).await.unwrap();
-            inventory::stage(&backend, &b, &inv, &StageOptions::linked("try")).await.unwrap()
-        } else {
-            let b = prod.take_baseline().await.unwrap();
-            backend.stage(&b, &StageOptions::linked("try")).await.unwrap()
-        };
-        stage.start().await.unwrap();
-        (backend, prod, stage)
-    }
+    use crate::{BackendExt, GuestExec};
 
     async fn sim(env: &dyn Environment, machine: &str, args: &[&str]) {
         let argv = std::iter::once("stagecore-sim").chain(args.iter().copied());
@@ -212,7 +194,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_agent_that_does_not_answer_is_not_checked() {
-        let (backend, prod, stage) = setup(true).await;
+        let (backend, prod, stage) = crate::drift::test_support::running_pair(true).await;
         sim(&*stage, "db", &["agent-off"]).await;
         let r = backend.drift(&*prod, &*stage).await.unwrap();
         let db = r.machines.iter().find(|m| m.machine == "db").unwrap();
@@ -225,7 +207,7 @@ mod tests {
 
     #[tokio::test]
     async fn output_over_the_cap_is_not_checked() {
-        let (_, prod, stage) = setup(true).await;
+        let (_, prod, stage) = crate::drift::test_support::running_pair(true).await;
         let cfg = InventoryConfig { output_cap: 64, ..InventoryConfig::default() };
         let r = crate::drift::DriftEngine::new().with_inventory(cfg).drift(&*prod, &*stage).await.unwrap();
         assert_eq!(r.guest.status, Status::NotChecked, "{r}");
@@ -235,7 +217,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_baseline_inventory_the_side_is_unknown() {
-        let (backend, prod, stage) = setup(false).await;
+        let (backend, prod, stage) = crate::drift::test_support::running_pair(false).await;
         sim(&*prod, "web", &["pkg", "install", "nginx", "1.22"]).await;
         let r = backend.drift(&*prod, &*stage).await.unwrap();
         let rec = r.guest.records.iter().find(|x| x.path == "/machines/web/guest/packages/nginx").expect("record");
@@ -247,7 +229,7 @@ mod tests {
 
     #[tokio::test]
     async fn both_sides_changing_a_package_is_a_conflict_and_progress_is_reported() {
-        let (_, prod, stage) = setup(true).await;
+        let (_, prod, stage) = crate::drift::test_support::running_pair(true).await;
         sim(&*prod, "app", &["pkg", "install", "stagecore-demo-app", "1.1"]).await;
         sim(&*stage, "app", &["pkg", "install", "stagecore-demo-app", "1.2"]).await;
         sim(&*stage, "web", &["service", "stop", "app"]).await;

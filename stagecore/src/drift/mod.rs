@@ -54,3 +54,32 @@ pub fn config_differences(a: &EnvironmentSpec, b: &EnvironmentSpec) -> Vec<Strin
 pub fn config_value(spec: &EnvironmentSpec, path: &str) -> serde_json::Value {
     config::at(&config::normalise(spec, false), path)
 }
+
+/// Test fixtures shared by the drift modules' tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+
+    use crate::inventory::{self, InventoryConfig};
+    use crate::memory::{MemoryBackend, sample_spec};
+    use crate::{Backend, Environment, StageOptions};
+
+    /// A running production on the memory backend and a running linked stage of it, staged with
+    /// a baseline inventory when `with_inventory`.
+    pub(crate) async fn running_pair(
+        with_inventory: bool,
+    ) -> (MemoryBackend, Arc<dyn Environment>, Arc<dyn Environment>) {
+        let backend = MemoryBackend::new();
+        let prod = backend.create(&sample_spec("prod")).await.unwrap();
+        prod.start().await.unwrap();
+        let stage = if with_inventory {
+            let (b, inv) = inventory::take_baseline(&*prod, &InventoryConfig::default(), None).await.unwrap();
+            inventory::stage(&backend, &b, &inv, &StageOptions::linked("try")).await.unwrap()
+        } else {
+            let b = prod.take_baseline().await.unwrap();
+            backend.stage(&b, &StageOptions::linked("try")).await.unwrap()
+        };
+        stage.start().await.unwrap();
+        (backend, prod, stage)
+    }
+}
