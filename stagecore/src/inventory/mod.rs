@@ -223,7 +223,8 @@ pub struct InventoryConfig {
     pub ignore: Vec<String>,
     /// Files hashed per watched path, at most.
     pub max_files: usize,
-    /// Time the collector may run per machine.
+    /// Time the collector may run per machine (default 180 s: hashing `/etc` in a TCG guest on a
+    /// busy host takes minutes; a real guest takes seconds).
     pub timeout: Duration,
     /// Time the agent gets to answer before the machine counts as unreachable (default
     /// [`DEFAULT_AGENT_WAIT`], 5 s).
@@ -242,7 +243,7 @@ impl Default for InventoryConfig {
             watch: DEFAULT_WATCH.iter().map(|s| s.to_string()).collect(),
             ignore: DEFAULT_IGNORE.iter().map(|s| s.to_string()).collect(),
             max_files: 20_000,
-            timeout: Duration::from_secs(60),
+            timeout: Duration::from_secs(180),
             agent_timeout: DEFAULT_AGENT_WAIT,
             output_cap: 8 << 20,
             parallel: 4,
