@@ -49,8 +49,8 @@ pub trait Environment: Snapshot + Send + Sync + Debug {
     /// cannot check are reported as `NotChecked` with the reason, never as unchanged.
     async fn disk_changes(&self, baseline: &Baseline) -> Result<Vec<DiskChanges>>;
 
-    /// Applies one change. Config changes require [`crate::Capabilities::config_changes`], guest
-    /// changes require [`crate::Capabilities::guest_channel`].
+    /// Applies one change. Each kind needs its flag in [`crate::Capabilities::changes`]; guest
+    /// changes also need [`crate::Capabilities::guest_channel`].
     async fn apply(&self, change: &Change) -> Result<()>;
 
     /// Records a ChangeSet as applied to this stage (kept with the stage; see
