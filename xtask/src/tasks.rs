@@ -79,6 +79,11 @@ pub(crate) fn test() -> Result<()> {
         println!("xtask: step {}: cargo {}", step.name, step.args.join(" "));
         let mut cmd = cargo();
         cmd.args(&step.args).envs(step.env.iter().copied()).env(guest::ENV_VAR, &image);
+        // A one-shot run gains nothing from incremental caches; they would double the
+        // disk the build takes (CI's disk is not large). A caller's own setting wins.
+        if std::env::var_os("CARGO_INCREMENTAL").is_none() {
+            cmd.env("CARGO_INCREMENTAL", "0");
+        }
         cmd.envs(hosts.iter().map(|(k, v)| (*k, v.as_str())));
         run(&format!("test step `{}`", step.name), &mut cmd)?;
     }
