@@ -13,9 +13,10 @@ use stagecore::{
 use crate::conn::{Conn, lv};
 use crate::error::NAME;
 use crate::handle::LibvirtEnvironment;
+use crate::layers::make_dir;
 use crate::machines;
 use crate::registry;
-use crate::shared::{Shared, make_dir};
+use crate::shared::Shared;
 use crate::storage::Storage;
 use crate::xml::meta::{self, MachineRecord};
 

@@ -8,7 +8,8 @@ use stagecore::toolbox::Undo;
 use stagecore::{DiskFormat, EnvironmentSpec, Error, Result, Role};
 
 use crate::conn::Conn;
-use crate::shared::{Shared, make_dir};
+use crate::layers::make_dir;
+use crate::shared::Shared;
 use crate::xml::{edit, meta};
 
 /// Creates `spec` as a production; on failure everything made so far is removed (or the error

@@ -10,8 +10,8 @@ use time::OffsetDateTime;
 use crate::error::NAME;
 use crate::freeze::freeze;
 use crate::handle::LibvirtEnvironment;
+use crate::layers::make_dir;
 use crate::machines::Machine;
-use crate::shared::make_dir;
 use crate::xml::meta;
 
 #[async_trait]

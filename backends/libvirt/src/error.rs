@@ -110,16 +110,6 @@ pub(crate) fn agent(e: &virt::error::Error, ctx: Ctx<'_>, label: &str, command: 
     }
 }
 
-/// A failure of an external tool (`qemu-img`, `qemu-io`) on `path`.
-pub(crate) fn tool(tool: &str, path: &std::path::Path, stderr: &[u8]) -> Error {
-    let text = String::from_utf8_lossy(stderr);
-    let text = text.trim();
-    if text.contains("No such file") {
-        return Error::not_found("image", path.display().to_string());
-    }
-    Error::backend_msg(NAME, format!("{tool} on {}: {text}", path.display()))
-}
-
 /// An I/O failure on a file this backend manages: `NotFound` (with the I/O error as source)
 /// when it is missing, else [`Error::Io`] naming the file.
 pub(crate) fn io(path: &std::path::Path, e: std::io::Error) -> Error {

@@ -3,9 +3,9 @@
 //! qcow2 work (overlays, headers, chains, allocation maps, allocated-only copies, guest reads,
 //! writes and digests) goes through the shared in-process crate `stagecore-qcow2`, the same code
 //! the QEMU backend uses. Raw files (production disks created or attached as `raw`) are plain
-//! files: read, written and hashed here with positional I/O. `qemu-img` is spawned for one thing
-//! only: creating a NEW EMPTY image without a backing file (`create_image`), which
-//! `stagecore-qcow2` does not do.
+//! files: read, written and hashed here with positional I/O. Nothing spawns `qemu-img`: new empty
+//! images come from `stagecore_qcow2::typed::create_empty` too. [`make_dir`] makes the
+//! directories these files live in.
 //!
 //! All functions block; callers run them on `spawn_blocking` (or inside a `Conn::run` closure).
 //! Reads open files read-only and work on images a running QEMU holds; writes are only made to
@@ -18,7 +18,6 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use sha2::{Digest as _, Sha256};
 use stagecore::extent::Extent;
@@ -50,30 +49,18 @@ pub(crate) fn format(path: &Path) -> Result<ImageFormat> {
     Ok(if is_qcow2 { ImageFormat::Qcow2 } else { ImageFormat::Raw })
 }
 
-/// Creates an empty image of `format` and `size` bytes (fails if `path` exists).
-///
-/// The only use of `qemu-img`: `stagecore-qcow2` creates overlays, not images without a backing
-/// file.
+/// Creates an empty image of `format` (`qcow2` or `raw`) and `size` bytes, in-process (fails if
+/// `path` exists).
 pub(crate) fn create_image(path: &Path, format: &str, size: u64) -> Result<()> {
-    if path.exists() {
-        return Err(Error::already_exists("image", path.display().to_string()));
-    }
-    let target = path.to_str().unwrap_or_default();
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", format, target, &size.to_string()])
-        .output()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::Unreachable { endpoint: "qemu-img".into(), reason: "qemu-img is not installed".into() }
-            } else {
-                error::io(path, e)
-            }
-        })?;
-    if !out.status.success() {
-        let _ = std::fs::remove_file(path);
-        return Err(error::tool("qemu-img", path, &out.stderr));
-    }
-    Ok(())
+    let format: stagecore_qcow2::ImageFormat = format.parse()?;
+    stagecore_qcow2::typed::create_empty(path, format, size).map_err(error::qcow2)
+}
+
+/// Creates a directory QEMU (running as another user) can traverse.
+pub(crate) fn make_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(path).map_err(|e| error::io(path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(|e| error::io(path, e))
 }
 
 /// Creates a qcow2 overlay at `path` over `backing` (absolute; its format is probed), in-process.

@@ -2,7 +2,7 @@
 //! and the helpers that load and save an environment's machines and build its spec.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use stagecore::{EnvironmentSpec, Error, NetworkSpec, Result};
 use virt::connect::Connect;
@@ -138,13 +138,6 @@ pub(crate) fn spec_from(env: &str, ms: &[Machine], sizes: &Sizes) -> Environment
     }
     let networks = networks.into_iter().map(|name| NetworkSpec { cidr: cidrs.get(&name).cloned(), name }).collect();
     EnvironmentSpec { name: env.into(), machines, networks, labels }
-}
-
-/// Creates a directory QEMU (running as another user) can traverse.
-pub(crate) fn make_dir(path: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::create_dir_all(path).map_err(|e| crate::error::io(path, e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(|e| crate::error::io(path, e))
 }
 
 #[cfg(test)]

@@ -16,8 +16,9 @@ use stagecore::{Baseline, CloneKind, DiskFormat, Error, Progress, Result, Role, 
 use crate::create::{check_free_domains, create_isolated, define_all, undo_dir, undo_pool};
 use crate::handle::LibvirtEnvironment;
 use crate::hostfiles;
+use crate::layers::make_dir;
 use crate::machines::Machine;
-use crate::shared::{Shared, make_dir};
+use crate::shared::Shared;
 use crate::xml::tree::Element;
 use crate::xml::{edit, meta};
 

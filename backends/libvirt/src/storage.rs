@@ -30,8 +30,8 @@ use virt::sys;
 
 use crate::conn::lv;
 use crate::error::NAME;
+use crate::layers::make_dir;
 use crate::layers::{self, ImageInfo};
-use crate::shared::make_dir;
 
 /// The default directory on a remote host under which environment pools are made.
 pub(crate) const DEFAULT_REMOTE_ROOT: &str = "/var/lib/libvirt/images/stagecore";

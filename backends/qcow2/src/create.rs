@@ -1,9 +1,10 @@
-//! Creating a qcow2 overlay in-process: header, one refcount table cluster, one refcount block
-//! and an all-zero L1 table, published atomically and durably.
+//! Creating images in-process: a qcow2 overlay or an empty qcow2 image (header, one refcount
+//! table cluster, one refcount block and an all-zero L1 table) or an empty sparse raw file,
+//! published atomically and durably.
 //!
-//! Contract: the new file has the layout `qemu-img create -f qcow2 -b ...` produces (header at
-//! cluster 0, refcount table at 1, refcount block at 2, L1 from 3), passes `qemu-img check`,
-//! and never replaces an existing file.
+//! Contract: a new qcow2 file has the layout `qemu-img create -f qcow2 [-b ...]` produces
+//! (header at cluster 0, refcount table at 1, refcount block at 2, L1 from 3), passes
+//! `qemu-img check`, and never replaces an existing file.
 
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
@@ -52,7 +53,25 @@ pub(crate) fn create_overlay(
         Some(s) => s,
         None => backing_size(backing, backing_format)?.next_multiple_of(512),
     };
-    let l1_size = l1_entries_for(path, size)?;
+    write_qcow2(path, size, Some((name, backing_format)))
+}
+
+/// See [`crate::typed::create_empty`].
+pub(crate) fn create_empty(path: &Path, format: ImageFormat, size: u64) -> Result<()> {
+    match format {
+        ImageFormat::Qcow2 => write_qcow2(path, size, None),
+        ImageFormat::Raw => {
+            let staged = Staged::create(path)?;
+            staged.file.set_len(size).map_err(ctx("extend", staged.tmp_path()))?;
+            staged.publish()
+        }
+    }
+}
+
+/// Writes a new qcow2 image of `size` bytes (0 allowed only without a backing file, as
+/// `qemu-img create` allows it), with `backing` as its backing file name and format.
+fn write_qcow2(path: &Path, size: u64, backing: Option<(&[u8], ImageFormat)>) -> Result<()> {
+    let l1_size = if size == 0 && backing.is_none() { 0 } else { l1_entries_for(path, size)? };
     let cs = 1u64 << CLUSTER_BITS;
     let header = encode_v3(&NewHeader {
         cluster_bits: CLUSTER_BITS,
@@ -61,7 +80,7 @@ pub(crate) fn create_overlay(
         l1_table_offset: 3 * cs,
         refcount_table_offset: cs,
         refcount_table_clusters: 1,
-        backing: Some((name, backing_format)),
+        backing,
     });
     let l1_clusters = (l1_size * 8).div_ceil(cs);
     let used = 3 + l1_clusters;

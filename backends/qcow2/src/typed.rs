@@ -33,6 +33,17 @@ pub fn create_overlay(
     create::create_overlay(path, backing, backing_format, virtual_size)
 }
 
+/// Creates an empty image of `size` bytes at `path` without spawning `qemu-img`: a qcow2 image
+/// without a backing file (the layout `qemu-img create -f qcow2` writes; size 0 allowed), or a
+/// sparse raw file.
+///
+/// Published like [`create_overlay`]: durable after `Ok`, nothing left behind on failure,
+/// `AlreadyExists` if `path` exists, `InvalidArgument` for a size that is not a multiple of 512.
+#[tracing::instrument(level = "debug", skip_all, fields(path = %path.display(), size))]
+pub fn create_empty(path: &Path, format: ImageFormat, size: u64) -> Result<()> {
+    create::create_empty(path, format, size)
+}
+
 /// Reads the qcow2 header of `path`: format, virtual size, cluster size, backing file and format.
 ///
 /// A file that is not a qcow2 image (raw, garbage, too short) gives `NotQcow2`, a damaged or

@@ -89,3 +89,44 @@ fn refuses_to_overwrite_and_bad_arguments() {
     assert!(matches!(e, Error::NotFound { .. }), "{e}");
     assert_eq!(names(d.path()), vec!["base.qcow2", "raw.img", "top.qcow2"]);
 }
+
+/// `create_empty` writes what `qemu-img create` would: a qcow2 image without a backing file
+/// that `qemu-img check` accepts and QEMU reads as zeros and writes, a 0-byte qcow2, a sparse raw
+/// file; an existing path or a bad size is refused and leaves nothing.
+#[test]
+fn empty_images_are_valid_and_never_replace_a_file() {
+    use stagecore_qcow2::typed::create_empty;
+    let d = tmp();
+    let img = p(&d, "empty.qcow2");
+    create_empty(&img, ImageFormat::Qcow2, 64 * M).unwrap();
+    let j = info_json(&img);
+    assert_eq!(j["format"], "qcow2");
+    assert_eq!(j["virtual-size"], 64 * M);
+    assert!(j.get("backing-filename").is_none(), "{j}");
+    check(&img);
+    qemu_io("qcow2", &img, &["read -P 0 0 64M", "write -P 0x33 63M 64k", "read -P 0x33 63M 64k"]);
+    check(&img);
+
+    let zero = p(&d, "zero.qcow2");
+    create_empty(&zero, ImageFormat::Qcow2, 0).unwrap();
+    assert_eq!(info_json(&zero)["virtual-size"], 0);
+    check(&zero);
+
+    let raw = p(&d, "disk.raw");
+    create_empty(&raw, ImageFormat::Raw, 8 * M).unwrap();
+    let j = info_json(&raw);
+    assert_eq!((j["format"].as_str(), j["virtual-size"].as_u64()), (Some("raw"), Some(8 * M)));
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 8 * M);
+
+    let before = std::fs::read(&raw).unwrap();
+    match create_empty(&raw, ImageFormat::Qcow2, M) {
+        Err(Error::AlreadyExists { path }) => assert_eq!(path, raw),
+        other => panic!("expected AlreadyExists, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(&raw).unwrap(), before, "an existing file is never replaced");
+    match create_empty(&p(&d, "odd.qcow2"), ImageFormat::Qcow2, 1000) {
+        Err(Error::InvalidArgument { arg, .. }) => assert_eq!(arg, "virtual_size"),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+    assert_eq!(names(d.path()), vec!["disk.raw", "empty.qcow2", "zero.qcow2"], "nothing half-built");
+}

@@ -3,8 +3,7 @@
 //!
 //! Contract: relative sources live under `root/images/` and may not climb out of it (`..`); an
 //! existing source must be a readable qcow2 chain, else `InvalidSpec` at the spec field naming
-//! the file; empty images are made by `qemu-img create` (the one case the in-process qcow2 code
-//! does not cover), and a missing `qemu-img` is `NotFound` naming it.
+//! the file; empty images are made in-process by `stagecore_qcow2::typed::create_empty`.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -47,25 +46,14 @@ pub(crate) async fn check_existing(field: &str, file: &Path) -> Result<u64> {
 
 /// Creates an empty qcow2 image of `size` bytes at `path` (parent directories included).
 pub(crate) async fn create_empty(path: &Path, size: u64) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| error::io("creating", dir, &e))?;
-    }
-    let out = tokio::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(path)
-        .arg(size.to_string())
-        .output()
-        .await
-        .map_err(|e| error::binary(Path::new("qemu-img"), &e))?;
-    if !out.status.success() {
-        let _ = std::fs::remove_file(path);
-        return Err(error::msg(format!(
-            "qemu-img create {} failed: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    let path = path.to_path_buf();
+    blocking(move || {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| error::io("creating", dir, &e))?;
+        }
+        typed::create_empty(&path, stagecore_qcow2::ImageFormat::Qcow2, size).map_err(qcow2)
+    })
+    .await
 }
 
 /// Rewrites the backing-file name in `image`'s header to `backing` (qcow2), without touching
