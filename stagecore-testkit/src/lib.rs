@@ -27,6 +27,7 @@ pub mod guest;
 pub mod guest_drift;
 pub mod guest_image;
 pub mod invariants;
+pub mod power;
 pub mod promotion;
 pub mod snapshot;
 pub mod suite;

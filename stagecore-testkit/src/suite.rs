@@ -13,7 +13,7 @@ use std::pin::Pin;
 use stagecore::Capabilities;
 use stagecore::promotion::Strategy;
 
-use crate::{Kit, bad_input, capability, clone, drift, invariants, promotion, snapshot};
+use crate::{Kit, bad_input, capability, clone, drift, invariants, power, promotion, snapshot};
 
 /// A boxed kit-function future.
 pub type CaseFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -71,6 +71,9 @@ pub fn cases() -> Vec<Case> {
             invariants::zero_drift_after_clone(&k).await
         }),
         case!("bad_input_is_typed", |_c| [], |k: Kit| async move { bad_input::bad_input_is_typed(&k).await }),
+        case!("start_and_stop_named_machines", |_c| [], |k: Kit| async move {
+            power::start_and_stop_named_machines(&k).await
+        }),
         case!("capability_declared_false_gives_not_supported", |_c| [], |k: Kit| async move {
             capability::declared_false_gives_not_supported(&k).await
         }),
@@ -177,7 +180,8 @@ macro_rules! conformance_tests {
     ($setup:path) => {
         $crate::conformance_tests!(@cases $setup;
             spec_round_trip, identity_safety, linked_clone, full_clone, fencing_flag, add_nic_gets_new_mac,
-            zero_drift_after_clone, bad_input_is_typed, capability_declared_false_gives_not_supported,
+            zero_drift_after_clone, bad_input_is_typed, start_and_stop_named_machines,
+            capability_declared_false_gives_not_supported,
             production_untouched, snapshot_revert_restores, change_set_is_intended, stage_config_edit_is_drift,
             both_sides_is_conflict, production_disk_write_is_drift, promotion_replay_commits,
             promotion_gate_failure_rolls_back, promotion_concurrent_one_locked,

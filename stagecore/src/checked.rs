@@ -190,6 +190,14 @@ impl Environment for CheckedEnvironment {
         self.inner.stop().await
     }
 
+    async fn start_machines(&self, machines: &[String]) -> Result<()> {
+        self.inner.start_machines(machines).await
+    }
+
+    async fn stop_machines(&self, machines: &[String]) -> Result<()> {
+        self.inner.stop_machines(machines).await
+    }
+
     async fn take_baseline(&self) -> Result<Baseline> {
         self.inner.take_baseline().await
     }

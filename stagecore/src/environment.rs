@@ -39,6 +39,16 @@ pub trait Environment: Snapshot + Send + Sync + Debug {
     /// Stops every machine that is running (hard stop; guests are not asked).
     async fn stop(&self) -> Result<()>;
 
+    /// Starts the named machines that are not running, in start order, waiting for the agents
+    /// of machines they start after as [`start`](Environment::start) does; machines not named are
+    /// left as they are. A name the spec does not have is `NotFound` and nothing is started
+    /// ([`crate::toolbox::require_machines`]).
+    async fn start_machines(&self, machines: &[String]) -> Result<()>;
+
+    /// Stops the named machines that are running (hard stop); the others are left as they are.
+    /// A name the spec does not have is `NotFound` and nothing is stopped.
+    async fn stop_machines(&self, machines: &[String]) -> Result<()>;
+
     /// Freezes the current state as a [`Baseline`]: a read-only layer per disk plus the spec.
     /// On a running environment this adds a copy-on-write layer under the running disks, which the
     /// guests do not notice.

@@ -58,45 +58,39 @@ impl Environment for LibvirtEnvironment {
     /// backend's start wait, default 90 s; machines without an agent channel are not waited for,
     /// nor are machines nothing starts after).
     async fn start(&self) -> Result<()> {
-        let ms = self.machines().await?;
-        let spec = self.shared.spec_of(&self.name, &ms).await?;
-        let waves = spec.start_waves()?;
-        let awaited: std::collections::BTreeSet<&str> =
-            spec.machines.iter().flat_map(|m| m.after.iter().map(String::as_str)).collect();
-        for (i, wave) in waves.iter().enumerate() {
-            let members: Vec<&Machine> = ms.iter().filter(|m| wave.iter().any(|w| w == m.name())).collect();
-            let names: Vec<String> = members.iter().filter(|m| !m.active()).map(|m| m.instance.clone()).collect();
-            self.start_domains(names).await?;
-            if i + 1 == waves.len() {
-                break;
-            }
-            let mut waits = tokio::task::JoinSet::new();
-            for m in members {
-                if !awaited.contains(m.name()) || !crate::xml::edit::has_agent_channel(&m.tree) {
-                    continue;
-                }
-                let (agent, wait) = (self.agent_of(m), self.shared.start_wait);
-                waits.spawn(async move { agent.wait_ready(wait).await });
-            }
-            while let Some(joined) = waits.join_next().await {
-                joined.map_err(|e| Error::backend_msg(NAME, format!("start wait failed: {e}")))?.map_err(|e| {
-                    Error::Timeout {
-                        operation: format!(
-                            "start of {} wave {}: waiting for a guest agent the next wave starts after ({e})",
-                            self.name,
-                            i + 1
-                        ),
-                        seconds: self.shared.start_wait.as_secs_f64(),
-                    }
-                })?;
-            }
-        }
-        Ok(())
+        start_some(self, None).await
     }
 
     #[tracing::instrument(skip(self), fields(environment = %self.name))]
     async fn stop(&self) -> Result<()> {
         self.each(|m| m.active(), "stop").await
+    }
+
+    #[tracing::instrument(skip(self), fields(environment = %self.name, ?machines))]
+    async fn start_machines(&self, machines: &[String]) -> Result<()> {
+        start_some(self, Some(machines)).await
+    }
+
+    #[tracing::instrument(skip(self), fields(environment = %self.name, ?machines))]
+    async fn stop_machines(&self, machines: &[String]) -> Result<()> {
+        let ms = self.machines().await?;
+        let spec = self.shared.spec_of(&self.name, &ms).await?;
+        stagecore::toolbox::require_machines(&spec, machines)?;
+        let names: Vec<String> = ms
+            .into_iter()
+            .filter(|m| m.active() && machines.iter().any(|n| n == m.name()))
+            .map(|m| m.instance)
+            .collect();
+        self.shared
+            .conn
+            .run(move |c, uri| {
+                for n in &names {
+                    let dom = crate::conn::lv(uri, "domain", n, c.lookup_domain_by_name(n))?;
+                    crate::conn::lv(uri, "domain", n, dom.destroy())?;
+                }
+                Ok(())
+            })
+            .await
     }
 
     #[tracing::instrument(skip(self), fields(environment = %self.name))]
@@ -261,4 +255,52 @@ impl Environment for LibvirtEnvironment {
     fn guest(&self) -> Option<&dyn GuestChannel> {
         Some(self)
     }
+}
+
+/// Starts the machines of `only` (all when `None`) that do not run, wave by wave ([`EnvironmentSpec::start_waves`]): before a wave starts,
+/// the guest agents of the earlier machines it starts after must answer (at most the
+/// backend's start wait, default 90 s; machines without an agent channel are not waited for,
+/// nor are machines nothing starts after).
+async fn start_some(env: &LibvirtEnvironment, only: Option<&[String]>) -> Result<()> {
+    let ms = env.machines().await?;
+    let spec = env.shared.spec_of(&env.name, &ms).await?;
+    if let Some(names) = only {
+        stagecore::toolbox::require_machines(&spec, names)?;
+    }
+    let waves = spec.start_waves()?;
+    let awaited: std::collections::BTreeSet<&str> =
+        spec.machines.iter().flat_map(|m| m.after.iter().map(String::as_str)).collect();
+    for (i, wave) in waves.iter().enumerate() {
+        let members: Vec<&Machine> = ms
+            .iter()
+            .filter(|m| wave.iter().any(|w| w == m.name()))
+            .filter(|m| only.is_none_or(|o| o.iter().any(|n| n == m.name())))
+            .collect();
+        let names: Vec<String> = members.iter().filter(|m| !m.active()).map(|m| m.instance.clone()).collect();
+        env.start_domains(names).await?;
+        if i + 1 == waves.len() {
+            break;
+        }
+        let mut waits = tokio::task::JoinSet::new();
+        for m in members {
+            if !awaited.contains(m.name()) || !crate::xml::edit::has_agent_channel(&m.tree) {
+                continue;
+            }
+            let (agent, wait) = (env.agent_of(m), env.shared.start_wait);
+            waits.spawn(async move { agent.wait_ready(wait).await });
+        }
+        while let Some(joined) = waits.join_next().await {
+            joined.map_err(|e| Error::backend_msg(NAME, format!("start wait failed: {e}")))?.map_err(|e| {
+                Error::Timeout {
+                    operation: format!(
+                        "start of {} wave {}: waiting for a guest agent the next wave starts after ({e})",
+                        env.name,
+                        i + 1
+                    ),
+                    seconds: env.shared.start_wait.as_secs_f64(),
+                }
+            })?;
+        }
+    }
+    Ok(())
 }

@@ -252,6 +252,26 @@ impl Environment for QemuEnvironment {
         stop_all(&self.shared, &mut st).instrument(self.span("stop")).await.map(drop)
     }
 
+    async fn start_machines(&self, machines: &[String]) -> Result<()> {
+        let mut st = self.shared.state.lock().await;
+        stagecore::toolbox::require_machines(&st.rec(&self.shared.name)?.spec, machines)?;
+        start_some(&self.shared, &mut st, Some(machines)).instrument(self.span("start_machines")).await
+    }
+
+    async fn stop_machines(&self, machines: &[String]) -> Result<()> {
+        let shared = &self.shared;
+        let mut st = shared.state.lock().await;
+        stagecore::toolbox::require_machines(&st.rec(&shared.name)?.spec, machines)?;
+        async {
+            for m in machines {
+                machines::stop_machine(shared, &mut st, m).await?;
+            }
+            Ok(())
+        }
+        .instrument(self.span("stop_machines"))
+        .await
+    }
+
     async fn take_baseline(&self) -> Result<Baseline> {
         let shared = &self.shared;
         let mut st = shared.state.lock().await;

@@ -36,6 +36,24 @@ impl std::fmt::Debug for VsphereEnvironment {
 }
 
 impl VsphereEnvironment {
+    /// The VM ids of the named machines (in the order named); `NotFound` for a name this
+    /// environment does not have, before anything is done.
+    fn vms_of(&self, machines: &[String]) -> Result<Vec<String>> {
+        let record = self.record()?;
+        machines
+            .iter()
+            .map(|name| {
+                record
+                    .backend
+                    .machines
+                    .iter()
+                    .find(|m| &m.name == name)
+                    .map(|m| m.vm.clone())
+                    .ok_or_else(|| stagecore::Error::not_found("machine", format!("{}/{name}", self.name)))
+            })
+            .collect()
+    }
+
     pub(crate) fn new(name: &str, shared: Arc<Shared>) -> Self {
         VsphereEnvironment { name: name.to_string(), shared }
     }
@@ -131,6 +149,20 @@ impl Environment for VsphereEnvironment {
     async fn stop(&self) -> Result<()> {
         for m in &self.record()?.backend.machines {
             self.shared.client.power_off(&m.vm).await?;
+        }
+        Ok(())
+    }
+
+    async fn start_machines(&self, machines: &[String]) -> Result<()> {
+        for vm in self.vms_of(machines)? {
+            self.shared.client.power_on(&vm).await?;
+        }
+        Ok(())
+    }
+
+    async fn stop_machines(&self, machines: &[String]) -> Result<()> {
+        for vm in self.vms_of(machines)? {
+            self.shared.client.power_off(&vm).await?;
         }
         Ok(())
     }

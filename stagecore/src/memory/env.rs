@@ -84,6 +84,33 @@ impl Environment for MemoryEnvironment {
         })
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(environment = %self.name, ?machines))]
+    async fn start_machines(&self, machines: &[String]) -> Result<()> {
+        self.shared.faults.check("start")?;
+        self.with(|env, _| {
+            crate::toolbox::require_machines(&env.spec, machines)?;
+            for m in machines {
+                state::set_power(env, m, PowerState::Running);
+                if let Some(g) = env.backend.guests.get_mut(m) {
+                    g.agent = true;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(environment = %self.name, ?machines))]
+    async fn stop_machines(&self, machines: &[String]) -> Result<()> {
+        self.shared.faults.check("stop")?;
+        self.with(|env, _| {
+            crate::toolbox::require_machines(&env.spec, machines)?;
+            for m in machines {
+                state::set_power(env, m, PowerState::Stopped);
+            }
+            Ok(())
+        })
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(environment = %self.name))]
     async fn take_baseline(&self) -> Result<Baseline> {
         self.shared.faults.check("take_baseline")?;

@@ -136,6 +136,13 @@ pub(crate) fn set_power_all(env: &mut EnvState, power: PowerState) {
     }
 }
 
+/// Sets the power state of one machine (callers checked the name).
+pub(crate) fn set_power(env: &mut EnvState, machine: &str, power: PowerState) {
+    if let Some(p) = env.backend.power.get_mut(machine) {
+        *p = power;
+    }
+}
+
 /// The disk state of `machine`/`disk`.
 pub(crate) fn disk(env: &EnvState, machine: &str, disk: &str) -> Result<DiskState> {
     env.top(machine, disk).copied()

@@ -1,12 +1,11 @@
 //! Restoring production's power states after a rollback (as before the promotion) or a commit
 //! (as planned), from the per-machine states the plan recorded.
 //!
-//! The [`Environment`] trait starts and stops whole environments (`start` starts every machine
-//! that does not run, in start order; `stop` stops all), so: machines that must run and do not
-//! are started with `start` — unless that would also start a machine that must stay stopped, in
-//! which case the note says so; machines that must be stopped and run are stopped with `stop`
-//! when no machine must run. Paused or unknown machines are left to the backend's own recovery
-//! (a freeze that a dead process left is resumed when the environment opens).
+//! Machines that must run and do not are started with [`Environment::start_machines`] (in start
+//! order), machines that must be stopped and run are stopped with
+//! [`Environment::stop_machines`]; the others are not touched. Paused or unknown machines are
+//! left to the backend's own recovery (a freeze that a dead process left is resumed when the
+//! environment opens).
 
 use std::collections::BTreeMap;
 
@@ -31,45 +30,53 @@ pub(crate) async fn restore(
     let now: BTreeMap<String, PowerState> =
         production.status().await?.into_iter().map(|s| (s.machine, s.power)).collect();
     let wants = |m: &str, p: PowerState| want.get(m) == Some(&p);
-    let to_start: Vec<&String> = now
-        .iter()
-        .filter(|(m, p)| wants(m, PowerState::Running) && **p == PowerState::Stopped)
-        .map(|(m, _)| m)
-        .collect();
-    let keep_stopped: Vec<&String> = now
-        .iter()
-        .filter(|(m, p)| wants(m, PowerState::Stopped) && **p == PowerState::Stopped)
-        .map(|(m, _)| m)
-        .collect();
+    let pick = |should: PowerState, is: PowerState| -> Vec<String> {
+        now.iter().filter(|(m, p)| wants(m, should) && **p == is).map(|(m, _)| m.clone()).collect()
+    };
+    let (to_start, to_stop) =
+        (pick(PowerState::Running, PowerState::Stopped), pick(PowerState::Stopped, PowerState::Running));
     let mut notes = Vec::new();
     if !to_start.is_empty() {
-        production.start().await?;
-        notes.push(format!("started {}", join(&to_start)));
-        if !keep_stopped.is_empty() {
-            notes.push(format!(
-                "also started {} (stopped before the promotion): the environment API starts whole environments",
-                join(&keep_stopped)
-            ));
-        }
+        production.start_machines(&to_start).await?;
+        notes.push(format!("started {}", to_start.join(", ")));
     }
-    let now: BTreeMap<String, PowerState> =
-        production.status().await?.into_iter().map(|s| (s.machine, s.power)).collect();
-    let to_stop: Vec<&String> = now
-        .iter()
-        .filter(|(m, p)| wants(m, PowerState::Stopped) && **p == PowerState::Running)
-        .map(|(m, _)| m)
-        .collect();
     if !to_stop.is_empty() {
-        if want.values().all(|p| *p != PowerState::Running) {
-            production.stop().await?;
-            notes.push(format!("stopped {}", join(&to_stop)));
-        } else {
-            notes.push(format!("{} left running: the environment API stops whole environments", join(&to_stop)));
-        }
+        production.stop_machines(&to_stop).await?;
+        notes.push(format!("stopped {}", to_stop.join(", ")));
     }
     Ok(notes.join("; "))
 }
 
-fn join(names: &[&String]) -> String {
-    names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Backend as _;
+    use crate::memory::{MemoryBackend, sample_spec};
+
+    async fn powers(env: &dyn Environment) -> BTreeMap<String, PowerState> {
+        env.status().await.unwrap().into_iter().map(|s| (s.machine, s.power)).collect()
+    }
+
+    #[tokio::test]
+    async fn restore_starts_and_stops_exactly_the_machines_that_differ() {
+        let backend = MemoryBackend::new();
+        let prod = backend.create(&sample_spec("p")).await.unwrap();
+        let names: Vec<String> = powers(&*prod).await.into_keys().collect();
+        let (kept_off, rest) = (names[0].clone(), names[1..].to_vec());
+        let mut want: BTreeMap<String, PowerState> = rest.iter().map(|m| (m.clone(), PowerState::Running)).collect();
+        want.insert(kept_off.clone(), PowerState::Stopped);
+
+        prod.start().await.unwrap();
+        let note = restore(&*prod, &want, true).await.unwrap();
+        assert_eq!(powers(&*prod).await, want, "{note}");
+        assert_eq!(note, format!("stopped {kept_off}"));
+
+        prod.stop().await.unwrap();
+        let note = restore(&*prod, &want, true).await.unwrap();
+        assert_eq!(powers(&*prod).await, want, "{note}");
+        assert_eq!(note, format!("started {}", rest.join(", ")));
+
+        assert_eq!(restore(&*prod, &want, true).await.unwrap(), "", "nothing to change");
+        assert_eq!(powers(&*prod).await, want);
+    }
 }

@@ -13,7 +13,8 @@
 //! - [`Undo`]: rolls back what an operation did when a later step fails, and says exactly what
 //!   it could not undo ([`crate::Error::LeftBehind`]).
 //! - [`blocking`] for file work off the async runtime, [`check_range`] for disk I/O bounds,
-//!   [`fill_identities`] for new productions, and [`FaultInjector`] for tests.
+//!   [`require_machines`] for per-machine operations, [`fill_identities`] for new productions,
+//!   and [`FaultInjector`] for tests.
 //!
 //! `docs/adding-a-backend.md` walks through a backend built on it (the memory backend).
 
@@ -32,7 +33,7 @@ pub use record::{EnvRecord, SnapshotRecord, check_destroy, disk_key};
 pub use store::{RecordFile, write_atomic};
 pub use undo::Undo;
 
-use crate::{Error, Result};
+use crate::{EnvironmentSpec, Error, Result};
 
 /// Runs blocking work (file I/O, a synchronous hypervisor library) off the async runtime; a
 /// panic or cancellation of the task becomes an error of `backend`.
@@ -43,4 +44,21 @@ pub async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::backend_msg(backend, format!("blocking task failed: {e}")))?
+}
+
+/// Checks that every name in `machines` is a machine of `spec` (environment `spec.name`), for
+/// operations on some machines ([`crate::Environment::start_machines`], `stop_machines`):
+/// `NotFound` naming `environment/machine` for the first that is not, before anything is done.
+///
+/// ```
+/// let spec = stagecore::memory::sample_spec("prod");
+/// assert!(stagecore::toolbox::require_machines(&spec, &["web".into()]).is_ok());
+/// let err = stagecore::toolbox::require_machines(&spec, &["nope".into()]).unwrap_err();
+/// assert!(err.to_string().contains("prod/nope"), "{err}");
+/// ```
+pub fn require_machines(spec: &EnvironmentSpec, machines: &[String]) -> Result<()> {
+    match machines.iter().find(|m| spec.machine(m).is_none()) {
+        Some(m) => Err(Error::not_found("machine", format!("{}/{m}", spec.name))),
+        None => Ok(()),
+    }
 }
