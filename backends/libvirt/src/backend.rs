@@ -121,11 +121,13 @@ impl LibvirtBackend {
         &self.shared.dir
     }
 
-    /// Opens an environment handle with its concrete type. A guest left frozen by a process that
-    /// died between freeze and thaw (its marker is in the state directory) is thawed here.
+    /// Opens an environment handle with its concrete type. A domain left suspended or a guest
+    /// left frozen by a process that died in the middle of a freeze (its markers are in the state
+    /// directory, [`crate::markers`]) is resumed and thawed here.
     pub async fn open_libvirt(&self, name: &str) -> Result<LibvirtEnvironment> {
         let ms = self.shared.machines(name).await?;
         let env = self.handle(name);
+        crate::freeze::resume_leftovers(&env, &ms).await;
         crate::quiesce::thaw_leftovers(&env, &ms).await;
         Ok(env)
     }

@@ -3,6 +3,13 @@
 //! overlay on every disk (an external disk-only atomic snapshot per running domain; by hand plus a
 //! redefinition for shut-off ones), resume, thaw. The previous top files become read-only layers:
 //! a baseline's or a snapshot's.
+//!
+//! Crash safety: every domain is marked durably before it is suspended and unmarked after it
+//! was resumed ([`crate::markers`], `suspended/<domain>.json`); the next open of the environment
+//! resumes a domain whose marker a dead process left ([`resume_leftovers`]). A killed capture
+//! leaves no unrecorded data either: a running domain that libvirt already moved onto its new
+//! layer keeps running on it (the domain's definition is the record of its chain), a shut-off
+//! one is on its old or its new definition, whole.
 
 use std::collections::BTreeMap;
 
@@ -13,6 +20,7 @@ use crate::conn::lv;
 use crate::error::NAME;
 use crate::handle::LibvirtEnvironment;
 use crate::machines::Machine;
+use crate::markers::{self, Kind};
 use crate::quiesce::{self, Consistencies};
 use crate::shared::Shared;
 use crate::xml::edit;
@@ -125,6 +133,46 @@ fn fail_point(domain: &str) -> Result<()> {
     }
 }
 
+/// Test fault inside the capture: when [`crate::quiesce::FAULT_ENV`] equals `name`, prints
+/// `STAGECORE_LIBVIRT_FAULT <name> reached` and blocks this thread for good (the test kills the
+/// process). Point: `suspended` (every running domain suspended, no layer made yet).
+fn fault_stop(name: &str) {
+    if std::env::var(crate::quiesce::FAULT_ENV).as_deref() == Ok(name) {
+        use std::io::Write as _;
+        println!("{} {name} reached", crate::quiesce::FAULT_ENV);
+        let _ = std::io::stdout().flush();
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
+/// Resumes every machine of `ms` that a suspend marker of a dead process names (it died
+/// between suspend and resume) and removes the marker; a machine that runs or is shut off needs
+/// only the marker removed. Failures are logged and the marker stays for the next open.
+pub(crate) async fn resume_leftovers(env: &LibvirtEnvironment, ms: &[Machine]) {
+    for m in ms {
+        let path = markers::path(&env.shared.dir, Kind::Suspended, &m.instance);
+        if !markers::orphaned(&path) {
+            continue;
+        }
+        if m.power == PowerState::Paused {
+            tracing::warn!(domain = %m.instance, "resuming a domain a dead process suspended for a freeze");
+            let name = m.instance.clone();
+            let r = env
+                .shared
+                .conn
+                .call("domain", &m.instance, move |c| c.lookup_domain_by_name(&name)?.resume().map(drop))
+                .await;
+            if let Err(e) = r {
+                tracing::warn!(domain = %m.instance, error = %e, "could not resume; the next open tries again");
+                continue;
+            }
+        }
+        markers::remove(&path);
+    }
+}
+
 /// One machine moved onto new layers, as the rollback needs it.
 struct Done {
     name: String,
@@ -147,8 +195,12 @@ async fn capture(shared: &Shared, env: &str, ms: &[Machine], tag: &str) -> Resul
     let (storage, env_name) = (shared.storage.clone(), env.to_string());
     let work: Vec<(String, bool, Element, Vec<Plan>)> =
         ms.iter().zip(&all).map(|(m, p)| (m.instance.clone(), m.active(), m.tree.clone(), p.clone())).collect();
-    let running: Vec<String> =
-        ms.iter().filter(|m| m.power == PowerState::Running).map(|m| m.instance.clone()).collect();
+    let running: Vec<(String, String)> = ms
+        .iter()
+        .filter(|m| m.power == PowerState::Running)
+        .map(|m| (m.instance.clone(), m.name().to_string()))
+        .collect();
+    let state = shared.dir.clone();
     let tag = tag.to_string();
     let checked = (ms.to_vec(), all.clone());
     shared
@@ -163,11 +215,16 @@ async fn capture(shared: &Shared, env: &str, ms: &[Machine], tag: &str) -> Resul
             let mut suspended = Vec::new();
             let mut done: Vec<Done> = Vec::new();
             let result = (|| {
-                for name in &running {
+                for (name, machine) in &running {
                     let dom = lv(uri, "domain", name, c.lookup_domain_by_name(name))?;
-                    lv(uri, "domain", name, dom.suspend())?;
-                    suspended.push(dom);
+                    markers::write(&state, Kind::Suspended, &env_name, machine, name)?;
+                    if let Err(e) = lv(uri, "domain", name, dom.suspend()) {
+                        markers::remove(&markers::path(&state, Kind::Suspended, name));
+                        return Err(e);
+                    }
+                    suspended.push((name.clone(), dom));
                 }
+                fault_stop("suspended");
                 for (name, active, tree, plans) in &work {
                     fail_point(name)?;
                     let dom = lv(uri, "domain", name, c.lookup_domain_by_name(name))?;
@@ -197,9 +254,14 @@ async fn capture(shared: &Shared, env: &str, ms: &[Machine], tag: &str) -> Resul
                 Ok(()) => Ok(()),
                 Err(e) => Err(roll_back(c, uri, &storage, &env_name, done, e)),
             };
-            for dom in suspended {
-                if let Err(e) = dom.resume() {
-                    tracing::error!(error = %e, "could not resume a domain after freezing");
+            for (name, dom) in suspended {
+                match dom.resume() {
+                    Ok(_) => markers::remove(&markers::path(&state, Kind::Suspended, &name)),
+                    Err(e) => tracing::error!(
+                        domain = %name,
+                        error = %e,
+                        "could not resume a domain after freezing; the next open of the environment tries again"
+                    ),
                 }
             }
             // The overlays libvirt wrote for running domains become volumes of the pool.

@@ -41,6 +41,7 @@ mod handle;
 mod hostfiles;
 mod layers;
 mod machines;
+mod markers;
 mod quiesce;
 mod registry;
 mod shared;

@@ -7,10 +7,11 @@
 //! (the `virt` crate has no safe `virDomainFSFreeze`), the capture runs, and every guest that was
 //! asked to freeze is thawed again — on every path, errors included (thaw is idempotent).
 //!
-//! Crash safety: before a guest is frozen, a durable marker (`<state dir>/frozen/<domain>.json`,
-//! fsynced with its directory) records it; the marker is removed once the guest is thawed. The
-//! next open of the environment ([`thaw_leftovers`]) thaws every domain that still has one — so a
-//! process killed between freeze and thaw leaves no frozen guest behind after the next open.
+//! Crash safety: before a guest is frozen, a durable marker ([`crate::markers`],
+//! `<state dir>/frozen/<domain>.json`) records it; the marker is removed once the guest is
+//! thawed. The next open of the environment ([`thaw_leftovers`]) thaws every domain that still
+//! has one whose writer is gone — so a process killed between freeze and thaw leaves no frozen
+//! guest behind after the next open.
 //!
 //! Per machine the result is [`ConsistencyLevel::Application`] (frozen around the capture),
 //! [`ConsistencyLevel::Crash`] with the reason (no agent channel, no answer, freeze failed,
@@ -19,17 +20,17 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use stagecore::{ConsistencyLevel, Error, MachineConsistency, PowerState, Result};
 use stagecore_qga::Agent;
 use tokio::task::JoinSet;
 
-use crate::error::{self, NAME};
+use crate::error::NAME;
 use crate::handle::LibvirtEnvironment;
 use crate::machines::Machine;
+use crate::markers::{self, Kind};
 use crate::xml::edit;
 
 /// Logical machine → the consistency its layers reached.
@@ -61,49 +62,12 @@ async fn fault_point(name: &str) {
     }
 }
 
-/// The marker of one frozen domain.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Marker {
-    environment: String,
-    machine: String,
-    domain: String,
-    #[serde(with = "time::serde::rfc3339")]
-    since: time::OffsetDateTime,
-}
-
-fn marker_dir(env: &LibvirtEnvironment) -> PathBuf {
-    env.shared.dir.join("frozen")
-}
-
 fn marker_path(env: &LibvirtEnvironment, domain: &str) -> PathBuf {
-    marker_dir(env).join(format!("{domain}.json"))
+    markers::path(&env.shared.dir, Kind::Frozen, domain)
 }
 
-/// Writes the marker of `m` durably (temp file, fsync, rename, fsync of the directory).
 fn write_marker(env: &LibvirtEnvironment, m: &Machine) -> Result<()> {
-    let dir = marker_dir(env);
-    std::fs::create_dir_all(&dir).map_err(|e| error::io(&dir, e))?;
-    let marker = Marker {
-        environment: env.name.clone(),
-        machine: m.name().into(),
-        domain: m.instance.clone(),
-        since: time::OffsetDateTime::now_utc(),
-    };
-    let path = marker_path(env, &m.instance);
-    let tmp = dir.join(format!(".{}.json.tmp", m.instance));
-    let bytes = serde_json::to_vec(&marker).map_err(|e| error::json("freeze marker", e))?;
-    let mut f = std::fs::File::create(&tmp).map_err(|e| error::io(&tmp, e))?;
-    f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| error::io(&path, e))?;
-    std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| error::io(&dir, e))
-}
-
-fn remove_marker(path: &Path) {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(marker = %path.display(), error = %e, "could not remove a freeze marker"),
-    }
+    markers::write(&env.shared.dir, Kind::Frozen, &env.name, m.name(), &m.instance)
 }
 
 /// Thaws `agent` (a few tries); true when it answered.
@@ -170,7 +134,7 @@ where
     for (m, _) in &answering {
         if let Err(e) = write_marker(env, m) {
             for (m, _) in &answering {
-                remove_marker(&marker_path(env, &m.instance));
+                markers::remove(&marker_path(env, &m.instance));
             }
             return Err(e);
         }
@@ -210,7 +174,7 @@ where
         let path = marker_path(env, &m.instance);
         thaws.spawn(async move {
             if thaw(&agent).await {
-                remove_marker(&path);
+                markers::remove(&path);
             } else {
                 tracing::error!(
                     guest = agent.label(),
@@ -230,12 +194,12 @@ where
 pub(crate) async fn thaw_leftovers(env: &LibvirtEnvironment, ms: &[Machine]) {
     for m in ms {
         let path = marker_path(env, &m.instance);
-        if !path.exists() {
+        if !markers::orphaned(&path) {
             continue;
         }
         tracing::warn!(domain = %m.instance, "found a freeze marker: thawing the guest a dead process froze");
         match m.power {
-            PowerState::Stopped => remove_marker(&path),
+            PowerState::Stopped => markers::remove(&path),
             PowerState::Running | PowerState::Paused | PowerState::Unknown => {
                 if m.power == PowerState::Paused {
                     let name = m.instance.clone();
@@ -249,7 +213,7 @@ pub(crate) async fn thaw_leftovers(env: &LibvirtEnvironment, ms: &[Machine]) {
                     }
                 }
                 if thaw(&env.agent_of(m)).await {
-                    remove_marker(&path);
+                    markers::remove(&path);
                 }
             }
         }

@@ -296,6 +296,33 @@ async fn child_process_helper() {
     unreachable!("the fault point stops the child before the baseline returns");
 }
 
+/// Starts [`child_process_helper`] on environment `env` of `g` with the fault point `fault`
+/// armed and returns once it reached the point (panics if it does not within [`READY`]).
+fn child_at(fault: &str, g: &Guard, env: &str) -> std::process::Child {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_process_helper", "--nocapture"])
+        .env(CHILD_DIR, &g.dir)
+        .env(CHILD_ENV, env)
+        .env("STAGECORE_LIBVIRT_FAULT", fault)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("re-run the test binary");
+    let stdout = child.stdout.take().unwrap();
+    let line = format!("STAGECORE_LIBVIRT_FAULT {fault} reached");
+    let reached = std::thread::spawn(move || {
+        std::io::BufReader::new(stdout).lines().map_while(Result::ok).any(|l| l.contains(&line))
+    });
+    let deadline = std::time::Instant::now() + READY;
+    while !reached.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !(reached.is_finished() && reached.join().unwrap()) {
+        let _ = child.kill();
+        panic!("the child never reached the fault point {fault}");
+    }
+    child
+}
+
 /// A process killed between freeze and thaw leaves its guest frozen; the next open thaws it and
 /// removes the marker; the guest then takes writes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -311,26 +338,7 @@ async fn guest_killed_between_freeze_and_thaw_is_thawed_on_next_open() {
     wait_all(&prod).await;
     let dom = format!("{name}-db");
 
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_process_helper", "--nocapture"])
-        .env(CHILD_DIR, &g.dir)
-        .env(CHILD_ENV, &name)
-        .env("STAGECORE_LIBVIRT_FAULT", "frozen")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("re-run the test binary");
-    let stdout = child.stdout.take().unwrap();
-    let reached = std::thread::spawn(move || {
-        std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .any(|l| l.contains("STAGECORE_LIBVIRT_FAULT frozen reached"))
-    });
-    let deadline = std::time::Instant::now() + READY;
-    while !reached.is_finished() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(reached.is_finished() && reached.join().unwrap(), "the child never reached the fault point");
+    let mut child = child_at("frozen", &g, &name);
     assert_eq!(freeze_status(&dom), r#"{"return":"frozen"}"#, "the child froze the guest");
     let marker = g.dir.join("frozen").join(format!("{dom}.json"));
     assert!(marker.exists(), "a durable marker names the frozen domain");
@@ -354,6 +362,44 @@ async fn guest_killed_between_freeze_and_thaw_is_thawed_on_next_open() {
     assert_eq!(out.stdout_text().trim(), "ok");
     let info = virsh(&["domfsinfo", &dom]).join("\n");
     assert!(info.contains("vda") || info.contains('/'), "domfsinfo answers on a thawed guest: {info}");
+    backend.destroy(&name).await.unwrap();
+}
+
+/// A process killed while it holds the domains suspended for the one-instant capture (guests
+/// frozen, no layer made yet) leaves the domain paused; the next open resumes it (and thaws the
+/// guest), removes both markers, the guest takes writes, and a new baseline works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_while_suspended_for_a_baseline_is_resumed_on_next_open() {
+    let g = Guard::new("g4");
+    let backend = g.backend().await;
+    let image = GuestImage::locate();
+    let name = format!("p{}", g.tag);
+    let mut spec = image.production_spec(&name, &g.dir.join("disks")).expect("production spec");
+    spec.machines.retain(|m| m.name == "db");
+    let prod = backend.create(&spec).await.unwrap();
+    prod.start().await.unwrap();
+    wait_all(&prod).await;
+    let dom = format!("{name}-db");
+
+    let mut child = child_at("suspended", &g, &name);
+    let suspended = g.dir.join("suspended").join(format!("{dom}.json"));
+    assert!(suspended.exists(), "a durable marker names the suspended domain");
+    assert!(g.dir.join("frozen").join(format!("{dom}.json")).exists(), "and the frozen guest");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(virsh(&["domstate", &dom]), ["paused"], "killing the process left the domain paused");
+
+    let again = g.backend().await.open(&name).await.expect("reopen");
+    assert_eq!(virsh(&["domstate", &dom]), ["running"], "the next open resumed the domain");
+    assert_eq!(freeze_status(&dom), r#"{"return":"thawed"}"#, "and thawed the guest");
+    assert!(!suspended.exists(), "the suspend marker is gone");
+    assert!(std::fs::read_dir(g.dir.join("frozen")).map(|d| d.count()).unwrap_or(0) == 0, "no freeze marker left");
+    let status = again.status().await.unwrap();
+    assert!(status.iter().all(|s| s.power == PowerState::Running), "{status:?}");
+    let out = sh(&again, "db", "echo after > /root/after && sync && cat /root/after").await;
+    assert_eq!(out.stdout_text().trim(), "after");
+    let baseline = again.take_baseline().await.expect("a baseline after the recovery");
+    assert_eq!(baseline.consistency["db"].level, ConsistencyLevel::Application, "{:?}", baseline.consistency);
     backend.destroy(&name).await.unwrap();
 }
 
