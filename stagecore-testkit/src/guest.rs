@@ -7,7 +7,7 @@
 //! These functions need productions of *real guests* whose agents answer: build the [`Kit`] with
 //! [`guest_kit`], which boots the project's test image ([`crate::guest_image::GuestImage`]) — a
 //! Debian 12 guest running the demo app (`/etc/app/app.conf`, `svc restart app`) — on every
-//! machine of a web/app/db production.
+//! machine of an app/db production.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,18 +29,24 @@ pub const READY: Duration = Duration::from_secs(120);
 /// The demo app's config file inside the test guest.
 pub const APP_CONF: &str = "/etc/app/app.conf";
 
-/// A kit whose productions are web/app/db environments of real guests booted from the test image,
-/// started (in start order) and with every agent answering. Each production's disk overlays are
-/// made in `disk_dir/<name>/` (the caller owns `disk_dir`; for libvirt it must be traversable by
-/// the `libvirt-qemu` user).
+/// A kit whose productions are app/db environments of real guests booted from the test image
+/// (the machines the functions of this module use), started (in start order) and with every
+/// agent answering. Each production's disk overlays are made in `disk_dir/<name>/` (the caller
+/// owns `disk_dir`; for libvirt it must be traversable by the `libvirt-qemu` user).
 pub fn guest_kit(backend: Arc<dyn Backend>, disk_dir: PathBuf) -> Kit {
+    guest_kit_of(backend, disk_dir, &["app", "db"])
+}
+
+/// [`guest_kit`] with productions of the machines `only` (of `web`, `app`, `db`,
+/// [`GuestImage::production_spec_of`]): the guest-drift functions need `app` alone.
+pub fn guest_kit_of(backend: Arc<dyn Backend>, disk_dir: PathBuf, only: &'static [&'static str]) -> Kit {
     let image = GuestImage::locate();
     let b = backend.clone();
     let factory: ProductionFactory = Arc::new(move |name: String| {
         let (b, image, dir) = (b.clone(), image.clone(), disk_dir.join(&name));
         Box::pin(async move {
             std::fs::create_dir_all(&dir).map_err(|e| Error::backend("testkit", e))?;
-            let spec = image.production_spec(&name, &dir).map_err(|e| Error::backend("testkit", e))?;
+            let spec = image.production_spec_of(&name, &dir, only).map_err(|e| Error::backend("testkit", e))?;
             let env = b.create(&spec).await?;
             env.start().await?;
             wait_all(&*env).await?;

@@ -2,7 +2,8 @@
 //! footprints, probe gates and rebase. Every function requires
 //! [`stagecore::Capabilities::guest_channel`] and productions whose guests answer once started
 //! (the memory backend's simulated guests, or real guests: build the kit with
-//! `crate::guest::guest_kit`).
+//! `crate::guest::guest_kit_of(backend, dir, &["app"])` — the functions change and read only
+//! [`GuestFixture::machine`], so one TCG guest per side is enough).
 //!
 //! What the functions change in the guests comes from a [`GuestFixture`]:
 //! [`GuestFixture::simulated`] for the memory backend; for real guests the caller names a file

@@ -434,7 +434,7 @@ macro_rules! guest_drift_tests {
         async fn $name() {
             let g = Guard::new("gd");
             let backend: std::sync::Arc<dyn Backend> = std::sync::Arc::new(g.backend().await);
-            let kit = stagecore_testkit::guest::guest_kit(backend, g.dir.join("disks"));
+            let kit = stagecore_testkit::guest::guest_kit_of(backend, g.dir.join("disks"), &["app"]);
             let fixture = stagecore_testkit::guest_drift::GuestFixture::test_image(&GuestImage::locate());
             stagecore_testkit::guest_drift::$f(&kit, &fixture).await;
         }

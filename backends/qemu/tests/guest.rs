@@ -412,6 +412,11 @@ async fn guest_kit_failing_guest_command_rolls_back() {
     stagecore_testkit::guest::failing_guest_command_rolls_back(&kit(&f)).await;
 }
 
+/// A kit of one-machine (`app`) productions of real guests, for the guest-drift functions.
+fn drift_kit(f: &Fixture) -> stagecore_testkit::Kit {
+    stagecore_testkit::guest::guest_kit_of(f.backend.clone(), f.root().join("kit-disks"), &["app"])
+}
+
 /// The testkit's guest-drift functions on real guests: the demo app's package and config file.
 fn drift_fixture() -> stagecore_testkit::guest_drift::GuestFixture {
     stagecore_testkit::guest_drift::GuestFixture::test_image(&stagecore_testkit::guest_image::GuestImage::locate())
@@ -423,29 +428,29 @@ fn drift_fixture() -> stagecore_testkit::guest_drift::GuestFixture {
 #[tokio::test]
 async fn guest_drift_zero_after_clone() {
     let f = Fixture::new();
-    stagecore_testkit::guest_drift::zero_guest_drift_after_clone(&kit(&f), &drift_fixture()).await;
+    stagecore_testkit::guest_drift::zero_guest_drift_after_clone(&drift_kit(&f), &drift_fixture()).await;
 }
 
 #[tokio::test]
 async fn guest_drift_change_is_intended() {
     let f = Fixture::new();
-    stagecore_testkit::guest_drift::guest_change_is_intended(&kit(&f), &drift_fixture()).await;
+    stagecore_testkit::guest_drift::guest_change_is_intended(&drift_kit(&f), &drift_fixture()).await;
 }
 
 #[tokio::test]
 async fn guest_drift_footprint_verify() {
     let f = Fixture::new();
-    stagecore_testkit::guest_drift::footprint_verify(&kit(&f), &drift_fixture()).await;
+    stagecore_testkit::guest_drift::footprint_verify(&drift_kit(&f), &drift_fixture()).await;
 }
 
 #[tokio::test]
 async fn guest_drift_rebase_without_conflict() {
     let f = Fixture::new();
-    stagecore_testkit::guest_drift::rebase_without_conflict(&kit(&f), &drift_fixture()).await;
+    stagecore_testkit::guest_drift::rebase_without_conflict(&drift_kit(&f), &drift_fixture()).await;
 }
 
 #[tokio::test]
 async fn guest_drift_rebase_with_conflict() {
     let f = Fixture::new();
-    stagecore_testkit::guest_drift::rebase_with_conflict(&kit(&f), &drift_fixture()).await;
+    stagecore_testkit::guest_drift::rebase_with_conflict(&drift_kit(&f), &drift_fixture()).await;
 }
