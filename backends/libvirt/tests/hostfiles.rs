@@ -123,7 +123,7 @@ async fn uefi_case(running: bool, explicit: bool) {
             xml_of(&prod, false).split("template='").nth(1).map(|t| t.split('\'').next().unwrap().to_string())
         })
         .expect("libvirt names the NVRAM template");
-    wait_for("OVMF to write production's variables", 120, || {
+    wait_for("OVMF to write production's variables", 300, || {
         std::fs::read(&prod_nvram).ok().is_some_and(|v| v != std::fs::read(&template).unwrap())
     });
     if !running {
@@ -153,7 +153,7 @@ async fn uefi_case(running: bool, explicit: bool) {
         sh("virsh", &["-c", common::URI, "suspend", &prod]);
     }
     let before = hash(&prod_nvram);
-    wait_for("the stage's firmware to run", 60, || {
+    wait_for("the stage's firmware to run", 300, || {
         virsh(&["domstate", &sdom]).first().map(String::as_str) == Some("running")
     });
     assert_eq!(hash(&prod_nvram), before, "running the stage leaves production's NVRAM as it was");
@@ -219,7 +219,7 @@ async fn logs_sockets_and_ports_are_the_stages_own_while_production_runs() {
         ),
     );
     sh("virsh", &["-c", common::URI, "start", &prod]);
-    wait_for("production's boot output in its serial log", 120, || {
+    wait_for("production's boot output in its serial log", 300, || {
         std::fs::read(&serial).is_ok_and(|s| String::from_utf8_lossy(&s).contains("Linux version"))
     });
     let backend = g.backend().await;
@@ -263,7 +263,7 @@ async fn logs_sockets_and_ports_are_the_stages_own_while_production_runs() {
     let boots = || String::from_utf8_lossy(&std::fs::read(&stage_serial).unwrap()).matches("Linux version").count();
     let before_restart = boots();
     stage.start().await.unwrap();
-    wait_for("the stage's boot output in its own serial log", 120, || boots() > before_restart);
+    wait_for("the stage's boot output in its own serial log", 300, || boots() > before_restart);
     assert_eq!(hash(&serial), s0, "production's serial log is unchanged while the stage runs");
     assert_eq!(hash(&console), c0, "production's console log is unchanged while the stage runs");
     let live = without_metadata(&xml_of(&sdom, false));
@@ -271,7 +271,7 @@ async fn logs_sockets_and_ports_are_the_stages_own_while_production_runs() {
     backend.destroy(&stage_name).await.expect("destroy the stage");
     assert_eq!((hash(&serial), hash(&console)), (s0, c0), "destroy leaves production's logs");
     sh("virsh", &["-c", common::URI, "start", &prod]);
-    wait_for("production's channel socket", 60, || {
+    wait_for("production's channel socket", 300, || {
         use std::os::unix::fs::FileTypeExt as _;
         std::fs::metadata(&chan).is_ok_and(|m| m.file_type().is_socket())
     });
