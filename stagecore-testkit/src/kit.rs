@@ -31,6 +31,7 @@ pub struct Kit {
     pub backend: Arc<dyn Backend>,
     factory: ProductionFactory,
     made: Arc<Mutex<Vec<String>>>,
+    crash_stride: u64,
 }
 
 /// Remembers the names of the environments made through it.
@@ -120,7 +121,21 @@ impl Kit {
         let made = Arc::new(Mutex::new(Vec::new()));
         let backend: Arc<dyn Backend> =
             Arc::new(Tracking { inner: stagecore::checked::checked(backend), made: made.clone() });
-        Kit { backend, factory, made }
+        Kit { backend, factory, made, crash_stride: 1 }
+    }
+
+    /// Makes [`crate::promotion::crash_at_every_step`] crash at every `stride`-th journal line
+    /// (1, 1 + stride, …, and always run through to the end) instead of at every one: for a second
+    /// suite of the same backend (libvirt over a remote URI) whose recovery code is the same and
+    /// whose every promotion costs seconds. 0 counts as 1.
+    pub fn with_crash_stride(mut self, stride: u64) -> Self {
+        self.crash_stride = stride.max(1);
+        self
+    }
+
+    /// The journal-line stride of [`crate::promotion::crash_at_every_step`] (1 unless set).
+    pub fn crash_stride(&self) -> u64 {
+        self.crash_stride
     }
 
     /// The backend's capabilities.

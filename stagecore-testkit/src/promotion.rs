@@ -319,7 +319,8 @@ async fn promote_then_signal(
 /// and the rollback path (gate refuses); after each crash one recovery is itself crashed after its
 /// first line, then the engine is reopened. Production must end fully applied or fully rolled
 /// back (by fingerprints), consistent with the one receipt, no snapshot left, no journal left,
-/// and the lock free. Requires `swap` for [`Strategy::Swap`].
+/// and the lock free. Requires `swap` for [`Strategy::Swap`]. With [`Kit::with_crash_stride`]
+/// `n`, it crashes at lines 1, 1 + n, 1 + 2n, … only.
 pub async fn crash_at_every_step(kit: &Kit, strategy: Strategy) {
     if strategy == Strategy::Swap {
         kit.require("swap", kit.caps().swap);
@@ -334,7 +335,7 @@ pub async fn crash_at_every_step(kit: &Kit, strategy: Strategy) {
             drop(engine);
             if let Ok(receipt) = result {
                 // k lies beyond the last line: the promotion ran to its end.
-                assert!(k > 10, "a full promotion writes more than 10 journal lines, only {} here", k - 1);
+                assert!(k > 10, "a full promotion writes more than 10 journal lines, fewer than {k} here");
                 let expected = if passes { Some(true) } else { Some(false) };
                 assert_eq!(s.state().await, expected, "{receipt:#?}");
                 s.cleanup(kit).await;
@@ -347,7 +348,7 @@ pub async fn crash_at_every_step(kit: &Kit, strategy: Strategy) {
             drop(crashed);
             check_recovered(kit, &s, strategy, passes, k).await;
             s.cleanup(kit).await;
-            k += 1;
+            k += kit.crash_stride();
         }
     }
 }
