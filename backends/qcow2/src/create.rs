@@ -35,12 +35,22 @@ pub(crate) fn l1_entries_for(path: &Path, size: u64) -> Result<u64> {
     Ok(size.div_ceil(cs * (cs / 8)))
 }
 
-/// See [`crate::typed::create_overlay`].
+/// Whether a new file is synced before [`create_overlay`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sync {
+    /// fdatasync the file and fsync its directory.
+    Durable,
+    /// Neither: the caller makes it durable (batched with other files).
+    Deferred,
+}
+
+/// See [`crate::typed::create_overlay`] and [`crate::typed::create_overlay_unsynced`].
 pub(crate) fn create_overlay(
     path: &Path,
     backing: &Path,
     backing_format: ImageFormat,
     virtual_size: Option<u64>,
+    sync: Sync,
 ) -> Result<()> {
     if !backing.is_absolute() {
         return Err(invalid(path, "backing", format!("{} is not an absolute path", backing.display())));
@@ -92,5 +102,8 @@ fn write_qcow2(path: &Path, size: u64, backing: Option<(&[u8], ImageFormat)>) ->
     f.write_all_at(&(2 * cs).to_be_bytes(), cs).map_err(ctx("write refcount table of", &tmp))?;
     f.write_all_at(&refblock, 2 * cs).map_err(ctx("write refcount block of", &tmp))?;
     f.set_len(used * cs).map_err(ctx("extend", &tmp))?;
-    staged.publish()
+    match sync {
+        Sync::Durable => staged.publish(),
+        Sync::Deferred => staged.publish_unsynced(),
+    }
 }

@@ -93,6 +93,19 @@ pub fn create_overlay(
     typed::create_overlay(path, backing, backing_format, virtual_size).map_err(Into::into)
 }
 
+/// [`create_overlay`] without syncing the file or its directory: durable only once the caller
+/// syncs both (e.g. with `stagecore::toolbox::DurableBatch`, many overlays at once).
+///
+/// [`typed::create_overlay_unsynced`] with the error mapped into [`stagecore::Error`].
+pub fn create_overlay_unsynced(
+    path: &Path,
+    backing: &Path,
+    backing_format: ImageFormat,
+    virtual_size: Option<u64>,
+) -> stagecore::Result<()> {
+    typed::create_overlay_unsynced(path, backing, backing_format, virtual_size).map_err(Into::into)
+}
+
 /// Reads the qcow2 header of `path`: format, virtual size, cluster size, backing file and format.
 ///
 /// A file that is not a qcow2 image (raw, garbage, too short) gives `NotQcow2`, a damaged or

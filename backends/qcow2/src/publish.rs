@@ -3,7 +3,9 @@
 //! Contract: [`Staged::create`] makes a hidden temp file next to the destination; dropping a
 //! `Staged` that was not published removes the temp file, so no partial output survives an
 //! error. [`Staged::publish`] makes data durable, hard-links it to the destination (failing with
-//! `AlreadyExists` if something is there), removes the temp name and syncs the directory.
+//! `AlreadyExists` if something is there), removes the temp name and syncs the directory;
+//! [`Staged::publish_unsynced`] does the same without either sync, for callers that make many
+//! files durable together afterwards (`stagecore::toolbox::DurableBatch`).
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -56,11 +58,21 @@ impl Staged {
     /// fdatasync, link to the destination, unlink the temp name, fsync the directory.
     pub(crate) fn publish(mut self) -> Result<()> {
         self.file.sync_data().map_err(ctx("sync", &self.tmp))?;
-        std::fs::hard_link(&self.tmp, &self.dest).map_err(ctx("link", &self.dest))?;
-        self.published = true;
-        std::fs::remove_file(&self.tmp).map_err(ctx("remove", &self.tmp))?;
+        self.link()?;
         let dir = File::open(dir_of(&self.dest)).map_err(ctx("open directory of", &self.dest))?;
         dir.sync_all().map_err(ctx("sync directory of", &self.dest))
+    }
+
+    /// Link to the destination and unlink the temp name, syncing nothing: the file is complete
+    /// for readers, but durable only once the caller syncs it and its directory.
+    pub(crate) fn publish_unsynced(mut self) -> Result<()> {
+        self.link()
+    }
+
+    fn link(&mut self) -> Result<()> {
+        std::fs::hard_link(&self.tmp, &self.dest).map_err(ctx("link", &self.dest))?;
+        self.published = true;
+        std::fs::remove_file(&self.tmp).map_err(ctx("remove", &self.tmp))
     }
 }
 

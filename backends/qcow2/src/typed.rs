@@ -30,7 +30,22 @@ pub fn create_overlay(
     backing_format: ImageFormat,
     virtual_size: Option<u64>,
 ) -> Result<()> {
-    create::create_overlay(path, backing, backing_format, virtual_size)
+    create::create_overlay(path, backing, backing_format, virtual_size, create::Sync::Durable)
+}
+
+/// [`create_overlay`] without its two syncs: the complete file is linked into place (still
+/// never over an existing file, and a failure still leaves nothing behind), but it is durable
+/// only once the caller has `fdatasync`ed it and `fsync`ed its directory — for callers that
+/// create many overlays and make them durable together (`stagecore::toolbox::DurableBatch`)
+/// before publishing the record that names them.
+#[tracing::instrument(level = "debug", skip_all, fields(path = %path.display(), backing = %backing.display()))]
+pub fn create_overlay_unsynced(
+    path: &Path,
+    backing: &Path,
+    backing_format: ImageFormat,
+    virtual_size: Option<u64>,
+) -> Result<()> {
+    create::create_overlay(path, backing, backing_format, virtual_size, create::Sync::Deferred)
 }
 
 /// Creates an empty image of `size` bytes at `path` without spawning `qemu-img`: a qcow2 image

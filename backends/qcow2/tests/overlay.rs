@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use stagecore_qcow2::typed::{create_overlay, info};
+use stagecore_qcow2::typed::{create_overlay, create_overlay_unsynced, info};
 use stagecore_qcow2::{Error, ImageFormat};
 
 #[test]
@@ -129,4 +129,19 @@ fn empty_images_are_valid_and_never_replace_a_file() {
         other => panic!("expected InvalidArgument, got {other:?}"),
     }
     assert_eq!(names(d.path()), vec!["disk.raw", "empty.qcow2", "zero.qcow2"], "nothing half-built");
+
+#[test]
+fn an_unsynced_overlay_is_the_same_file_and_never_replaces_one() {
+    let d = tmp();
+    let (base, a, b) = (p(&d, "base.qcow2"), p(&d, "a.qcow2"), p(&d, "b.qcow2"));
+    create_qcow2(&base, "64M");
+    create_overlay(&a, &base, ImageFormat::Qcow2, None).unwrap();
+    create_overlay_unsynced(&b, &base, ImageFormat::Qcow2, None).unwrap();
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "same bytes as the synced create");
+    check(&b);
+    let before = std::fs::read(&b).unwrap();
+    let err = create_overlay_unsynced(&b, &a, ImageFormat::Qcow2, None).unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists { .. }), "{err}");
+    assert_eq!(std::fs::read(&b).unwrap(), before, "the existing file is untouched");
+    assert_eq!(names(d.path()), vec!["a.qcow2", "b.qcow2", "base.qcow2"], "no temp files left");
 }

@@ -23,8 +23,9 @@ pub struct FaultHooks {
     /// Runs at named points of multi-step operations — `swap:linked` (layers linked and
     /// rebased, production's record not yet saved), `swap:decided` (production's record
     /// saved, the stage's not), `freeze:frozen` (a baseline/snapshot froze the guests'
-    /// filesystems, nothing paused yet) and `freeze:paused` (guests frozen and paused, no
-    /// disk switched); returning `true` stops the operation right there with an error,
+    /// filesystems, nothing paused yet), `freeze:paused` (guests frozen and paused, no
+    /// disk switched) and `stage:synced` (a stage's disks written and durable, its record not
+    /// yet saved); returning `true` stops the operation right there with an error,
     /// leaving everything as a process that died at that point would (guests stay frozen or
     /// paused until the environment is opened again). A hook may also end the process.
     pub crash_at: Option<PointHook>,

@@ -200,6 +200,15 @@ impl NewEnv {
     }
 }
 
+impl NewEnv {
+    /// Leaves the directory as a process that died now would (files, no record) and releases
+    /// the lock: for crash-injection tests.
+    pub(crate) fn abandon(mut self) {
+        self.committed = true;
+        self.lock.take();
+    }
+}
+
 /// An environment directory without a record is what a process that crashed while creating it
 /// left behind: removed when nobody holds its lock. With a record, or while another creator holds
 /// the lock, the name is taken (`AlreadyExists`).

@@ -5,15 +5,19 @@
 //! baseline known to its production when that production lives under this root, every layer
 //! file present) and executed: a linked disk gets one in-process overlay over the baseline
 //! layer; a full disk gets a copy of the allocated data (`copy_allocated`) with an overlay on
-//! top, so its origin is the copy. Undo idiom: the [`NewEnv`] drop guard — everything a stage
-//! makes lives in its new directory, which is removed (under the environment's lock) on any
-//! failure before the record is committed.
+//! top, so its origin is the copy. Durability is batched: the overlays are written unsynced,
+//! then made durable together with the new directories ([`DurableBatch`]: concurrent
+//! `fdatasync`s, one `fsync` per directory), then the record is saved — the commit point.
+//! Undo idiom: the [`NewEnv`] drop guard — everything a stage makes lives in its new
+//! directory, which is removed (under the environment's lock) on any failure before the record
+//! is committed; a process that dies before the record leaves a directory without one, which
+//! the next stage of that name removes (`NewEnv::begin`) and which `open`/`list` never show.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use stagecore::toolbox::StagePlan;
+use stagecore::toolbox::{DurableBatch, StagePlan};
 use stagecore::{Baseline, CloneKind, Error, Result, StageOptions};
 use stagecore_qcow2::{ImageFormat, typed};
 
@@ -48,7 +52,12 @@ struct Job {
     top: PathBuf,
 }
 
-fn clone_disks(jobs: &[Job]) -> Result<()> {
+/// Clones every disk, then makes the new files and `dirs` durable in one batch.
+fn clone_disks(jobs: &[Job], dirs: &[PathBuf]) -> Result<()> {
+    let mut batch = DurableBatch::new();
+    for d in dirs {
+        batch.dir(d);
+    }
     for j in jobs {
         let base = match &j.copy {
             Some(copy) => {
@@ -58,9 +67,10 @@ fn clone_disks(jobs: &[Job]) -> Result<()> {
             }
             None => j.layer.as_path(),
         };
-        typed::create_overlay(&j.top, base, ImageFormat::Qcow2, None).map_err(qcow2)?;
+        typed::create_overlay_unsynced(&j.top, base, ImageFormat::Qcow2, None).map_err(qcow2)?;
+        batch.file(&j.top);
     }
-    Ok(())
+    batch.sync()
 }
 
 /// Creates the stage of `baseline` (not started) and returns its open shared state.
@@ -85,7 +95,17 @@ pub(crate) async fn stage(ctx: &Arc<Ctx>, baseline: &Baseline, options: &StageOp
     let origin: BTreeMap<String, PathBuf> =
         jobs.iter().map(|j| (j.key.clone(), j.copy.clone().unwrap_or_else(|| j.layer.clone()))).collect();
     let disks: BTreeMap<String, PathBuf> = jobs.iter().map(|j| (j.key.clone(), j.top.clone())).collect();
-    blocking(move || clone_disks(&jobs)).await?;
+    // The new directories' entries: disks/ in the environment's directory, that one in envs/.
+    let env_dir = new.paths.dir.clone();
+    let dirs: Vec<PathBuf> =
+        [Some(env_dir.clone()), env_dir.parent().map(Path::to_path_buf)].into_iter().flatten().collect();
+    blocking(move || clone_disks(&jobs, &dirs)).await?;
+    if let Some(hook) = &ctx.hooks.crash_at
+        && hook("stage:synced")
+    {
+        new.abandon();
+        return Err(crate::error::msg("crash injected at stage:synced"));
+    }
     let extra = QemuExtra { next_layer: n, ..QemuExtra::default() };
     new.commit(ctx, EnvRecord::stage(&plan, disks, origin, extra))
 }

@@ -368,6 +368,45 @@ async fn a_half_built_environment_left_by_a_crash_is_replaced_but_a_real_one_is_
     f.backend.destroy(&name).await.unwrap();
 }
 
+/// A stage whose process dies after its overlays were made durable (in one batch) but before
+/// its record was saved: the files are there, no environment is (open, list), and the next
+/// stage of that name replaces them.
+#[tokio::test]
+async fn a_stage_killed_before_its_record_leaves_files_no_open_shows_and_a_restage_removes() {
+    let f = Fixture::with(|mut c| {
+        c.hooks = FaultHooks { crash_at: Some(Arc::new(|p: &str| p == "stage:synced")), ..FaultHooks::default() };
+        c
+    });
+    let (pname, sname) = (unique("batchprod"), unique("batchstage"));
+    let prod = Kit::new(f.backend.clone()).production(&pname).await.unwrap();
+    let baseline = prod.take_baseline().await.unwrap();
+    let err = f.backend.stage(&baseline, &StageOptions::linked(&sname)).await.unwrap_err();
+    assert!(err.to_string().contains("stage:synced"), "{err}");
+    let dir = f.root().join("envs").join(&sname);
+    assert!(!dir.join("env.json").exists(), "no record was published");
+    let left: Vec<_> = files_under(&dir.join("disks"));
+    assert_eq!(left.len(), baseline.layers.len(), "one durable overlay per disk was left: {left:?}");
+    for file in &left {
+        qemu_img_check(file);
+    }
+    // Inode numbers are reused at once on ext4: a marker tells the leftover directory apart.
+    let marker = dir.join("disks").join("leftover.marker");
+    std::fs::write(&marker, b"from the dead process").unwrap();
+
+    let again = Arc::new(QemuBackend::new(QemuConfig::new(f.root()).with_accel(stagecore_qemu::Accel::Tcg)));
+    assert!(matches!(again.open(&sname).await, Err(Error::NotFound { .. })), "no record, no environment");
+    assert!(!names(&again.list().await.unwrap()).contains(&sname), "list shows no half-built stage");
+    let stage = again.stage(&baseline, &StageOptions::linked(&sname)).await.expect("the leftover is replaced");
+    assert!(!marker.exists(), "the leftover directory was removed, not reused");
+    let now = files_under(&dir.join("disks"));
+    assert_eq!(now.len(), baseline.layers.len(), "{now:?}");
+    assert!(dir.join("env.json").exists());
+    drop(stage);
+    drop(prod);
+    again.destroy(&sname).await.unwrap();
+    again.destroy(&pname).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_production_on_existing_images_uses_them_and_destroy_keeps_them() {
     let f = Fixture::new();

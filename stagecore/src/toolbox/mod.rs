@@ -10,6 +10,8 @@
 //!   snapshots, recorded ChangeSets) with the bookkeeping of baselines, snapshots, ChangeSets and
 //!   the linked-child refusal of destroy; [`RecordFile`] keeps it durable (temporary file, fsync,
 //!   rename, directory fsync).
+//! - [`DurableBatch`]: makes the many new files of one operation durable together (batched
+//!   `fdatasync` + one directory `fsync` each, or `syncfs`) before its record is published.
 //! - [`Undo`]: rolls back what an operation did when a later step fails, and says exactly what
 //!   it could not undo ([`crate::Error::LeftBehind`]).
 //! - [`blocking`] for file work off the async runtime, [`check_range`] for disk I/O bounds,
@@ -18,6 +20,7 @@
 //!
 //! `docs/adding-a-backend.md` walks through a backend built on it (the memory backend).
 
+mod durable;
 mod fault;
 mod identity;
 mod plan;
@@ -26,6 +29,7 @@ mod store;
 mod undo;
 
 pub use crate::extent::check_range;
+pub use durable::{Durability, DurableBatch, MAX_PARALLEL_SYNCS};
 pub use fault::FaultInjector;
 pub use identity::{fill_identities, new_baseline_id, new_uuid};
 pub use plan::{DiskPlan, FencingPlan, StagePlan};
