@@ -4,10 +4,11 @@
 //! MACs, segment id, StageInfo); here the plan is checked against this root (name free, the
 //! baseline known to its production when that production lives under this root, every layer
 //! file present) and executed: a linked disk gets one in-process overlay over the baseline
-//! layer; a full disk gets a copy of the allocated data (`copy_allocated`) with an overlay on
-//! top, so its origin is the copy. Durability is batched: the overlays are written unsynced,
-//! then made durable together with the new directories ([`DurableBatch`]: concurrent
-//! `fdatasync`s, one `fsync` per directory), then the record is saved — the commit point.
+//! layer; a full disk gets a copy of the allocated data (`copy_allocated_many`: the stage's
+//! copies in parallel, bounded) with an overlay on top, so its origin is the copy. Durability
+//! is batched: the overlays are written unsynced, then made durable together with the new
+//! directories ([`DurableBatch`]: concurrent `fdatasync`s, one `fsync` per directory), then the
+//! record is saved — the commit point.
 //! Undo idiom: the [`NewEnv`] drop guard — everything a stage makes lives in its new
 //! directory, which is removed (under the environment's lock) on any failure before the record
 //! is committed; a process that dies before the record leaves a directory without one, which
@@ -19,7 +20,7 @@ use std::sync::Arc;
 
 use stagecore::toolbox::{DurableBatch, StagePlan};
 use stagecore::{Baseline, CloneKind, Error, Result, StageOptions};
-use stagecore_qcow2::{ImageFormat, typed};
+use stagecore_qcow2::{CopyJob, ImageFormat, typed};
 
 use crate::error::qcow2;
 use crate::shared::{Ctx, EnvShared, NewEnv, blocking};
@@ -52,21 +53,35 @@ struct Job {
     top: PathBuf,
 }
 
-/// Clones every disk, then makes the new files and `dirs` durable in one batch.
+/// Full copies of a stage run at most this many at a time (their data copies and syncs overlap).
+const COPY_PARALLELISM: usize = 4;
+
+/// Clones every disk — the full copies first, in parallel (bounded), then an overlay per disk —
+/// and makes the new overlays and `dirs` durable in one batch (each copy is durable on its own:
+/// its data dominates, and its sync overlaps the other copies).
 fn clone_disks(jobs: &[Job], dirs: &[PathBuf]) -> Result<()> {
+    let copies: Vec<CopyJob> = jobs
+        .iter()
+        .filter_map(|j| j.copy.as_ref().map(|c| CopyJob { src_top: j.layer.clone(), stop_at: None, dest: c.clone() }))
+        .collect();
+    let mut first_err = None;
+    for (c, r) in copies.iter().zip(typed::copy_allocated_many(&copies, COPY_PARALLELISM)) {
+        match r {
+            Ok(stats) => tracing::debug!(dest = %c.dest.display(), bytes = stats.data_bytes, "full copy"),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(qcow2(e));
+    }
     let mut batch = DurableBatch::new();
     for d in dirs {
         batch.dir(d);
     }
     for j in jobs {
-        let base = match &j.copy {
-            Some(copy) => {
-                let stats = typed::copy_allocated(&j.layer, None, copy).map_err(qcow2)?;
-                tracing::debug!(disk = %j.key, bytes = stats.data_bytes, "full copy");
-                copy.as_path()
-            }
-            None => j.layer.as_path(),
-        };
+        let base = j.copy.as_deref().unwrap_or(&j.layer);
         typed::create_overlay_unsynced(&j.top, base, ImageFormat::Qcow2, None).map_err(qcow2)?;
         batch.file(&j.top);
     }
