@@ -18,12 +18,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::chain::{Ident, identity, parse_backing_format, resolve_backing};
+use crate::chain::{Ident, describe_source, identity, parse_backing_format, resolve_backing};
 use crate::error::{Error, Result, corrupt, ctx};
 use crate::header::is_qcow2;
 use crate::layer::{Qcow2Layer, open_file, open_source};
 use crate::source::{Resolver, Source};
-use crate::types::{Extent, ImageFormat, merge_extents};
+use crate::types::{Extent, ImageFormat, ImageInfo, merge_extents};
 
 /// Most allocation maps the cache holds.
 pub(crate) const MAX_ENTRIES: usize = 4096;
@@ -137,6 +137,18 @@ fn insert(key: Key, extents: Arc<Vec<Extent>>, backing: Backing) {
 /// See [`crate::typed::changed_since`]: the union of the allocation of the layers from `top`
 /// down to, excluding, `base`, opening nothing below `base`.
 pub(crate) fn changed_since(resolver: Option<&dyn Resolver>, top: &Path, base: &Path) -> Result<Vec<Extent>> {
+    walk(resolver, top, base, None)
+}
+
+/// See [`crate::typed::info_and_changed_since`]: the top is opened once for both answers.
+pub(crate) fn info_and_changed_since(top: &Path, base: &Path) -> Result<(ImageInfo, Result<Vec<Extent>>)> {
+    let src = open_source(None, top, false)?;
+    let info = describe_source(&src, top)?;
+    Ok((info, walk(None, top, base, Some(src))))
+}
+
+/// The walk of [`changed_since`]; `opened` is the top when the caller opened it already.
+fn walk(resolver: Option<&dyn Resolver>, top: &Path, base: &Path, mut opened: Option<Source>) -> Result<Vec<Extent>> {
     let base_id = match resolver {
         None => {
             let f = open_file(base, false)?;
@@ -149,10 +161,13 @@ pub(crate) fn changed_since(resolver: Option<&dyn Resolver>, top: &Path, base: &
     let mut seen = HashSet::new();
     let mut all: Vec<Extent> = Vec::new();
     for depth in 0..MAX_DEPTH {
-        let src = open_source(resolver, &path, false).map_err(|e| match e {
-            Error::NotFound { path, .. } if depth > 0 => Error::NotFound { kind: "backing file", path },
-            other => other,
-        })?;
+        let src = match opened.take() {
+            Some(src) => src,
+            None => open_source(resolver, &path, false).map_err(|e| match e {
+                Error::NotFound { path, .. } if depth > 0 => Error::NotFound { kind: "backing file", path },
+                other => other,
+            })?,
+        };
         let id = identity(&src, &path)?;
         if id == base_id {
             return Ok(merge_extents(all));

@@ -67,8 +67,13 @@ fn file_identity(file: &File, path: &Path) -> Result<Ident> {
 /// Opens the qcow2 header of `path` only (no tables) and describes it.
 pub(crate) fn describe(resolver: Option<&dyn Resolver>, path: &Path) -> Result<ImageInfo> {
     let file = open_source(resolver, path, false)?;
+    describe_source(&file, path)
+}
+
+/// Describes the qcow2 image already opened as `file` (its header only).
+pub(crate) fn describe_source(file: &Source, path: &Path) -> Result<ImageInfo> {
     let len = file.size().map_err(ctx("stat", path))?;
-    let h = Header::read(&file, path, len)?;
+    let h = Header::read(file, path, len)?;
     info_of(path, &h)
 }
 

@@ -99,6 +99,15 @@ pub fn changed_since(top: &Path, base: &Path) -> Result<Vec<Extent>> {
     alloc::changed_since(None, top, base)
 }
 
+/// [`info`] of `top` and [`changed_since`]`(top, base)` with the top opened once: the outer
+/// error when `top` itself cannot be described (as [`info`]), the inner one when only the
+/// changes cannot be read (as [`changed_since`], e.g. `BaseNotInChain`). For drift over many
+/// disks, where a second open of every top per report adds up.
+#[tracing::instrument(level = "debug", skip_all, fields(top = %top.display(), base = %base.display()))]
+pub fn info_and_changed_since(top: &Path, base: &Path) -> Result<(ImageInfo, Result<Vec<Extent>>)> {
+    alloc::info_and_changed_since(top, base)
+}
+
 /// Full clone: writes a new qcow2 image at `dest` that reads exactly like `src_top`, copying
 /// only clusters allocated in the layers from `src_top` down to, excluding, `stop_at`.
 ///

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use stagecore_qcow2::typed::{allocated_extents, changed_since, create_overlay};
+use stagecore_qcow2::typed::{allocated_extents, changed_since, create_overlay, info, info_and_changed_since};
 use stagecore_qcow2::{Error, ImageFormat};
 
 /// base ← mid ← top, each with its own writes (data, unaligned, zero, compressed).
@@ -52,6 +52,25 @@ fn changed_since_is_the_union_above_base() {
     let link = p(&d, "link-to-base");
     std::os::unix::fs::symlink(&base, &link).unwrap();
     assert_eq!(changed_since(&top, &link).unwrap(), qemu_map(&top, 2));
+}
+
+#[test]
+fn info_and_changed_since_answer_both_from_one_open() {
+    let d = tmp();
+    let [base, mid, top] = three_layers(&d);
+    for b in [&base, &mid, &top] {
+        let (i, changes) = info_and_changed_since(&top, b).unwrap();
+        assert_eq!(i, info(&top).unwrap());
+        assert_eq!(changes.unwrap(), changed_since(&top, b).unwrap());
+    }
+    let other = p(&d, "other.qcow2");
+    create_qcow2(&other, "64M");
+    let (i, changes) = info_and_changed_since(&top, &other).unwrap();
+    assert_eq!(i.virtual_size, 64 * M, "the top is described even when the base is not in its chain");
+    assert!(matches!(changes, Err(Error::BaseNotInChain { .. })), "{changes:?}");
+    let garbage = p(&d, "garbage.qcow2");
+    std::fs::write(&garbage, b"not an image").unwrap();
+    assert!(matches!(info_and_changed_since(&garbage, &base), Err(Error::NotQcow2 { .. })));
 }
 
 #[test]

@@ -331,46 +331,67 @@ impl Environment for QemuEnvironment {
     }
 }
 
+/// One disk to read for [`disk_changes`].
+struct DiskJob {
+    machine: String,
+    disk: String,
+    top: std::path::PathBuf,
+    origin: Option<std::path::PathBuf>,
+    size_hint: u64,
+}
+
 async fn disk_changes(shared: &EnvShared, st: &mut EnvState, baseline: &Baseline) -> Result<Vec<DiskChanges>> {
     let machines_list = st.rec(&shared.name)?.spec.machines.clone();
-    let mut out = Vec::new();
+    let mut jobs = Vec::new();
     for m in &machines_list {
         if let Some(q) = machines::live_or_down(shared, st, &m.name).await? {
             machines::flush_all(&q).await?;
         }
         let rec = st.rec(&shared.name)?;
         for d in &m.disks {
-            let top = rec.top(&m.name, &d.name)?.clone();
-            let origin = rec.origins.get(&baseline.id).and_then(|o| o.get(&disk_key(&m.name, &d.name))).cloned();
-            let (label, id) = (format!("{}/{}", m.name, d.name), baseline.id.clone());
-            let size_hint = d.size_bytes.unwrap_or(0);
-            let (virtual_size, granularity, changes) = blocking(move || {
-                // A disk whose image cannot be read is NOT_CHECKED alone, with the reason; the
-                // others are still checked.
-                let info = match stagecore_qcow2::typed::info(&top) {
-                    Ok(info) => info,
-                    Err(e) => {
-                        return Ok((size_hint, 1, ChangeMap::NotChecked { reason: format!("{label}: {e}") }));
-                    }
-                };
-                let changes = match origin {
-                    None => ChangeMap::NotChecked { reason: format!("{label} is not part of baseline {id}") },
-                    Some(origin) => match stagecore_qcow2::typed::changed_since(&top, &origin) {
-                        Ok(extents) => ChangeMap::Checked { extents },
-                        Err(stagecore_qcow2::Error::BaseNotInChain { .. }) => ChangeMap::NotChecked {
-                            reason: format!("the layer of baseline {id} left the chain of {label}"),
-                        },
-                        // Only this disk cannot be read (an image feature the reader lacks, a layer
-                        // rewritten behind our back, an I/O error): it alone is NOT_CHECKED, with
-                        // the reason.
-                        Err(e) => ChangeMap::NotChecked { reason: format!("{label}: {e}") },
-                    },
-                };
-                Ok((info.virtual_size, info.cluster_size.unwrap_or(1), changes))
-            })
-            .await?;
-            out.push(DiskChanges { machine: m.name.clone(), disk: d.name.clone(), virtual_size, granularity, changes });
+            jobs.push(DiskJob {
+                machine: m.name.clone(),
+                disk: d.name.clone(),
+                top: rec.top(&m.name, &d.name)?.clone(),
+                origin: rec.origin(&baseline.id, &disk_key(&m.name, &d.name)).cloned(),
+                size_hint: d.size_bytes.unwrap_or(0),
+            });
         }
     }
-    Ok(out)
+    // Every disk in one blocking call, each top opened once for its size and its changes.
+    let id = baseline.id.clone();
+    blocking(move || Ok(jobs.into_iter().map(|j| read_disk(j, &id)).collect())).await
+}
+
+/// The changes of one disk above its baseline layer. A disk whose image cannot be read is
+/// NOT_CHECKED alone, with the reason; the others are still checked.
+fn read_disk(j: DiskJob, id: &str) -> DiskChanges {
+    let label = format!("{}/{}", j.machine, j.disk);
+    let (virtual_size, granularity, changes) = match &j.origin {
+        None => match stagecore_qcow2::typed::info(&j.top) {
+            Ok(info) => (
+                info.virtual_size,
+                info.cluster_size.unwrap_or(1),
+                ChangeMap::NotChecked { reason: format!("{label} is not part of baseline {id}") },
+            ),
+            Err(e) => (j.size_hint, 1, ChangeMap::NotChecked { reason: format!("{label}: {e}") }),
+        },
+        Some(origin) => match stagecore_qcow2::typed::info_and_changed_since(&j.top, origin) {
+            Err(e) => (j.size_hint, 1, ChangeMap::NotChecked { reason: format!("{label}: {e}") }),
+            Ok((info, changes)) => {
+                let changes = match changes {
+                    Ok(extents) => ChangeMap::Checked { extents },
+                    Err(stagecore_qcow2::Error::BaseNotInChain { .. }) => ChangeMap::NotChecked {
+                        reason: format!("the layer of baseline {id} left the chain of {label}"),
+                    },
+                    // Only this disk cannot be read (an image feature the reader lacks, a layer
+                    // rewritten behind our back, an I/O error): it alone is NOT_CHECKED, with the
+                    // reason.
+                    Err(e) => ChangeMap::NotChecked { reason: format!("{label}: {e}") },
+                };
+                (info.virtual_size, info.cluster_size.unwrap_or(1), changes)
+            }
+        },
+    };
+    DiskChanges { machine: j.machine, disk: j.disk, virtual_size, granularity, changes }
 }

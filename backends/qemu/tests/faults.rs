@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-use stagecore::{Backend, Change, ChangeMap, Error, PowerState, StageOptions};
+use stagecore::{Backend, Change, ChangeMap, Environment, Error, PowerState, StageOptions};
 use stagecore_qemu::{FaultHooks, QemuBackend, QemuConfig};
 use stagecore_testkit::{Kit, unique};
 use support::{Fixture, files_under, qemu_img_check};
@@ -405,6 +405,36 @@ async fn a_stage_killed_before_its_record_leaves_files_no_open_shows_and_a_resta
     drop(prod);
     again.destroy(&sname).await.unwrap();
     again.destroy(&pname).await.unwrap();
+}
+
+/// Drift reads every disk in one pass: a disk whose top cannot be read is NOT_CHECKED alone,
+/// with a reason naming it, and the others are still checked.
+#[tokio::test]
+async fn an_unreadable_top_is_not_checked_alone_in_disk_changes() {
+    let f = Fixture::new();
+    let (pname, sname) = (unique("unreadprod"), unique("unreadstage"));
+    let prod = Kit::new(f.backend.clone()).production(&pname).await.unwrap();
+    let baseline = prod.take_baseline().await.unwrap();
+    f.backend.stage(&baseline, &StageOptions::linked(&sname)).await.unwrap();
+    let stage = f.backend.open_qemu(&sname).await.unwrap();
+    let bad = &baseline.layers[0];
+    let top = stage.disk_top(&bad.machine, &bad.disk).await.unwrap();
+    std::fs::write(&top, b"no longer a qcow2 image").unwrap();
+    let changes = stage.disk_changes(&baseline).await.unwrap();
+    assert_eq!(changes.len(), baseline.layers.len());
+    for c in &changes {
+        if (c.machine.as_str(), c.disk.as_str()) == (bad.machine.as_str(), bad.disk.as_str()) {
+            let ChangeMap::NotChecked { reason } = &c.changes else { panic!("{c:?}") };
+            assert!(reason.contains(&format!("{}/{}", bad.machine, bad.disk)), "{reason}");
+        } else {
+            assert!(matches!(&c.changes, ChangeMap::Checked { extents } if extents.is_empty()), "{c:?}");
+            assert!(c.virtual_size > 0 && c.granularity == 65536, "{c:?}");
+        }
+    }
+    drop(stage);
+    drop(prod);
+    f.backend.destroy(&sname).await.unwrap();
+    f.backend.destroy(&pname).await.unwrap();
 }
 
 #[tokio::test]
