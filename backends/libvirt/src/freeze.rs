@@ -185,8 +185,11 @@ struct Done {
 
 /// Puts a new layer on every disk of `ms` at one instant (crash-consistent on its own).
 ///
-/// All or nothing: every machine is checked first ([`precheck`]); when a later machine still
-/// fails, the machines already moved are put back (running ones: active block commit of the new
+/// One freeze window, domains in parallel (at most [`MAX_PARALLEL`] at once): all running
+/// domains are suspended, every machine is layered, all are resumed.
+///
+/// All or nothing: every machine is checked first ([`precheck`]); when a machine still
+/// fails, the machines that were moved are put back (running ones: active block commit of the new
 /// layer and pivot back onto the old file; stopped ones: the old definition), the new layer files
 /// are removed and the original error is returned. Only if that rollback fails is the error a
 /// `Backend` one that says exactly what was left and how to undo it.
@@ -212,51 +215,49 @@ async fn capture(shared: &Shared, env: &str, ms: &[Machine], tag: &str) -> Resul
             if let Some(p) = work.iter().flat_map(|w| w.3.first()).next() {
                 storage.ensure_dir(c, uri, &env_name, &p.next)?;
             }
+            // One freeze window: every running domain is suspended (all at once), every machine
+            // is layered (all at once), then every suspended domain is resumed (all at once).
             let mut suspended = Vec::new();
             let mut done: Vec<Done> = Vec::new();
             let result = (|| {
-                for (name, machine) in &running {
+                let mut first_err = None;
+                for r in each(&running, |(name, machine)| {
                     let dom = lv(uri, "domain", name, c.lookup_domain_by_name(name))?;
                     markers::write(&state, Kind::Suspended, &env_name, machine, name)?;
                     if let Err(e) = lv(uri, "domain", name, dom.suspend()) {
                         markers::remove(&markers::path(&state, Kind::Suspended, name));
                         return Err(e);
                     }
-                    suspended.push((name.clone(), dom));
-                }
-                fault_stop("suspended");
-                for (name, active, tree, plans) in &work {
-                    fail_point(name)?;
-                    let dom = lv(uri, "domain", name, c.lookup_domain_by_name(name))?;
-                    if *active {
-                        let flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
-                            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
-                            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA;
-                        lv(uri, "domain", name, dom.create_snapshot_xml(&snapshot_xml(&tag, plans, tree), flags))
-                            .map(drop)?;
-                        done.push(Done { name: name.clone(), active: true, tree: tree.clone(), plans: plans.clone() });
-                    } else {
-                        let mut new_tree = tree.clone();
-                        let mut paths = BTreeMap::new();
-                        done.push(Done { name: name.clone(), active: false, tree: tree.clone(), plans: Vec::new() });
-                        for p in plans {
-                            storage.create_overlay(c, uri, &env_name, &p.next, &p.current)?;
-                            done.last_mut().expect("just pushed").plans.push(p.clone());
-                            paths.insert(p.disk.clone(), p.next.clone());
+                    Ok((name.clone(), dom))
+                }) {
+                    match r {
+                        Ok(d) => suspended.push(d),
+                        Err(e) => {
+                            first_err.get_or_insert(e);
                         }
-                        edit::set_disk_sources(&mut new_tree, &paths);
-                        lv(uri, "domain", name, c.define_domain_xml(&new_tree.render())).map(drop)?;
                     }
                 }
-                Ok(())
+                if let Some(e) = first_err {
+                    return Err(e);
+                }
+                fault_stop("suspended");
+                for (moved, r) in each(&work, |(name, active, tree, plans)| {
+                    layer_one(c, uri, &storage, &env_name, &tag, name, *active, tree, plans)
+                }) {
+                    done.extend(moved);
+                    if let Err(e) = r {
+                        first_err.get_or_insert(e);
+                    }
+                }
+                first_err.map_or(Ok(()), Err)
             })();
             let result = match result {
                 Ok(()) => Ok(()),
                 Err(e) => Err(roll_back(c, uri, &storage, &env_name, done, e)),
             };
-            for (name, dom) in suspended {
-                match dom.resume() {
-                    Ok(_) => markers::remove(&markers::path(&state, Kind::Suspended, &name)),
+            for ((name, _), r) in suspended.iter().zip(each(&suspended, |(_, dom)| dom.resume())) {
+                match r {
+                    Ok(_) => markers::remove(&markers::path(&state, Kind::Suspended, name)),
                     Err(e) => tracing::error!(
                         domain = %name,
                         error = %e,
@@ -270,6 +271,82 @@ async fn capture(shared: &Shared, env: &str, ms: &[Machine], tag: &str) -> Resul
         })
         .await?;
     Ok(all.iter().map(|ps| ps.iter().map(|p| (p.disk.clone(), p.current.clone())).collect()).collect())
+}
+
+/// At most this many domains are suspended, layered or resumed at once (libvirtd serves calls
+/// on one connection from several threads; its QEMU driver works on different domains in
+/// parallel).
+const MAX_PARALLEL: usize = 8;
+
+/// `f` of every item, on at most [`MAX_PARALLEL`] threads; results in the items' order.
+fn each<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    if items.len() <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let out: Vec<std::sync::Mutex<Option<R>>> = items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let span = tracing::Span::current();
+    std::thread::scope(|scope| {
+        for _ in 0..MAX_PARALLEL.min(items.len()) {
+            scope.spawn(|| {
+                let _g = span.enter();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    *out[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(f(item));
+                }
+            });
+        }
+    });
+    out.into_iter().map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()).expect("every item ran")).collect()
+}
+
+/// Layers one machine: a running one by an external disk-only atomic snapshot, a stopped one by
+/// overlays and a redefinition. Returns what was moved (for the rollback) and the outcome.
+#[allow(clippy::too_many_arguments)]
+fn layer_one(
+    c: &virt::connect::Connect,
+    uri: &str,
+    storage: &crate::storage::Storage,
+    env: &str,
+    tag: &str,
+    name: &str,
+    active: bool,
+    tree: &Element,
+    plans: &[Plan],
+) -> (Option<Done>, Result<()>) {
+    if let Err(e) = fail_point(name) {
+        return (None, Err(e));
+    }
+    let dom = match lv(uri, "domain", name, c.lookup_domain_by_name(name)) {
+        Ok(dom) => dom,
+        Err(e) => return (None, Err(e)),
+    };
+    let mut done = Done { name: name.to_string(), active, tree: tree.clone(), plans: Vec::new() };
+    if active {
+        let flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA;
+        return match lv(uri, "domain", name, dom.create_snapshot_xml(&snapshot_xml(tag, plans, tree), flags)) {
+            Ok(_) => {
+                done.plans = plans.to_vec();
+                (Some(done), Ok(()))
+            }
+            Err(e) => (None, Err(e)),
+        };
+    }
+    let mut new_tree = tree.clone();
+    let mut paths = BTreeMap::new();
+    for p in plans {
+        if let Err(e) = storage.create_overlay(c, uri, env, &p.next, &p.current) {
+            return (Some(done), Err(e));
+        }
+        done.plans.push(p.clone());
+        paths.insert(p.disk.clone(), p.next.clone());
+    }
+    edit::set_disk_sources(&mut new_tree, &paths);
+    let r = lv(uri, "domain", name, c.define_domain_xml(&new_tree.render())).map(drop);
+    (Some(done), r)
 }
 
 /// Puts every machine of `done` back on its old files and removes the new layers; returns
