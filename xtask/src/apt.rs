@@ -19,6 +19,8 @@ pub(crate) const PACKAGES: &[&str] = &[
     "e2fsprogs",
     // UEFI firmware (OVMF) for the libvirt host-side file tests (NVRAM of `firmware='efi'` domains)
     "ovmf",
+    // mkfs.xfs for the reflink test of full copies (an XFS loop image with `-m reflink=1`)
+    "xfsprogs",
 ];
 
 /// A process to run: program, arguments and extra environment variables.
@@ -129,6 +131,7 @@ mod tests {
                 "mmdebstrap",
                 "e2fsprogs",
                 "ovmf",
+                "xfsprogs",
             ]
         );
         assert_eq!(cmd.env, [("DEBIAN_FRONTEND".to_string(), "noninteractive".to_string())]);
@@ -137,7 +140,7 @@ mod tests {
             "DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
              --allow-downgrades qemu-system-x86 qemu-utils=1:7.2+dfsg-7+deb12u18+b3 \
              libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config \
-             mmdebstrap e2fsprogs ovmf"
+             mmdebstrap e2fsprogs ovmf xfsprogs"
         );
     }
 

@@ -1,7 +1,7 @@
-//! `cargo xtask setup`: make sure QEMU, libvirt and the guest-image tools (mmdebstrap, e2fsprogs) are installed (installing them with apt
-//! when root on Debian), that `qemu-img` and the system emulator are the same version, and
-//! that `virtlogd` and `libvirtd` are running and answering. Idempotent: on a ready machine
-//! it only reports.
+//! `cargo xtask setup`: make sure QEMU, libvirt, the guest-image tools (mmdebstrap, e2fsprogs)
+//! and xfsprogs are installed (installing them with apt when root on Debian), that `qemu-img`
+//! and the system emulator are the same version, and that `virtlogd` and `libvirtd` are
+//! running and answering. Idempotent: on a ready machine it only reports.
 
 use std::process::Command;
 use std::thread;
@@ -22,6 +22,8 @@ const PROGRAMS: &[&str] = &[
     // the guest image build (`cargo xtask guest-image`)
     "mmdebstrap",
     "mke2fs",
+    // the reflink test of full copies (an XFS loop image)
+    "mkfs.xfs",
 ];
 
 /// How long to wait for `virsh -c qemu:///system version` after starting the daemons.

@@ -189,9 +189,9 @@ impl Drop for Xfs {
     }
 }
 
+/// Runs as root (every developer machine and CI run is): a missing `mkfs.xfs` (package
+/// `xfsprogs`, installed by `cargo xtask setup`) or loop device fails loudly.
 #[test]
-#[ignore = "needs root, a loop device and mkfs.xfs (xfsprogs, not yet in `cargo xtask` setup): \
-            cargo nextest run -p stagecore-qcow2 --run-ignored all reflink"]
 fn reflink_on_xfs_shares_the_data_clusters() {
     let fs = Xfs::mount();
     let top = fs.path().join("top.qcow2");
