@@ -427,6 +427,46 @@ fn scale_benches(c: &mut Criterion, rt: &Runtime, root: &Path, with_drift: bool)
     rt.block_on(b.destroy(stage.name())).unwrap();
 }
 
+/// What bounds a durable linked stage on this disk: making `n` new overlays durable, by the
+/// stage's own way (`DurableBatch`, concurrent `fdatasync` + one directory `fsync`), by one
+/// `syncfs`, and one file's `fdatasync` + directory `fsync` (what each disk cost before the batch).
+fn durability_benches(c: &mut Criterion, root: &Path, layer: &Path) {
+    use stagekit::stagecore::toolbox::{DurableBatch, Durability};
+    let n = GRID.0 * GRID.1;
+    std::fs::create_dir_all(root).unwrap();
+    let mut group = c.benchmark_group(format!("qemu/durability_{n}"));
+    group.sample_size(10).sampling_mode(SamplingMode::Flat);
+    let overlays = |count: usize, mode: Durability, iters: u64| {
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            let dir = root.join(unique("batch"));
+            std::fs::create_dir(&dir).unwrap();
+            let t = Instant::now();
+            let mut batch = DurableBatch::with_mode(mode);
+            for i in 0..count {
+                let top = dir.join(format!("{i}.qcow2"));
+                stagecore_qcow2::create_overlay_unsynced(&top, layer, stagecore_qcow2::ImageFormat::Qcow2, None)
+                    .unwrap();
+                batch.file(top);
+            }
+            batch.sync().unwrap();
+            total += t.elapsed();
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+        total
+    };
+    group.bench_function(format!("{n} overlays + DurableBatch (fdatasync each, concurrent)"), |bench| {
+        bench.iter_custom(|iters| overlays(n, Durability::Files, iters))
+    });
+    group.bench_function(format!("{n} overlays + DurableBatch (one syncfs)"), |bench| {
+        bench.iter_custom(|iters| overlays(n, Durability::Filesystem, iters))
+    });
+    group.bench_function("1 overlay + fdatasync + directory fsync", |bench| {
+        bench.iter_custom(|iters| overlays(1, Durability::Files, iters))
+    });
+    group.finish();
+}
+
 /// The test guest image directory; panics with instructions when it is missing.
 fn guest_image() -> PathBuf {
     let dir = std::env::var_os("STAGECORE_GUEST_IMAGE")
@@ -554,6 +594,11 @@ fn benches(c: &mut Criterion) {
     }
     if wanted("qemu/stage_linked_100x4 qemu/drift_100x4_1pct") {
         scale_benches(c, &rt, &dir.path().join("scale"), wanted("qemu/drift_100x4_1pct"));
+    }
+    if wanted("qemu/durability") {
+        let b = backend(&dir.path().join("durable-src"));
+        let (_prod, baseline) = rt.block_on(production(&b, "durable", 0));
+        durability_benches(c, &dir.path().join("durable"), &layers(&baseline)[0]);
     }
     if wanted("qemu/snapshot_running") {
         snapshot_benches(c, &rt, &dir.path().join("snap"));
