@@ -431,7 +431,7 @@ fn scale_benches(c: &mut Criterion, rt: &Runtime, root: &Path, with_drift: bool)
 /// stage's own way (`DurableBatch`, concurrent `fdatasync` + one directory `fsync`), by one
 /// `syncfs`, and one file's `fdatasync` + directory `fsync` (what each disk cost before the batch).
 fn durability_benches(c: &mut Criterion, root: &Path, layer: &Path) {
-    use stagekit::stagecore::toolbox::{DurableBatch, Durability};
+    use stagekit::stagecore::toolbox::{Durability, DurableBatch};
     let n = GRID.0 * GRID.1;
     std::fs::create_dir_all(root).unwrap();
     let mut group = c.benchmark_group(format!("qemu/durability_{n}"));
