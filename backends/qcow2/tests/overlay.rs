@@ -129,6 +129,7 @@ fn empty_images_are_valid_and_never_replace_a_file() {
         other => panic!("expected InvalidArgument, got {other:?}"),
     }
     assert_eq!(names(d.path()), vec!["disk.raw", "empty.qcow2", "zero.qcow2"], "nothing half-built");
+}
 
 #[test]
 fn an_unsynced_overlay_is_the_same_file_and_never_replaces_one() {
