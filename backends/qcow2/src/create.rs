@@ -63,13 +63,13 @@ pub(crate) fn create_overlay(
         Some(s) => s,
         None => backing_size(backing, backing_format)?.next_multiple_of(512),
     };
-    write_qcow2(path, size, Some((name, backing_format)))
+    write_qcow2(path, size, Some((name, backing_format)), sync)
 }
 
 /// See [`crate::typed::create_empty`].
 pub(crate) fn create_empty(path: &Path, format: ImageFormat, size: u64) -> Result<()> {
     match format {
-        ImageFormat::Qcow2 => write_qcow2(path, size, None),
+        ImageFormat::Qcow2 => write_qcow2(path, size, None, Sync::Durable),
         ImageFormat::Raw => {
             let staged = Staged::create(path)?;
             staged.file.set_len(size).map_err(ctx("extend", staged.tmp_path()))?;
@@ -80,7 +80,7 @@ pub(crate) fn create_empty(path: &Path, format: ImageFormat, size: u64) -> Resul
 
 /// Writes a new qcow2 image of `size` bytes (0 allowed only without a backing file, as
 /// `qemu-img create` allows it), with `backing` as its backing file name and format.
-fn write_qcow2(path: &Path, size: u64, backing: Option<(&[u8], ImageFormat)>) -> Result<()> {
+fn write_qcow2(path: &Path, size: u64, backing: Option<(&[u8], ImageFormat)>, sync: Sync) -> Result<()> {
     let l1_size = if size == 0 && backing.is_none() { 0 } else { l1_entries_for(path, size)? };
     let cs = 1u64 << CLUSTER_BITS;
     let header = encode_v3(&NewHeader {
