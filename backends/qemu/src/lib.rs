@@ -52,6 +52,7 @@ mod machines;
 mod markers;
 pub mod process;
 pub mod qmp;
+mod seals;
 mod shared;
 mod snapshot;
 mod stage;

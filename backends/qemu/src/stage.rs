@@ -67,6 +67,7 @@ fn clone_disks(jobs: &[Job]) -> Result<()> {
 pub(crate) async fn stage(ctx: &Arc<Ctx>, baseline: &Baseline, options: &StageOptions) -> Result<Arc<EnvShared>> {
     let mut plan = StagePlan::new(baseline, options)?;
     check_plan(ctx, &plan)?;
+    let mut seals = crate::seals::for_stage(ctx, &plan).await?;
     let new = NewEnv::begin(&ctx.root, &plan.name)?;
     let disks_dir = new.paths.disks();
     let name = plan.name.clone();
@@ -85,7 +86,9 @@ pub(crate) async fn stage(ctx: &Arc<Ctx>, baseline: &Baseline, options: &StageOp
     let origin: BTreeMap<String, PathBuf> =
         jobs.iter().map(|j| (j.key.clone(), j.copy.clone().unwrap_or_else(|| j.layer.clone()))).collect();
     let disks: BTreeMap<String, PathBuf> = jobs.iter().map(|j| (j.key.clone(), j.top.clone())).collect();
+    let copies: Vec<PathBuf> = jobs.iter().filter_map(|j| j.copy.clone()).collect();
     blocking(move || clone_disks(&jobs)).await?;
-    let extra = QemuExtra { next_layer: n, ..QemuExtra::default() };
+    crate::seals::seal_copies(&mut seals, copies).await?;
+    let extra = QemuExtra { next_layer: n, seals, ..QemuExtra::default() };
     new.commit(ctx, EnvRecord::stage(&plan, disks, origin, extra))
 }

@@ -98,9 +98,17 @@ impl Drift for DriftEngine {
         };
         let (config_records, compared) = config::records(&baseline.spec, &p_spec, &s_spec, intended);
 
+        let (p_disks, s_disks) = (production.disk_changes(baseline).await, stage.disk_changes(baseline).await);
+        // A side that refuses with `Precondition` (a baseline layer no longer matches its seal:
+        // the baseline is not what the stage was cloned from) fails the report: nothing can be
+        // measured against it. Any other failure is that side's disks NOT_CHECKED.
+        for r in [&p_disks, &s_disks] {
+            if let Err(Error::Precondition(why)) = r {
+                return Err(Error::Precondition(why.clone()));
+            }
+        }
         let side = |r: Result<Vec<crate::DiskChanges>>| r.map_err(|e| e.to_string());
-        let p_disks = side(production.disk_changes(baseline).await);
-        let s_disks = side(stage.disk_changes(baseline).await);
+        let (p_disks, s_disks) = (side(p_disks), side(s_disks));
         let mut disk_records = disk::records(baseline, p_disks, s_disks, &staged.change_sets);
         let guest_layer =
             guest::layer(production, stage, staged, (&p_spec, &s_spec), &self.inventory, self.progress.as_ref()).await;
