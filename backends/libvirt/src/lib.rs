@@ -43,6 +43,7 @@ mod layers;
 mod machines;
 mod quiesce;
 mod registry;
+mod seals;
 mod shared;
 mod snapshot;
 mod stage;
