@@ -300,4 +300,19 @@ mod tests {
         let md = r.machines.iter().find(|x| x.machine == m).unwrap();
         assert_eq!(md.status, Status::NotChecked);
     }
+
+    /// A side whose `disk_changes` fails with anything but `Precondition` (here an injected
+    /// backend fault) makes that side's disks NOT_CHECKED; the report itself does not fail. (A
+    /// `Precondition` — a sealed baseline layer that changed — fails the report: proven against
+    /// real layers in the QEMU and libvirt backends' `tests/seals.rs`.)
+    #[tokio::test]
+    async fn a_failing_side_is_not_checked_but_the_report_is_made() {
+        let backend = MemoryBackend::new();
+        let prod = backend.create(&sample_spec("prod")).await.unwrap();
+        let baseline = prod.take_baseline().await.unwrap();
+        let stage = backend.stage(&baseline, &StageOptions::linked("try")).await.unwrap();
+        backend.faults().fail_nth("disk_changes", 1);
+        let r = backend.drift(&*prod, &*stage).await.expect("a backend failure does not fail the report");
+        assert!(r.not_checked_disks().count() > 0 && !r.is_clean(), "{r}");
+    }
 }
