@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use stagecore::Result;
-use stagecore_qcow2::Seals;
 use stagecore::toolbox::RecordFile;
 pub(crate) use stagecore::toolbox::{disk_key, write_atomic};
+use stagecore_qcow2::Seals;
 
 /// The record's file name inside the environment directory.
 const RECORD: &str = "env.json";

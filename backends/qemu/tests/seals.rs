@@ -168,10 +168,11 @@ async fn plain_writes_into_sealed_layers_are_refused() {
     let prod = kit.production(&pname).await.unwrap();
     let b = prod.take_baseline().await.unwrap();
     let stage = f.backend.stage(&b, &StageOptions::full(&sname)).await.unwrap();
-    let copy = stagecore_qcow2::chain(&f.backend.open_qemu(&sname).await.unwrap().disk_top("db", "disk0").await.unwrap())
-        .unwrap()[1]
-        .path
-        .clone();
+    let copy =
+        stagecore_qcow2::chain(&f.backend.open_qemu(&sname).await.unwrap().disk_top("db", "disk0").await.unwrap())
+            .unwrap()[1]
+            .path
+            .clone();
     assert!(sealed(f.root(), &sname).contains(&std::fs::canonicalize(&copy).unwrap()), "the full copy is sealed");
     stage.disk_changes(&b).await.expect("the full stage checks clean");
 
