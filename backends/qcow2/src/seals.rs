@@ -4,7 +4,7 @@
 //!
 //! Contract: one seal per file, keyed by the file's canonical path (a path that does not resolve
 //! is kept as given). [`Seals::seal_chains`] seals a layer and every file below it (what a clone
-//! of the layer reads); [`Seals::verify_chains`] checks every *sealed* file of those chains and
+//! of the layer reads; a raw layer is a chain of itself); [`Seals::verify_chains`] checks every *sealed* file of those chains and
 //! fails on the first that no longer matches with `stagecore::Error::Precondition("<file>: layer
 //! changed since it was sealed: <what>")` — a file without a seal (a record written before seals
 //! existed) is not checked. A backend that rewrites a sealed layer itself (merging a chain,
@@ -30,9 +30,13 @@ fn key(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-/// Every file of the chain of `layer` (the layer first).
+/// Every file of the chain of `layer` (the layer first); a raw layer is a chain of itself.
 fn chain_files(layer: &Path) -> crate::Result<Vec<PathBuf>> {
-    Ok(typed::chain(layer)?.into_iter().map(|i| i.path).collect())
+    match typed::chain(layer) {
+        Ok(chain) => Ok(chain.into_iter().map(|i| i.path).collect()),
+        Err(Error::NotQcow2 { path, .. }) if path == layer => Ok(vec![layer.to_path_buf()]),
+        Err(e) => Err(e),
+    }
 }
 
 impl Seals {

@@ -187,6 +187,15 @@ fn seals_of_chains_verify_and_name_the_rewritten_file() {
     qemu_io("qcow2", &base, &["write -P 0x55 0 64k"]);
     partial.verify_chains([&mid], "test").unwrap();
     assert!(matches!(seals.verify_chains([&mid], "test"), Err(stagecore::Error::Precondition(_))));
+    // A raw layer is a chain of itself (raw production disks are baselined too).
+    let raw = p(&d, "disk.raw");
+    std::fs::write(&raw, vec![7u8; 65536]).unwrap();
+    let mut rs = Seals::new();
+    rs.seal_chains([&raw], "test").unwrap();
+    assert_eq!(rs.len(), 1);
+    rs.verify_chains([&raw], "test").unwrap();
+    std::fs::write(&raw, vec![8u8; 65536 + 512]).unwrap();
+    assert!(matches!(rs.verify_chains([&raw], "test"), Err(stagecore::Error::Precondition(_))));
     // A sealed layer that is gone: NotFound.
     std::fs::remove_file(&mid).unwrap();
     let e = seals.verify_chains([&mid], "test").unwrap_err();
