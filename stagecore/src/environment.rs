@@ -57,6 +57,8 @@ pub trait Environment: Snapshot + Send + Sync + Debug {
     /// For every disk: the extents changed since `baseline` (of this environment, or the one this
     /// stage was cloned from). Requires [`crate::Capabilities::disk_drift`]; disks the backend
     /// cannot check are reported as `NotChecked` with the reason, never as unchanged.
+    /// `Err(Precondition)` when a layer the baseline stands on changed since it was sealed
+    /// (QEMU, libvirt): the drift engine then fails the whole report.
     async fn disk_changes(&self, baseline: &Baseline) -> Result<Vec<DiskChanges>>;
 
     /// Applies one change. Each kind needs its flag in [`crate::Capabilities::changes`]; guest

@@ -149,7 +149,12 @@ impl Environment for LibvirtEnvironment {
             .flat_map(|(m, disks)| {
                 disks.into_iter().map(|(disk, layer)| BaselineLayer { machine: m.name().into(), disk, layer })
             })
-            .collect();
+            .collect::<Vec<BaselineLayer>>();
+        let frozen_layers = layers.iter().map(|l| l.layer.clone()).collect();
+        if let Err(e) = crate::seals::seal_baseline(&self.shared, &self.name, &id, frozen_layers).await {
+            let _ = std::fs::remove_dir_all(&xml_dir);
+            return Err(e);
+        }
         Ok(Baseline {
             id,
             environment: self.name.clone(),
@@ -163,6 +168,7 @@ impl Environment for LibvirtEnvironment {
     #[tracing::instrument(skip(self, baseline), fields(environment = %self.name, baseline = %baseline.id))]
     async fn disk_changes(&self, baseline: &Baseline) -> Result<Vec<DiskChanges>> {
         let ms = self.machines().await?;
+        crate::seals::verify(&self.shared, &self.name, baseline, crate::seals::bases(&ms, baseline)).await?;
         let spec = self.shared.spec_of(&self.name, &ms).await?;
         let mut out = Vec::new();
         for m in &ms {

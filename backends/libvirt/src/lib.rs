@@ -16,6 +16,13 @@
 //! - Promotion by replay (config ChangeSets through libvirt) and by swap (definitions exchanged,
 //!   identities kept). Remote URIs work for everything that does not need the image files; disk
 //!   drift there is `NotChecked` with the reason.
+//! - Baseline layers are sealed (`stagecore_qcow2::Seals`, every file of each frozen layer's
+//!   chain, in `<state>/<env>/baselines/<id>/seals.json`; a stage keeps its own copy). Before
+//!   `disk_changes` and before `stage` makes anything, the seals of the layers involved are
+//!   checked: a layer rewritten behind stagecore's back (an internal-snapshot revert, a plain
+//!   write) is `Error::Precondition("<file>: layer changed since it was sealed: <what>")`, so the
+//!   drift report fails and a promotion is refused before production is touched. Relabeling when
+//!   a domain starts (chown, ctime) is not a change. Local storage only.
 //!
 //! ```no_run
 //! # async fn demo() -> stagecore::Result<()> {
@@ -44,6 +51,7 @@ mod machines;
 mod markers;
 mod quiesce;
 mod registry;
+mod seals;
 mod shared;
 mod snapshot;
 mod stage;

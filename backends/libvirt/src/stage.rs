@@ -38,11 +38,12 @@ pub(crate) async fn stage(
     // are the proof, checked below and when the overlays are made.
     plan.require_known_baseline(None)?;
     check_inputs(&plan, &prod)?;
+    let seals = crate::seals::for_stage(source, &plan).await?;
     let names: Vec<String> = plan.instances().into_iter().map(|i| i.instance_name).collect();
     check_free_domains(shared, &names).await?;
     let mut undo = Undo::new(format!("stage {}", plan.name));
     let from = Source { shared: source.clone(), progress: progress.cloned() };
-    let r = build(shared, &from, &plan, &prod, &mut undo).await;
+    let r = build(shared, &from, &plan, &prod, seals, &mut undo).await;
     undo.finish(r).await
 }
 
@@ -86,7 +87,14 @@ impl Source {
     }
 }
 
-async fn build(shared: &Arc<Shared>, from: &Source, plan: &StagePlan, prod: &[Machine], undo: &mut Undo) -> Result<()> {
+async fn build(
+    shared: &Arc<Shared>,
+    from: &Source,
+    plan: &StagePlan,
+    prod: &[Machine],
+    seals: stagecore_qcow2::Seals,
+    undo: &mut Undo,
+) -> Result<()> {
     let baseline = plan.baseline();
     let dir = shared.env_dir(&plan.name);
     if dir.exists() {
@@ -112,6 +120,7 @@ async fn build(shared: &Arc<Shared>, from: &Source, plan: &StagePlan, prod: &[Ma
         }
     }
     let mut xmls = Vec::new();
+    let mut all_origins = Vec::new();
     for (m, instance) in plan.spec.machines.iter().zip(plan.instances()) {
         let p = prod.iter().find(|p| p.name() == m.name).expect("checked");
         let prod_nets = p.record.networks.clone();
@@ -167,9 +176,11 @@ async fn build(shared: &Arc<Shared>, from: &Source, plan: &StagePlan, prod: &[Ma
             host_paths,
             host_notes,
         };
+        all_origins.extend(record.origins.values().cloned());
         meta::set(&mut tree, &meta::labels(&p.tree), &record)?;
         xmls.push((instance.instance_name, tree.render()));
     }
+    crate::seals::record_stage(shared, &plan.name, seals, all_origins).await?;
     define_all(shared, xmls, undo).await?;
     if plan.start {
         // In start order, like any start (waves wait for the agents later machines start after).

@@ -27,6 +27,9 @@
 //!
 //! * [`seal`] records a read-only layer's metadata (header, L1, L2 and refcount tables, size,
 //!   mtime) in a [`LayerSeal`]; [`verify`] proves it unchanged or names what changed.
+//!   [`Seals`] keeps the seals of an environment's baseline layers (one per file): backends
+//!   [`Seals::seal_chains`] when a baseline freezes layers and [`Seals::verify_chains`] before
+//!   drift, staging and promotion trust them again.
 //!
 //! # What is read
 //!
@@ -59,6 +62,7 @@ mod layer;
 mod publish;
 mod read;
 mod seal;
+mod seals;
 mod source;
 mod types;
 mod write;
@@ -71,6 +75,7 @@ pub use alloc::CacheStats;
 pub use copy::CopyJob;
 pub use error::{Error, Feature, Result};
 pub use seal::LayerSeal;
+pub use seals::Seals;
 pub use source::{ReadAt, Resolver};
 pub use types::{CopyStats, Extent, ImageFormat, ImageInfo};
 

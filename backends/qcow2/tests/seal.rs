@@ -143,3 +143,61 @@ fn verify_of_a_missing_or_replaced_layer() {
     let what = changed(&base, &s);
     assert!(!what.is_empty());
 }
+
+#[test]
+fn seals_of_chains_verify_and_name_the_rewritten_file() {
+    use stagecore_qcow2::Seals;
+    let d = tmp();
+    let (base, top) = layered(&d);
+    let mid = p(&d, "mid.qcow2");
+    create_overlay(&mid, &base, ImageFormat::Qcow2, None).unwrap();
+    qemu_io("qcow2", &mid, &["write -P 0x21 1M 64k"]);
+    let stage = p(&d, "stage.qcow2");
+    create_overlay(&stage, &mid, ImageFormat::Qcow2, None).unwrap();
+    let mut seals = Seals::new();
+    seals.seal_chains([&mid], "test").unwrap();
+    assert_eq!(seals.len(), 2, "mid and base are sealed");
+    assert!(seals.contains(&base) && seals.contains(&mid) && !seals.contains(&top));
+    seals.verify_chains([&mid], "test").unwrap();
+    // Writing the stage above does not touch a sealed file.
+    qemu_io("qcow2", &stage, &["write -P 0x77 0 1M"]);
+    seals.verify_chains([&mid], "test").unwrap();
+    // A copy of the seals of a chain, and a round trip through JSON.
+    let copied = seals.of_chains([&mid], "test").unwrap();
+    assert_eq!(copied, seals);
+    let back: Seals = serde_json::from_str(&serde_json::to_string(&seals).unwrap()).unwrap();
+    assert_eq!(back, seals);
+    // The file below the baseline layer rewritten behind our back: named, Precondition.
+    snapshot(&["-c", "x"], &base);
+    snapshot(&["-a", "x"], &base);
+    match seals.verify_chains([&mid], "test") {
+        Err(stagecore::Error::Precondition(m)) => {
+            assert!(m.contains(base.to_str().unwrap()) && m.contains("layer changed"), "{m}")
+        }
+        other => panic!("expected Precondition naming {}, got {other:?}", base.display()),
+    }
+    // Resealing after a rewrite we made ourselves makes it valid again; an unsealed file is
+    // not resealed.
+    assert!(seals.reseal(&base, "test").unwrap());
+    seals.verify_chains([&mid], "test").unwrap();
+    assert!(!seals.reseal(&top, "test").unwrap());
+    // A file without a seal is not checked (records from before seals existed).
+    let mut partial = seals.clone();
+    partial.remove(&base);
+    qemu_io("qcow2", &base, &["write -P 0x55 0 64k"]);
+    partial.verify_chains([&mid], "test").unwrap();
+    assert!(matches!(seals.verify_chains([&mid], "test"), Err(stagecore::Error::Precondition(_))));
+    // A raw layer is a chain of itself (raw production disks are baselined too).
+    let raw = p(&d, "disk.raw");
+    std::fs::write(&raw, vec![7u8; 65536]).unwrap();
+    let mut rs = Seals::new();
+    rs.seal_chains([&raw], "test").unwrap();
+    assert_eq!(rs.len(), 1);
+    rs.verify_chains([&raw], "test").unwrap();
+    std::fs::write(&raw, vec![8u8; 65536 + 512]).unwrap();
+    assert!(matches!(rs.verify_chains([&raw], "test"), Err(stagecore::Error::Precondition(_))));
+    // A sealed layer that is gone: NotFound.
+    std::fs::remove_file(&mid).unwrap();
+    let e = seals.verify_chains([&mid], "test").unwrap_err();
+    assert!(matches!(e, stagecore::Error::NotFound { .. }), "{e}");
+}

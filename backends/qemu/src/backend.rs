@@ -139,7 +139,7 @@ impl QemuBackend {
         }
         let mut spec = spec.clone();
         fill_identities(&mut spec);
-        let extra = QemuExtra { next_layer: 1, owned_files: new.owned.clone(), last_swap: None };
+        let extra = QemuExtra { next_layer: 1, owned_files: new.owned.clone(), ..QemuExtra::default() };
         let rec = EnvRecord::production(spec, disks, extra);
         self.hand_out(QemuEnvironment::new(new.commit(&self.ctx, rec)?))
     }

@@ -166,7 +166,13 @@ pub(crate) async fn collapse(shared: &EnvShared, st: &mut EnvState, retire: bool
             }
         }
     }
+    // Every merged-into layer was rewritten by us (also when its merge failed midway: what it
+    // reads is unchanged): sealed ones are sealed again in this same record update.
+    let uppers = merges.iter().map(|m| m.upper.clone()).collect();
+    let seals = st.rec(&shared.name)?.backend.seals.clone();
+    let seals = crate::seals::after_merge(seals, uppers, merged.clone()).await?;
     let rec = st.rec_mut(&shared.name)?;
+    rec.backend.seals = seals;
     let gone = |p: &Path| merged.contains(&canonical(p));
     let retired: Vec<String> = rec
         .baselines

@@ -278,7 +278,9 @@ impl Environment for QemuEnvironment {
         st.rec(&shared.name)?.require_production()?;
         let crate::freeze::Frozen { layers: frozen, consistency } =
             crate::freeze::freeze_all(shared, &mut st).instrument(self.span("take_baseline")).await?;
+        let seals = crate::seals::seal_frozen(&frozen).await?;
         let rec = st.rec_mut(&shared.name)?;
+        rec.backend.seals.extend(seals);
         let id = stagecore::toolbox::new_baseline_id();
         let mut layers = Vec::new();
         for m in &rec.spec.machines {
@@ -341,6 +343,7 @@ struct DiskJob {
 }
 
 async fn disk_changes(shared: &EnvShared, st: &mut EnvState, baseline: &Baseline) -> Result<Vec<DiskChanges>> {
+    crate::seals::verify_origins(st.rec(&shared.name)?, &baseline.id).await?;
     let machines_list = st.rec(&shared.name)?.spec.machines.clone();
     let mut jobs = Vec::new();
     for m in &machines_list {

@@ -18,6 +18,15 @@
 //! around the pause (`Application` consistency), with durable markers so a process killed inside
 //! the window leaves no frozen or paused guest behind the next open. See `docs/backends/qemu.md`.
 //!
+//! Baseline layers are sealed: `take_baseline` records a `stagecore_qcow2::LayerSeal` of every
+//! file of each frozen layer's chain in the environment's record (a stage copies those of the
+//! files it stands on and seals its full copies). `disk_changes` against a baseline, and `stage`
+//! before it creates anything, check them: a layer rewritten behind stagecore's back (an
+//! operator's `qemu-img snapshot -a` to an internal snapshot, a plain write) is
+//! `Error::Precondition("<file>: layer changed since it was sealed: <what>")`; the drift report
+//! fails with it and a promotion is refused in its precondition, before production is touched.
+//! Layers the backend rewrites itself (collapse, swap) are resealed in the same record update.
+//!
 //! ```no_run
 //! # async fn run() -> stagecore::Result<()> {
 //! use stagecore::{Backend, StageOptions};
@@ -52,6 +61,7 @@ mod machines;
 mod markers;
 pub mod process;
 pub mod qmp;
+mod seals;
 mod shared;
 mod snapshot;
 mod stage;

@@ -92,6 +92,7 @@ fn clone_disks(jobs: &[Job], dirs: &[PathBuf]) -> Result<()> {
 pub(crate) async fn stage(ctx: &Arc<Ctx>, baseline: &Baseline, options: &StageOptions) -> Result<Arc<EnvShared>> {
     let mut plan = StagePlan::new(baseline, options)?;
     check_plan(ctx, &plan)?;
+    let mut seals = crate::seals::for_stage(ctx, &plan).await?;
     let new = NewEnv::begin(&ctx.root, &plan.name)?;
     let disks_dir = new.paths.disks();
     let name = plan.name.clone();
@@ -114,13 +115,15 @@ pub(crate) async fn stage(ctx: &Arc<Ctx>, baseline: &Baseline, options: &StageOp
     let env_dir = new.paths.dir.clone();
     let dirs: Vec<PathBuf> =
         [Some(env_dir.clone()), env_dir.parent().map(Path::to_path_buf)].into_iter().flatten().collect();
+    let copies: Vec<PathBuf> = jobs.iter().filter_map(|j| j.copy.clone()).collect();
     blocking(move || clone_disks(&jobs, &dirs)).await?;
+    crate::seals::seal_copies(&mut seals, copies).await?;
     if let Some(hook) = &ctx.hooks.crash_at
         && hook("stage:synced")
     {
         new.abandon();
         return Err(crate::error::msg("crash injected at stage:synced"));
     }
-    let extra = QemuExtra { next_layer: n, ..QemuExtra::default() };
+    let extra = QemuExtra { next_layer: n, seals, ..QemuExtra::default() };
     new.commit(ctx, EnvRecord::stage(&plan, disks, origin, extra))
 }

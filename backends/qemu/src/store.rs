@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use stagecore::Result;
 use stagecore::toolbox::RecordFile;
 pub(crate) use stagecore::toolbox::{disk_key, write_atomic};
+use stagecore_qcow2::Seals;
 
 /// The record's file name inside the environment directory.
 const RECORD: &str = "env.json";
@@ -66,6 +67,11 @@ pub(crate) struct QemuExtra {
     /// [`crate::swap`]'s intent file.
     #[serde(default)]
     pub(crate) last_swap: Option<String>,
+    /// Seals of the read-only layers the baselines (production) or the origins (stage) stand on:
+    /// every file of each frozen layer's chain (see [`crate::seals`]). Records from before seals
+    /// existed have none, and their layers are not checked.
+    #[serde(default, skip_serializing_if = "Seals::is_empty")]
+    pub(crate) seals: Seals,
 }
 
 /// Everything the backend knows about one environment; layers are qcow2 files.

@@ -72,6 +72,11 @@ fn exchange_records(p: &mut EnvRecord, s: &mut EnvRecord, baseline_id: &str) {
     s.origins.extend(po.map(|o| (baseline_id.to_string(), o)));
     p_ids.apply_to(&mut p.spec);
     s_ids.apply_to(&mut s.spec);
+    // A seal is a fact about a file, whichever record keeps it: after the exchange each side may
+    // stand on layers the other sealed (production's seals win for a file both sealed).
+    let mut seals = s.backend.seals.clone();
+    seals.extend(p.backend.seals.clone());
+    (p.backend.seals, s.backend.seals) = (seals.clone(), seals);
 }
 
 /// Replaces every path of `rec` that is (canonically) a moved file by its new name.
@@ -88,6 +93,9 @@ fn remap(rec: &mut EnvRecord, moves: &BTreeMap<PathBuf, PathBuf>) {
         let mut p = PathBuf::from(&l.layer);
         map(&mut p);
         l.layer = p.display().to_string();
+    }
+    for (old, new) in moves {
+        rec.backend.seals.rename(old, new);
     }
 }
 
@@ -196,7 +204,15 @@ fn intent_for(
             let moved = moves.get(image).cloned().unwrap_or_else(|| image.clone());
             Some(Rebase { image: moved, alt: image.clone(), old: backing.clone(), new })
         })
-        .collect();
+        .collect::<Vec<Rebase>>();
+    // A backing-file name we rewrite changes the image's header: such an image keeps no seal
+    // (today only unsealed tops and snapshot layers are rebased; baseline layers never move).
+    for r in &rebases {
+        for rec in [&mut *np, &mut ns] {
+            rec.backend.seals.remove(&r.image);
+            rec.backend.seals.remove(&r.alt);
+        }
+    }
     Intent { id, stage: ns.name.clone(), moves: moves.into_iter().collect(), rebases, stage_record: ns }
 }
 

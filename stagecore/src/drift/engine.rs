@@ -98,9 +98,17 @@ impl Drift for DriftEngine {
         };
         let (config_records, compared) = config::records(&baseline.spec, &p_spec, &s_spec, intended);
 
+        let (p_disks, s_disks) = (production.disk_changes(baseline).await, stage.disk_changes(baseline).await);
+        // A side that refuses with `Precondition` (a baseline layer no longer matches its seal:
+        // the baseline is not what the stage was cloned from) fails the report: nothing can be
+        // measured against it. Any other failure is that side's disks NOT_CHECKED.
+        for r in [&p_disks, &s_disks] {
+            if let Err(Error::Precondition(why)) = r {
+                return Err(Error::Precondition(why.clone()));
+            }
+        }
         let side = |r: Result<Vec<crate::DiskChanges>>| r.map_err(|e| e.to_string());
-        let p_disks = side(production.disk_changes(baseline).await);
-        let s_disks = side(stage.disk_changes(baseline).await);
+        let (p_disks, s_disks) = (side(p_disks), side(s_disks));
         let mut disk_records = disk::records(baseline, p_disks, s_disks, &staged.change_sets);
         let guest_layer =
             guest::layer(production, stage, staged, (&p_spec, &s_spec), &self.inventory, self.progress.as_ref()).await;
@@ -291,5 +299,20 @@ mod tests {
         assert!(r.score <= clean.score, "not checking must not score better than the drift it hides:\n{r}");
         let md = r.machines.iter().find(|x| x.machine == m).unwrap();
         assert_eq!(md.status, Status::NotChecked);
+    }
+
+    /// A side whose `disk_changes` fails with anything but `Precondition` (here an injected
+    /// backend fault) makes that side's disks NOT_CHECKED; the report itself does not fail. (A
+    /// `Precondition` — a sealed baseline layer that changed — fails the report: proven against
+    /// real layers in the QEMU and libvirt backends' `tests/seals.rs`.)
+    #[tokio::test]
+    async fn a_failing_side_is_not_checked_but_the_report_is_made() {
+        let backend = MemoryBackend::new();
+        let prod = backend.create(&sample_spec("prod")).await.unwrap();
+        let baseline = prod.take_baseline().await.unwrap();
+        let stage = backend.stage(&baseline, &StageOptions::linked("try")).await.unwrap();
+        backend.faults().fail_nth("disk_changes", 1);
+        let r = backend.drift(&*prod, &*stage).await.expect("a backend failure does not fail the report");
+        assert!(r.not_checked_disks().count() > 0 && !r.is_clean(), "{r}");
     }
 }
