@@ -158,13 +158,7 @@ pub(crate) async fn resume_leftovers(env: &LibvirtEnvironment, ms: &[Machine]) {
         }
         if m.power == PowerState::Paused {
             tracing::warn!(domain = %m.instance, "resuming a domain a dead process suspended for a freeze");
-            let name = m.instance.clone();
-            let r = env
-                .shared
-                .conn
-                .call("domain", &m.instance, move |c| c.lookup_domain_by_name(&name)?.resume().map(drop))
-                .await;
-            if let Err(e) = r {
+            if let Err(e) = env.resume_domain(&m.instance).await {
                 tracing::warn!(domain = %m.instance, error = %e, "could not resume; the next open tries again");
                 continue;
             }

@@ -36,6 +36,12 @@ impl LibvirtEnvironment {
             .collect())
     }
 
+    /// Resumes the paused domain `instance`.
+    pub(crate) async fn resume_domain(&self, instance: &str) -> Result<()> {
+        let name = instance.to_string();
+        self.shared.conn.call("domain", instance, move |c| c.lookup_domain_by_name(&name)?.resume().map(drop)).await
+    }
+
     /// Starts the named domains.
     pub(crate) async fn start_domains(&self, names: Vec<String>) -> Result<()> {
         self.shared

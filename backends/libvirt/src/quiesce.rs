@@ -201,16 +201,10 @@ pub(crate) async fn thaw_leftovers(env: &LibvirtEnvironment, ms: &[Machine]) {
         match m.power {
             PowerState::Stopped => markers::remove(&path),
             PowerState::Running | PowerState::Paused | PowerState::Unknown => {
-                if m.power == PowerState::Paused {
-                    let name = m.instance.clone();
-                    let r = env
-                        .shared
-                        .conn
-                        .call("domain", &m.instance, move |c| c.lookup_domain_by_name(&name)?.resume().map(drop))
-                        .await;
-                    if let Err(e) = r {
-                        tracing::warn!(domain = %m.instance, error = %e, "could not resume before thawing");
-                    }
+                if m.power == PowerState::Paused
+                    && let Err(e) = env.resume_domain(&m.instance).await
+                {
+                    tracing::warn!(domain = %m.instance, error = %e, "could not resume before thawing");
                 }
                 if thaw(&env.agent_of(m)).await {
                     markers::remove(&path);

@@ -296,6 +296,18 @@ async fn child_process_helper() {
     unreachable!("the fault point stops the child before the baseline returns");
 }
 
+/// A running one-machine (`db`) production of a real guest whose agent answers: its name, its
+/// handle and its domain's name.
+async fn running_db(g: &Guard, backend: &LibvirtBackend) -> (String, DynEnvironment, String) {
+    let name = format!("p{}", g.tag);
+    let spec = GuestImage::locate().production_spec_of(&name, &g.dir.join("disks"), &["db"]).expect("production spec");
+    let prod = backend.create(&spec).await.unwrap();
+    prod.start().await.unwrap();
+    wait_all(&prod).await;
+    let dom = format!("{name}-db");
+    (name, prod, dom)
+}
+
 /// Starts [`child_process_helper`] on environment `env` of `g` with the fault point `fault`
 /// armed and returns once it reached the point (panics if it does not within [`READY`]).
 fn child_at(fault: &str, g: &Guard, env: &str) -> std::process::Child {
@@ -329,14 +341,7 @@ fn child_at(fault: &str, g: &Guard, env: &str) -> std::process::Child {
 async fn guest_killed_between_freeze_and_thaw_is_thawed_on_next_open() {
     let g = Guard::new("g3");
     let backend = g.backend().await;
-    let image = GuestImage::locate();
-    let name = format!("p{}", g.tag);
-    let mut spec = image.production_spec(&name, &g.dir.join("disks")).expect("production spec");
-    spec.machines.retain(|m| m.name == "db");
-    let prod = backend.create(&spec).await.unwrap();
-    prod.start().await.unwrap();
-    wait_all(&prod).await;
-    let dom = format!("{name}-db");
+    let (name, _prod, dom) = running_db(&g, &backend).await;
 
     let mut child = child_at("frozen", &g, &name);
     assert_eq!(freeze_status(&dom), r#"{"return":"frozen"}"#, "the child froze the guest");
@@ -372,14 +377,7 @@ async fn guest_killed_between_freeze_and_thaw_is_thawed_on_next_open() {
 async fn killed_while_suspended_for_a_baseline_is_resumed_on_next_open() {
     let g = Guard::new("g4");
     let backend = g.backend().await;
-    let image = GuestImage::locate();
-    let name = format!("p{}", g.tag);
-    let mut spec = image.production_spec(&name, &g.dir.join("disks")).expect("production spec");
-    spec.machines.retain(|m| m.name == "db");
-    let prod = backend.create(&spec).await.unwrap();
-    prod.start().await.unwrap();
-    wait_all(&prod).await;
-    let dom = format!("{name}-db");
+    let (name, _prod, dom) = running_db(&g, &backend).await;
 
     let mut child = child_at("suspended", &g, &name);
     let suspended = g.dir.join("suspended").join(format!("{dom}.json"));
