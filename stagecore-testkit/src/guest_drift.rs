@@ -3,7 +3,8 @@
 //! [`stagecore::Capabilities::guest_channel`] and productions whose guests answer once started
 //! (the memory backend's simulated guests, or real guests: build the kit with
 //! `crate::guest::guest_kit_of(backend, dir, &["app"])` — the functions change and read only
-//! [`GuestFixture::machine`], so one TCG guest per side is enough).
+//! [`GuestFixture::machine`], so one TCG guest per side is enough; [`rebase_without_conflict`]
+//! also changes a second machine: give it `&["app", "db"]`).
 //!
 //! What the functions change in the guests comes from a [`GuestFixture`]:
 //! [`GuestFixture::simulated`] for the memory backend; for real guests the caller names a file
@@ -300,6 +301,8 @@ fn request(prod: &DynEnvironment, stage: &DynEnvironment, gates: Vec<ProbeGate>)
 }
 
 async fn package_version(env: &dyn Environment, fx: &GuestFixture) -> Option<String> {
+    // A promotion's rollback may just have restarted the machine: its guest boots again.
+    wait_agents(env, fx.ready).await;
     let inv = inventory::collect(env, Some(std::slice::from_ref(&fx.machine)), &InventoryConfig::default(), None)
         .await
         .unwrap();
@@ -390,7 +393,8 @@ fn kit_change_set(fx: &GuestFixture, memory_mib: u64) -> ChangeSet {
 
 /// Rebase where production moved elsewhere (another machine's vCPUs and a file on another
 /// machine): a new stage on a new baseline carries the ChangeSet again, its drift all intended;
-/// the old stage is still there, unchanged. Requires `config_changes`.
+/// the old stage is still there, unchanged. Requires `config_changes` and productions of at
+/// least two machines.
 pub async fn rebase_without_conflict(kit: &Kit, fx: &GuestFixture) {
     kit.require_change("set_vcpus");
     let (pname, sname, prod, stage) = pair(kit, fx, "kit-grebase").await;

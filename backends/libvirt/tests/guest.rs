@@ -424,15 +424,16 @@ guest_kit_tests! {
 }
 
 /// The testkit's guest-drift functions (all of `stagecore_testkit::guest_drift`), one live test
-/// each, on productions of real guests: the demo app's package and config file of the test image
+/// each, on productions of the real guests named (one, or two where the function needs them),
+/// with the demo app's package and config file of the test image
 /// ([`stagecore_testkit::guest_drift::GuestFixture::test_image`]).
 macro_rules! guest_drift_tests {
-    ($($name:ident => $f:ident;)*) => {$(
+    ($($name:ident => $f:ident on $machines:expr;)*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() {
             let g = Guard::new("gd");
             let backend: std::sync::Arc<dyn Backend> = std::sync::Arc::new(g.backend().await);
-            let kit = stagecore_testkit::guest::guest_kit_of(backend, g.dir.join("disks"), &["app"]);
+            let kit = stagecore_testkit::guest::guest_kit_of(backend, g.dir.join("disks"), $machines);
             let fixture = stagecore_testkit::guest_drift::GuestFixture::test_image(&GuestImage::locate());
             stagecore_testkit::guest_drift::$f(&kit, &fixture).await;
         }
@@ -440,11 +441,11 @@ macro_rules! guest_drift_tests {
 }
 
 guest_drift_tests! {
-    guest_drift_zero_after_clone => zero_guest_drift_after_clone;
-    guest_drift_change_is_intended => guest_change_is_intended;
-    guest_drift_footprint_verify => footprint_verify;
-    guest_drift_gates_on_stage => gates_on_stage;
-    guest_drift_rebase_without_conflict => rebase_without_conflict;
-    guest_drift_rebase_with_conflict => rebase_with_conflict;
-    guest_drift_production_untouched_by_inventory => production_untouched_by_inventory;
+    guest_drift_zero_after_clone => zero_guest_drift_after_clone on &["app"];
+    guest_drift_change_is_intended => guest_change_is_intended on &["app"];
+    guest_drift_footprint_verify => footprint_verify on &["app"];
+    guest_drift_gates_on_stage => gates_on_stage on &["app"];
+    guest_drift_rebase_without_conflict => rebase_without_conflict on &["app", "db"];
+    guest_drift_rebase_with_conflict => rebase_with_conflict on &["app"];
+    guest_drift_production_untouched_by_inventory => production_untouched_by_inventory on &["app"];
 }

@@ -446,7 +446,8 @@ async fn guest_drift_footprint_verify() {
 #[tokio::test]
 async fn guest_drift_rebase_without_conflict() {
     let f = Fixture::new();
-    stagecore_testkit::guest_drift::rebase_without_conflict(&drift_kit(&f), &drift_fixture()).await;
+    let kit = stagecore_testkit::guest::guest_kit_of(f.backend.clone(), f.root().join("kit-disks"), &["app", "db"]);
+    stagecore_testkit::guest_drift::rebase_without_conflict(&kit, &drift_fixture()).await;
 }
 
 #[tokio::test]
