@@ -123,7 +123,7 @@ impl LibvirtBackend {
 
     /// Opens an environment handle with its concrete type. A domain left suspended or a guest
     /// left frozen by a process that died in the middle of a freeze (its markers are in the state
-    /// directory, [`crate::markers`]) is resumed and thawed here.
+    /// directory) is resumed and thawed here.
     pub async fn open_libvirt(&self, name: &str) -> Result<LibvirtEnvironment> {
         let ms = self.shared.machines(name).await?;
         let env = self.handle(name);
