@@ -172,7 +172,7 @@ mod tests {
     #[test]
     fn qcow2_errors_name_this_backend() {
         let dir = std::env::temp_dir().join(format!("lv-qcow2-{}", std::process::id()));
-        let e = stagecore_qcow2::typed::info(&dir.join("missing.qcow2")).unwrap_err();
+        let e = stagecore_qcow2::info(&dir.join("missing.qcow2")).unwrap_err();
         let mapped = qcow2(e);
         assert!(matches!(&mapped, Error::NotFound { source: Some(_), .. }), "{mapped:?}");
     }

@@ -4,7 +4,7 @@
 //! writes and digests) goes through the shared in-process crate `stagecore-qcow2`, the same code
 //! the QEMU backend uses. Raw files (production disks created or attached as `raw`) are plain
 //! files: read, written and hashed here with positional I/O. Nothing spawns `qemu-img`: new empty
-//! images come from `stagecore_qcow2::typed::create_empty` too. [`make_dir`] makes the
+//! images come from `stagecore_qcow2::create_empty` too. [`make_dir`] makes the
 //! directories these files live in.
 //!
 //! All functions block; callers run them on `spawn_blocking` (or inside a `Conn::run` closure).
@@ -53,7 +53,7 @@ pub(crate) fn format(path: &Path) -> Result<ImageFormat> {
 /// `path` exists).
 pub(crate) fn create_image(path: &Path, format: &str, size: u64) -> Result<()> {
     let format: stagecore_qcow2::ImageFormat = format.parse()?;
-    stagecore_qcow2::typed::create_empty(path, format, size).map_err(error::qcow2)
+    stagecore_qcow2::create_empty(path, format, size).map_err(error::qcow2)
 }
 
 /// Creates a directory QEMU (running as another user) can traverse.
@@ -66,7 +66,7 @@ pub(crate) fn make_dir(path: &Path) -> Result<()> {
 /// Creates a qcow2 overlay at `path` over `backing` (absolute; its format is probed), in-process.
 pub(crate) fn create_overlay(path: &Path, backing: &Path) -> Result<()> {
     let backing = absolute(backing)?;
-    stagecore_qcow2::typed::create_overlay(path, &backing, format(&backing)?, None).map_err(error::qcow2)
+    stagecore_qcow2::create_overlay(path, &backing, format(&backing)?, None).map_err(error::qcow2)
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -77,7 +77,7 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 pub(crate) fn info(path: &Path) -> Result<ImageInfo> {
     match format(path)? {
         ImageFormat::Qcow2 => {
-            let i = stagecore_qcow2::typed::info(path).map_err(error::qcow2)?;
+            let i = stagecore_qcow2::info(path).map_err(error::qcow2)?;
             Ok(ImageInfo { format: i.format, virtual_size: i.virtual_size })
         }
         ImageFormat::Raw => {
@@ -101,10 +101,10 @@ pub(crate) fn changed_since(top: &Path, base: &Path) -> Result<Option<(Vec<Exten
     if format(top)? == ImageFormat::Raw {
         return Ok(same_file(top, base).then(|| (Vec::new(), 1)));
     }
-    let chain = stagecore_qcow2::typed::chain(top).map_err(error::qcow2)?;
+    let chain = stagecore_qcow2::chain(top).map_err(error::qcow2)?;
     let Some(depth) = chain.iter().position(|i| same_file(&i.path, base)) else { return Ok(None) };
     let granularity = chain[..depth].iter().filter_map(|i| i.cluster_size).min().unwrap_or(1);
-    Ok(Some((stagecore_qcow2::typed::changed_since(top, base).map_err(error::qcow2)?, granularity)))
+    Ok(Some((stagecore_qcow2::changed_since(top, base).map_err(error::qcow2)?, granularity)))
 }
 
 /// Copies what `src`'s chain allocates into a new independent qcow2 image `dst`.
@@ -117,13 +117,13 @@ pub(crate) fn copy_allocated(src: &Path, dst: &Path) -> Result<()> {
     }
     let src = absolute(src)?;
     if format(&src)? == ImageFormat::Qcow2 {
-        return stagecore_qcow2::typed::copy_allocated(&src, None, dst).map(drop).map_err(error::qcow2);
+        return stagecore_qcow2::copy_allocated(&src, None, dst).map(drop).map_err(error::qcow2);
     }
     let name = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dst.with_file_name(format!(".{name}.raw-view.qcow2"));
     let _ = std::fs::remove_file(&tmp);
-    stagecore_qcow2::typed::create_overlay(&tmp, &src, ImageFormat::Raw, None).map_err(error::qcow2)?;
-    let r = stagecore_qcow2::typed::copy_allocated(&tmp, None, dst).map(drop).map_err(error::qcow2);
+    stagecore_qcow2::create_overlay(&tmp, &src, ImageFormat::Raw, None).map_err(error::qcow2)?;
+    let r = stagecore_qcow2::copy_allocated(&tmp, None, dst).map(drop).map_err(error::qcow2);
     let _ = std::fs::remove_file(&tmp);
     r
 }
@@ -132,7 +132,7 @@ pub(crate) fn copy_allocated(src: &Path, dst: &Path) -> Result<()> {
 pub(crate) fn read_at(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
     match format(path)? {
-        ImageFormat::Qcow2 => stagecore_qcow2::typed::read_at(path, offset, &mut buf).map_err(error::qcow2)?,
+        ImageFormat::Qcow2 => stagecore_qcow2::read_at(path, offset, &mut buf).map_err(error::qcow2)?,
         ImageFormat::Raw => {
             let f = open(path, false)?;
             let mut done = 0;
@@ -151,7 +151,7 @@ pub(crate) fn read_at(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
 /// QEMU (callers refuse running domains).
 pub(crate) fn write_at(path: &Path, offset: u64, data: &[u8]) -> Result<()> {
     if format(path)? == ImageFormat::Qcow2 {
-        stagecore_qcow2::typed::write_at(path, offset, data).map_err(error::qcow2)?;
+        stagecore_qcow2::write_at(path, offset, data).map_err(error::qcow2)?;
         return open(path, true)?.sync_data().map_err(|e| error::io(path, e));
     }
     let f = open(path, true)?;
@@ -161,7 +161,7 @@ pub(crate) fn write_at(path: &Path, offset: u64, data: &[u8]) -> Result<()> {
 /// SHA-256 of the whole guest-visible content.
 pub(crate) fn digest(path: &Path) -> Result<[u8; 32]> {
     if format(path)? == ImageFormat::Qcow2 {
-        return stagecore_qcow2::typed::digest(path).map_err(error::qcow2);
+        return stagecore_qcow2::digest(path).map_err(error::qcow2);
     }
     let mut f = open(path, false)?;
     let mut h = Sha256::new();

@@ -275,7 +275,7 @@ impl Storage {
             Storage::Local { .. } => layers::info(Path::new(path)),
             Storage::Remote { .. } => {
                 let r = self.resolver(c);
-                match stagecore_qcow2::typed::info_in(&r, Path::new(path)) {
+                match stagecore_qcow2::info_in(&r, Path::new(path)) {
                     Ok(i) => Ok(ImageInfo { format: i.format, virtual_size: i.virtual_size }),
                     Err(stagecore_qcow2::Error::NotQcow2 { .. }) => {
                         let vol = lookup(c, path).map_err(|e| crate::error::map(&e, ctx(uri, path)))?;
@@ -303,10 +303,10 @@ impl Storage {
                     return Ok((top == base).then(|| (Vec::new(), 1)));
                 }
                 let r = self.resolver(c);
-                let chain = stagecore_qcow2::typed::chain_in(&r, Path::new(top)).map_err(crate::error::qcow2)?;
+                let chain = stagecore_qcow2::chain_in(&r, Path::new(top)).map_err(crate::error::qcow2)?;
                 let Some(depth) = chain.iter().position(|i| i.path == Path::new(base)) else { return Ok(None) };
                 let granularity = chain[..depth].iter().filter_map(|i| i.cluster_size).min().unwrap_or(1);
-                let extents = stagecore_qcow2::typed::changed_since_in(&r, Path::new(top), Path::new(base))
+                let extents = stagecore_qcow2::changed_since_in(&r, Path::new(top), Path::new(base))
                     .map_err(crate::error::qcow2)?;
                 Ok(Some((extents, granularity)))
             }
@@ -329,13 +329,11 @@ impl Storage {
             Storage::Remote { .. } => &r,
         };
         let mut all = Vec::new();
-        for layer in stagecore_qcow2::typed::chain_in(res, Path::new(top)).map_err(crate::error::qcow2)? {
+        for layer in stagecore_qcow2::chain_in(res, Path::new(top)).map_err(crate::error::qcow2)? {
             if layer.format == ImageFormat::Raw {
                 all.push(Extent { offset: 0, length: layer.virtual_size.min(info.virtual_size) });
             } else {
-                all.extend(
-                    stagecore_qcow2::typed::allocated_extents_in(res, &layer.path).map_err(crate::error::qcow2)?,
-                );
+                all.extend(stagecore_qcow2::allocated_extents_in(res, &layer.path).map_err(crate::error::qcow2)?);
             }
         }
         Ok(stagecore::extent::normalize(all))
@@ -353,7 +351,7 @@ impl Storage {
                         .and_then(|v| v.read_exact_at(&mut buf, offset))
                         .map_err(io_err(top))?;
                 } else {
-                    stagecore_qcow2::typed::read_at_in(&self.resolver(c), Path::new(top), offset, &mut buf)
+                    stagecore_qcow2::read_at_in(&self.resolver(c), Path::new(top), offset, &mut buf)
                         .map_err(crate::error::qcow2)?;
                 }
                 Ok(buf)
@@ -373,7 +371,7 @@ impl Storage {
                         .and_then(|v| v.write_all_at(data, offset))
                         .map_err(io_err(top));
                 }
-                stagecore_qcow2::typed::write_at_in(&self.resolver(c), Path::new(top), offset, data)
+                stagecore_qcow2::write_at_in(&self.resolver(c), Path::new(top), offset, data)
                     .map_err(crate::error::qcow2)
             }
         }
@@ -396,7 +394,7 @@ impl Storage {
                     }
                     return Ok(h.finalize().into());
                 }
-                stagecore_qcow2::typed::digest_in(&self.resolver(c), Path::new(top)).map_err(crate::error::qcow2)
+                stagecore_qcow2::digest_in(&self.resolver(c), Path::new(top)).map_err(crate::error::qcow2)
             }
         }
     }

@@ -134,13 +134,13 @@ fn insert(key: Key, extents: Arc<Vec<Extent>>, backing: Backing) {
     c.map.insert(key, Entry { extents, backing });
 }
 
-/// See [`crate::typed::changed_since`]: the union of the allocation of the layers from `top`
+/// See [`crate::changed_since`]: the union of the allocation of the layers from `top`
 /// down to, excluding, `base`, opening nothing below `base`.
 pub(crate) fn changed_since(resolver: Option<&dyn Resolver>, top: &Path, base: &Path) -> Result<Vec<Extent>> {
     walk(resolver, top, base, None)
 }
 
-/// See [`crate::typed::info_and_changed_since`]: the top is opened once for both answers.
+/// See [`crate::info_and_changed_since`]: the top is opened once for both answers.
 pub(crate) fn info_and_changed_since(top: &Path, base: &Path) -> Result<(ImageInfo, Result<Vec<Extent>>)> {
     let src = open_source(None, top, false)?;
     let info = describe_source(&src, top)?;

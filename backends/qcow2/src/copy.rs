@@ -59,7 +59,7 @@ impl Plan {
     }
 }
 
-/// See [`crate::typed::copy_allocated`].
+/// See [`crate::copy_allocated`].
 pub(crate) fn copy_allocated(src: &Path, stop_at: Option<&Path>, dest: &Path) -> Result<CopyStats> {
     let mut chain = Chain::open(src, false)?;
     let all = chain.layers.len();
@@ -86,8 +86,8 @@ pub(crate) fn copy_allocated(src: &Path, stop_at: Option<&Path>, dest: &Path) ->
     Ok(stats)
 }
 
-/// One full copy for [`copy_allocated_many`](crate::typed::copy_allocated_many): the arguments of
-/// [`copy_allocated`](crate::typed::copy_allocated).
+/// One full copy for [`copy_allocated_many`](crate::copy_allocated_many): the arguments of
+/// [`copy_allocated`](crate::copy_allocated).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyJob {
     /// Top of the chain to copy.
@@ -98,7 +98,7 @@ pub struct CopyJob {
     pub dest: PathBuf,
 }
 
-/// See [`crate::typed::copy_allocated_many`].
+/// See [`crate::copy_allocated_many`].
 pub(crate) fn copy_allocated_many(jobs: &[CopyJob], parallelism: usize) -> Vec<Result<CopyStats>> {
     let workers = parallelism.clamp(1, jobs.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);

@@ -44,7 +44,7 @@ pub(crate) enum Sync {
     Deferred,
 }
 
-/// See [`crate::typed::create_overlay`] and [`crate::typed::create_overlay_unsynced`].
+/// See [`crate::create_overlay`] and [`crate::create_overlay_unsynced`].
 pub(crate) fn create_overlay(
     path: &Path,
     backing: &Path,
@@ -66,7 +66,7 @@ pub(crate) fn create_overlay(
     write_qcow2(path, size, Some((name, backing_format)), sync)
 }
 
-/// See [`crate::typed::create_empty`].
+/// See [`crate::create_empty`].
 pub(crate) fn create_empty(path: &Path, format: ImageFormat, size: u64) -> Result<()> {
     match format {
         ImageFormat::Qcow2 => write_qcow2(path, size, None, Sync::Durable),

@@ -2,25 +2,22 @@
 //!
 //! Contract: every variant names the file it is about; there is no blanket `From<io::Error>`
 //! (an I/O failure is always built with the operation and the file, by [`io`] / [`ctx`]).
-//! `impl From<Error> for stagecore::Error` keeps each variant's meaning:
+//! [`Error::into_core`] (with the caller's backend name) keeps each variant's meaning:
 //!
 //! | qcow2 | stagecore |
 //! |---|---|
 //! | `NotFound` | `NotFound { kind, name: <path> }` |
 //! | `AlreadyExists` | `AlreadyExists { kind: "disk image", name: <path> }` |
 //! | `NotQcow2`, `Corrupt` | `InvalidSpec { path: <file>, reason }` |
-//! | `UnsupportedFeature` | `NotSupported { operation: <feature>, backend: "qcow2" }` |
+//! | `UnsupportedFeature` | `NotSupported { operation: <feature>, backend: <caller> }` |
 //! | `BaseNotInChain` | `InvalidSpec { path: "base", reason: "<base> is not in the backing chain of <top>" }` |
 //! | `InvalidArgument` | `InvalidSpec { path: <argument name>, reason }` |
 //! | `LayerChanged` | `Precondition("<file>: layer changed since it was sealed: <what>")` |
-//! | `Io` | `Backend { backend: "qcow2", source: <this error> }` |
+//! | `Io` | `Backend { backend: <caller>, source: <this error> }` |
 
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
-
-/// Backend name used in every [`stagecore::Error::Backend`] and `NotSupported` made from this crate's errors.
-pub(crate) const BACKEND: &str = "qcow2";
 
 /// The result type of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -197,25 +194,13 @@ impl Error {
             }
             Error::UnsupportedFeature { feature, .. } => stagecore::Error::not_supported(feature.as_str(), backend),
             e @ Error::Io { .. } => stagecore::Error::backend(backend, e),
-            other => stagecore::Error::from(other),
-        }
-    }
-}
-
-impl From<Error> for stagecore::Error {
-    fn from(e: Error) -> Self {
-        match e {
-            Error::NotFound { kind, path } => stagecore::Error::not_found(kind, path.display().to_string()),
-            Error::AlreadyExists { path } => stagecore::Error::already_exists("disk image", path.display().to_string()),
             Error::NotQcow2 { path, what } => {
                 stagecore::Error::invalid(path.display().to_string(), format!("not a qcow2 image: {what}"))
             }
             Error::Corrupt { path, what } => stagecore::Error::invalid(path.display().to_string(), what),
-            Error::UnsupportedFeature { feature, .. } => stagecore::Error::not_supported(feature.as_str(), BACKEND),
             e @ Error::BaseNotInChain { .. } => stagecore::Error::invalid("base", e.to_string()),
             Error::InvalidArgument { arg, reason, .. } => stagecore::Error::invalid(arg, reason),
             e @ Error::LayerChanged { .. } => stagecore::Error::Precondition(e.to_string()),
-            e @ Error::Io { .. } => stagecore::Error::backend(BACKEND, e),
         }
     }
 }
@@ -261,24 +246,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mapping_into_stagecore_keeps_meaning() {
+    fn mapping_into_stagecore_keeps_meaning_and_names_the_caller() {
         let p = Path::new("/x/base.qcow2");
-        let e: stagecore::Error = unsupported(p, Feature::ExtendedL2Write).into();
+        let e: stagecore::Error = unsupported(p, Feature::ExtendedL2Write).into_core("qemu");
         assert!(
-            matches!(e, stagecore::Error::NotSupported { backend: "qcow2", operation } if operation.contains("extended L2"))
+            matches!(e, stagecore::Error::NotSupported { backend: "qemu", operation } if operation.contains("extended L2"))
         );
-        let e: stagecore::Error = Error::BaseNotInChain { base: p.into(), top: "/x/top".into() }.into();
+        let e: stagecore::Error = Error::BaseNotInChain { base: p.into(), top: "/x/top".into() }.into_core("qemu");
         assert!(
             matches!(&e, stagecore::Error::InvalidSpec { path, reason } if path == "base" && reason.contains("/x/base.qcow2"))
         );
-        let e: stagecore::Error = corrupt(p, "bad L2").into();
+        let e: stagecore::Error = corrupt(p, "bad L2").into_core("qemu");
         assert!(matches!(&e, stagecore::Error::InvalidSpec { path, .. } if path == "/x/base.qcow2"));
-        let e: stagecore::Error = Error::LayerChanged { path: p.into(), what: "L1 table".into() }.into();
+        let e: stagecore::Error = Error::LayerChanged { path: p.into(), what: "L1 table".into() }.into_core("qemu");
         assert!(matches!(&e, stagecore::Error::Precondition(m) if m.contains("base.qcow2") && m.contains("L1")));
-        let e: stagecore::Error = io("read L1 of", p, io::Error::from_raw_os_error(libc::EIO)).into();
-        assert!(matches!(&e, stagecore::Error::Backend { backend: "qcow2", .. }));
+        let e: stagecore::Error = io("read L1 of", p, io::Error::from_raw_os_error(libc::EIO)).into_core("qemu");
+        assert!(matches!(&e, stagecore::Error::Backend { backend: "qemu", .. }));
         assert!(e.to_string().contains("read L1 of /x/base.qcow2"), "{e}");
-        let e: stagecore::Error = io("open", p, io::ErrorKind::NotFound.into()).into();
+        let e: stagecore::Error = io("open", p, io::ErrorKind::NotFound.into()).into_core("qemu");
         assert!(matches!(&e, stagecore::Error::NotFound { name, .. } if name == "/x/base.qcow2"));
     }
 

@@ -1,14 +1,14 @@
-//! Integrity records of read-only layers: [`LayerSeal`], made by [`seal`](crate::typed::seal) and
-//! checked by [`verify`](crate::typed::verify).
+//! Integrity records of read-only layers: [`LayerSeal`], made by [`seal`](crate::seal) and
+//! checked by [`verify`](crate::verify).
 //!
 //! Contract: a seal covers the file's size and modification time and, for qcow2, SHA-256 of
 //! cluster 0 (header, extensions, backing name), of the L1 table, of every L2 table the L1
 //! references (in L1 order) and of the refcount table. It reads metadata only — never guest
-//! data — so its cost follows the number of allocated L2 tables, like [`crate::typed::changed_since`].
+//! data — so its cost follows the number of allocated L2 tables, like [`crate::changed_since`].
 //! Any change that allocates, frees, snapshots, reverts, rebases, resizes or rewrites the
 //! header changes a hash; an in-place overwrite of an already allocated data cluster changes
 //! only the modification time (which the seal records, so it is caught too unless someone
-//! resets the mtime on purpose). [`verify`](crate::typed::verify) names the first difference in
+//! resets the mtime on purpose). [`verify`](crate::verify) names the first difference in
 //! [`Error::LayerChanged`](crate::error::Error::LayerChanged).
 
 use std::os::unix::fs::MetadataExt;
@@ -24,7 +24,7 @@ use crate::source::ReadAt;
 use crate::types::ImageFormat;
 
 /// What a read-only layer looked like when it was sealed. Serialise it next to the baseline
-/// record; compare with [`verify`](crate::typed::verify) before trusting the layer again.
+/// record; compare with [`verify`](crate::verify) before trusting the layer again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct LayerSeal {
@@ -32,7 +32,7 @@ pub struct LayerSeal {
     pub format: ImageFormat,
     /// File length in bytes.
     pub size: u64,
-    /// Modification time, nanoseconds since the Unix epoch. `None`: not checked by [`verify`](crate::typed::verify)
+    /// Modification time, nanoseconds since the Unix epoch. `None`: not checked by [`verify`](crate::verify)
     /// (e.g. for a layer copied without keeping times).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtime_ns: Option<i64>,
@@ -51,7 +51,7 @@ pub struct LayerSeal {
 }
 
 impl LayerSeal {
-    /// The same seal without the modification time (then [`verify`](crate::typed::verify) checks metadata only).
+    /// The same seal without the modification time (then [`verify`](crate::verify) checks metadata only).
     pub fn without_mtime(mut self) -> LayerSeal {
         self.mtime_ns = None;
         self
@@ -78,7 +78,7 @@ fn mtime_ns(m: &std::fs::Metadata) -> i64 {
     m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec())
 }
 
-/// See [`crate::typed::seal`].
+/// See [`crate::seal`].
 pub(crate) fn seal(path: &Path) -> Result<LayerSeal> {
     let file = open_file(path, false)?;
     let meta = file.metadata().map_err(ctx("stat", path))?;
@@ -131,7 +131,7 @@ pub(crate) fn seal(path: &Path) -> Result<LayerSeal> {
     })
 }
 
-/// See [`crate::typed::verify`].
+/// See [`crate::verify`].
 pub(crate) fn verify(path: &Path, want: &LayerSeal) -> Result<()> {
     let now = seal(path)?;
     let changed = |what: String| Err(Error::LayerChanged { path: path.to_path_buf(), what });

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::Error;
 use crate::seal::{self as seal_mod, LayerSeal};
-use crate::{Error, typed};
 
 /// The seals of a set of layer files (see the module docs). Serialises as a JSON object
 /// `{ "<file>": LayerSeal, ... }`.
@@ -32,7 +32,7 @@ fn key(path: &Path) -> PathBuf {
 
 /// Every file of the chain of `layer` (the layer first); a raw layer is a chain of itself.
 fn chain_files(layer: &Path) -> crate::Result<Vec<PathBuf>> {
-    match typed::chain(layer) {
+    match crate::chain(layer) {
         Ok(chain) => Ok(chain.into_iter().map(|i| i.path).collect()),
         Err(Error::NotQcow2 { path, .. }) if path == layer => Ok(vec![layer.to_path_buf()]),
         Err(e) => Err(e),

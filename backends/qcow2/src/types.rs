@@ -69,7 +69,7 @@ pub struct ImageInfo {
     pub backing_format: Option<ImageFormat>,
 }
 
-/// What [`crate::typed::copy_allocated`] did.
+/// What [`crate::copy_allocated`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct CopyStats {

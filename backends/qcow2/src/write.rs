@@ -15,7 +15,7 @@ use crate::error::{Feature, Result, corrupt, ctx, invalid, unsupported};
 use crate::header::{COPIED, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFFSET_MASK};
 use crate::layer::{Mapping, Qcow2Layer};
 
-/// See [`crate::typed::write_at`].
+/// See [`crate::write_at`].
 pub(crate) fn write_at(top: &Path, offset: u64, data: &[u8]) -> Result<()> {
     write_at_in(None, top, offset, data)
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use stagecore_qcow2::typed::{allocated_extents, copy_allocated, create_overlay, info};
 use stagecore_qcow2::{Error, ImageFormat};
+use stagecore_qcow2::{allocated_extents, copy_allocated, create_overlay, info};
 
 fn compare(a: &Path, b: &Path) {
     qemu_img(&["compare", "-q", a.to_str().unwrap(), b.to_str().unwrap()]);
@@ -121,8 +121,8 @@ fn full_filesystem_fails_cleanly() {
     let text = e.to_string();
     assert!(matches!(&e, Error::Io { path, .. } if path.starts_with(fs.0.path())), "{text}");
     assert!(text.contains("No space left"), "{text}");
-    let core: stagecore::Error = e.into();
-    assert!(matches!(core, stagecore::Error::Backend { backend: "qcow2", .. }), "{core}");
+    let core = e.into_core("qemu");
+    assert!(matches!(core, stagecore::Error::Backend { backend: "qemu", .. }), "{core}");
     assert!(core.to_string().contains("No space left"), "{core}");
     assert!(names(fs.0.path()).is_empty(), "partial output left: {:?}", names(fs.0.path()));
     // And the same for an overlay whose header cannot even be written.
@@ -144,7 +144,7 @@ fn many_copies_in_parallel_each_equal_their_source_and_failures_stay_apart() {
         dest: p(&d, dest),
     };
     let jobs = vec![job("a.qcow2", None), job("taken.qcow2", None), job("b.qcow2", Some(&raw)), job("c.qcow2", None)];
-    let results = stagecore_qcow2::typed::copy_allocated_many(&jobs, 2);
+    let results = stagecore_qcow2::copy_allocated_many(&jobs, 2);
     assert_eq!(results.len(), 4);
     assert!(matches!(results[1], Err(Error::AlreadyExists { .. })), "{:?}", results[1]);
     assert_eq!(std::fs::read(&taken).unwrap(), b"keep");

@@ -7,10 +7,8 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use sha2::{Digest, Sha256};
-use stagecore_qcow2::typed::{
-    allocated_extents, changed_since, copy_allocated, create_overlay, digest, read_at, write_at,
-};
 use stagecore_qcow2::{Error, Feature, ImageFormat};
+use stagecore_qcow2::{allocated_extents, changed_since, copy_allocated, create_overlay, digest, read_at, write_at};
 
 fn create_ext(path: &Path, cluster: &str, size: &str, backing: Option<&Path>) {
     let opts = format!("extended_l2=on,cluster_size={cluster}");
@@ -129,9 +127,9 @@ fn writing_into_extended_l2_is_refused_by_name() {
     let e = write_at(&top, 0, &[1, 2, 3]).unwrap_err();
     assert!(matches!(&e, Error::UnsupportedFeature { path, feature: Feature::ExtendedL2Write } if path == &top), "{e}");
     assert!(e.to_string().contains("extended L2"), "{e}");
-    let core = stagecore::Error::from(e);
+    let core = e.into_core("qemu");
     assert!(
-        matches!(core, stagecore::Error::NotSupported { backend: "qcow2", operation } if operation.contains("extended L2")),
+        matches!(core, stagecore::Error::NotSupported { backend: "qemu", operation } if operation.contains("extended L2")),
     );
     assert_eq!(std::fs::read(&top).unwrap(), before, "nothing written");
 }

@@ -3,8 +3,8 @@
 mod common;
 
 use common::*;
-use stagecore_qcow2::typed::{chain, create_overlay, info};
 use stagecore_qcow2::{Error, ImageFormat};
+use stagecore_qcow2::{chain, create_overlay, info};
 
 /// `info(path)` fails naming the file; `not_qcow2` says which variant. The stagecore mapping is
 /// `InvalidSpec { path: <file> }` for both.
@@ -17,7 +17,7 @@ fn assert_invalid(path: &std::path::Path, needle: &str) {
         }
         other => panic!("expected NotQcow2/Corrupt for {}, got {other:?}", path.display()),
     }
-    match stagecore::Error::from(e) {
+    match e.into_core("qemu") {
         stagecore::Error::InvalidSpec { path: p, reason } => {
             assert_eq!(p, path.display().to_string());
             assert!(reason.contains(needle), "reason `{reason}` lacks `{needle}`");
@@ -107,7 +107,7 @@ fn missing_backing_is_not_found_naming_it_and_loops_are_detected() {
     std::fs::remove_file(&base).unwrap();
     let e = chain(&top).unwrap_err();
     assert!(matches!(&e, Error::NotFound { kind: "backing file", path } if path == &base), "{e}");
-    let core = stagecore::Error::from(e);
+    let core = e.into_core("qemu");
     assert!(
         matches!(&core, stagecore::Error::NotFound { kind: "backing file", name, .. } if name.contains("base.qcow2"))
     );

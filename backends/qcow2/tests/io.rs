@@ -4,8 +4,8 @@ mod common;
 
 use common::*;
 use sha2::{Digest, Sha256};
-use stagecore_qcow2::typed::{create_overlay, digest, read_at, write_at};
 use stagecore_qcow2::{Error, ImageFormat};
+use stagecore_qcow2::{create_overlay, digest, read_at, write_at};
 
 fn qemu_digest(top: &std::path::Path, d: &tempfile::TempDir) -> [u8; 32] {
     let out = p(d, "flat.raw");
@@ -71,7 +71,7 @@ fn write_at_allocates_in_top_only_and_qemu_reads_it() {
     assert_eq!(&buf[5..15], &[0xef; 10]);
     let e = write_at(&top, 3 * 1024 * M - 1, &[1, 2]).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument { arg: "offset", .. }), "{e}");
-    assert!(matches!(stagecore::Error::from(e), stagecore::Error::InvalidSpec { path, .. } if path == "offset"));
+    assert!(matches!(e.into_core("qemu"), stagecore::Error::InvalidSpec { path, .. } if path == "offset"));
 }
 
 #[test]

@@ -3,8 +3,8 @@
 mod common;
 
 use common::*;
-use stagecore_qcow2::typed::{create_overlay, create_overlay_unsynced, info};
 use stagecore_qcow2::{Error, ImageFormat};
+use stagecore_qcow2::{create_overlay, create_overlay_unsynced, info};
 
 #[test]
 fn overlay_on_qcow2_is_valid_and_reads_through() {
@@ -95,7 +95,7 @@ fn refuses_to_overwrite_and_bad_arguments() {
 /// file; an existing path or a bad size is refused and leaves nothing.
 #[test]
 fn empty_images_are_valid_and_never_replace_a_file() {
-    use stagecore_qcow2::typed::create_empty;
+    use stagecore_qcow2::create_empty;
     let d = tmp();
     let img = p(&d, "empty.qcow2");
     create_empty(&img, ImageFormat::Qcow2, 64 * M).unwrap();

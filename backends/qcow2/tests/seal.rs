@@ -6,8 +6,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use stagecore_qcow2::typed::{changed_since, create_overlay, seal, verify};
 use stagecore_qcow2::{Error, ImageFormat, LayerSeal};
+use stagecore_qcow2::{changed_since, create_overlay, seal, verify};
 
 fn snapshot(args: &[&str], img: &Path) {
     let mut a = vec!["snapshot"];
@@ -77,7 +77,7 @@ fn internal_snapshot_revert_of_a_sealed_layer_is_detected() {
     assert!(changed_since(&top, &base).unwrap().is_empty(), "the chain itself shows no change");
     let what = changed(&base, &s);
     assert!(what.contains("L1") || what.contains("header") || what.contains("L2"), "{what}");
-    let core = stagecore::Error::from(verify(&base, &s).unwrap_err());
+    let core = verify(&base, &s).unwrap_err().into_core("qemu");
     assert!(matches!(&core, stagecore::Error::Precondition(m) if m.contains("base.qcow2")), "{core}");
 }
 

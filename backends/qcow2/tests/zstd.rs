@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use sha2::{Digest, Sha256};
-use stagecore_qcow2::typed::{allocated_extents, copy_allocated, create_overlay, digest, read_at};
 use stagecore_qcow2::{Error, Feature, ImageFormat};
+use stagecore_qcow2::{allocated_extents, copy_allocated, create_overlay, digest, read_at};
 
 /// A raw disk of `size` bytes mixing compressible text, pseudo-random (incompressible) runs,
 /// zeros and short patterns, so the converted image holds compressed, plain and absent clusters.
@@ -147,8 +147,8 @@ fn unknown_compression_type_is_an_unsupported_feature_naming_the_file() {
         "{e}"
     );
     assert!(e.is_not_checked());
-    let core = stagecore::Error::from(e);
-    assert!(matches!(core, stagecore::Error::NotSupported { backend: "qcow2", .. }), "{core}");
+    let core = e.into_core("qemu");
+    assert!(matches!(core, stagecore::Error::NotSupported { backend: "qemu", .. }), "{core}");
 }
 
 #[test]
@@ -179,7 +179,7 @@ fn write_at_into_a_zstd_image_copies_on_write_from_compressed_clusters() {
     let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let first = &map[0];
     assert!(first["start"] == 0 && first["data"] == true && first.get("offset").is_none(), "{first}");
-    stagecore_qcow2::typed::write_at(&img, 1000, &[0xee; 300]).unwrap();
+    stagecore_qcow2::write_at(&img, 1000, &[0xee; 300]).unwrap();
     let mut expect = want.clone();
     expect[1000..1300].fill(0xee);
     assert!(read_all(&img, want.len()) == expect);

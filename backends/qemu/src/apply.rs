@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 
 use stagecore::{Change, EnvironmentSpec, Error, Result};
-use stagecore_qcow2::{ImageFormat, typed};
+use stagecore_qcow2::ImageFormat;
 
 use crate::error::{BACKEND, qcow2};
 use crate::machines;
@@ -82,8 +82,8 @@ async fn apply_offline(
             let (top, _) = rec.new_layer_path(&disks_dir, m, disk);
             let (c, t) = (copy.clone(), top.clone());
             blocking(move || {
-                typed::copy_allocated(&src, None, &c).map_err(qcow2)?;
-                typed::create_overlay(&t, &c, ImageFormat::Qcow2, None).map_err(|e| {
+                stagecore_qcow2::copy_allocated(&src, None, &c).map_err(qcow2)?;
+                stagecore_qcow2::create_overlay(&t, &c, ImageFormat::Qcow2, None).map_err(|e| {
                     let _ = std::fs::remove_file(&c);
                     qcow2(e)
                 })

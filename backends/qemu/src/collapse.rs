@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use stagecore::{Extent, Result, Role};
-use stagecore_qcow2::typed;
 
 use crate::error::{self, qcow2};
 use crate::gc::{canonical, needed_by_others, other_records};
@@ -114,8 +113,11 @@ fn plan(root: &Path, disks_dir: &Path, rec: &EnvRecord, retire: bool) -> Result<
     let (mut merges, mut lengths) = (Vec::new(), Vec::new());
     for m in &rec.spec.machines {
         for (index, d) in m.disks.iter().enumerate() {
-            let chain: Vec<PathBuf> =
-                typed::chain(rec.top(&m.name, &d.name)?).map_err(qcow2)?.iter().map(|i| canonical(&i.path)).collect();
+            let chain: Vec<PathBuf> = stagecore_qcow2::chain(rec.top(&m.name, &d.name)?)
+                .map_err(qcow2)?
+                .iter()
+                .map(|i| canonical(&i.path))
+                .collect();
             let n = chain.len();
             let is_kept = |i: usize| i == 0 || i + 1 == n || keep.contains(&chain[i]) || !chain[i].starts_with(&own);
             let mut i = 1;
@@ -186,7 +188,7 @@ pub(crate) async fn collapse(shared: &EnvShared, st: &mut EnvState, retire: bool
     let files_removed = crate::gc::collect(shared, rec).await?;
     for d in &mut disks {
         let top = rec.top(&d.machine, &d.disk)?.clone();
-        d.layers_after = blocking(move || Ok(typed::chain(&top).map_err(qcow2)?.len())).await?;
+        d.layers_after = blocking(move || Ok(stagecore_qcow2::chain(&top).map_err(qcow2)?.len())).await?;
     }
     tracing::info!(env = %shared.name, merges = merges.len(), files_removed, retired = retired.len(), "layers collapsed");
     result.map(|()| CollapseReport { disks, retired_baselines: retired, files_removed })
@@ -218,8 +220,8 @@ async fn merge_stopped(m: &Merge) -> Result<()> {
     let (upper, lower) = (m.upper.clone(), m.lower.clone());
     blocking(move || {
         let missing = subtract(
-            &typed::changed_since(&upper, &lower).map_err(qcow2)?,
-            &typed::allocated_extents(&upper).map_err(qcow2)?,
+            &stagecore_qcow2::changed_since(&upper, &lower).map_err(qcow2)?,
+            &stagecore_qcow2::allocated_extents(&upper).map_err(qcow2)?,
         );
         let mut buf = Vec::new();
         for e in missing {
@@ -227,8 +229,8 @@ async fn merge_stopped(m: &Merge) -> Result<()> {
             while off < e.offset + e.length {
                 let n = (e.offset + e.length - off).min(4 << 20) as usize;
                 buf.resize(n, 0);
-                typed::read_at(&upper, off, &mut buf).map_err(qcow2)?;
-                typed::write_at(&upper, off, &buf).map_err(qcow2)?;
+                stagecore_qcow2::read_at(&upper, off, &mut buf).map_err(qcow2)?;
+                stagecore_qcow2::write_at(&upper, off, &buf).map_err(qcow2)?;
                 off += n as u64;
             }
         }

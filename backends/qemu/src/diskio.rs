@@ -8,7 +8,6 @@
 use async_trait::async_trait;
 use stagecore::toolbox::check_range;
 use stagecore::{DiskIo, Result};
-use stagecore_qcow2::typed;
 
 use crate::error::qcow2;
 use crate::machines;
@@ -29,7 +28,7 @@ pub(crate) async fn write(
     let index = m.disks.iter().position(|d| d.name == disk).expect("top() found the disk");
     let label = format!("{}/{machine}/{disk}", shared.name);
     let t = top.clone();
-    let size = blocking(move || Ok(typed::info(&t).map_err(qcow2)?.virtual_size)).await?;
+    let size = blocking(move || Ok(stagecore_qcow2::info(&t).map_err(qcow2)?.virtual_size)).await?;
     check_range(&shared.name, machine, disk, size, offset, data.len() as u64)?;
     match machines::live_or_down(shared, st, machine).await? {
         Some(q) => {
@@ -38,7 +37,7 @@ pub(crate) async fn write(
             let (t, len, expect) = (top, data.len(), data.to_vec());
             blocking(move || {
                 let mut back = vec![0u8; len];
-                typed::read_at(&t, offset, &mut back).map_err(qcow2)?;
+                stagecore_qcow2::read_at(&t, offset, &mut back).map_err(qcow2)?;
                 if back != expect {
                     return Err(crate::error::msg(format!("write through qemu-io to {label} did not reach the image")));
                 }
@@ -48,7 +47,7 @@ pub(crate) async fn write(
         }
         None => {
             let data = data.to_vec();
-            blocking(move || typed::write_at(&top, offset, &data).map_err(qcow2)).await
+            blocking(move || stagecore_qcow2::write_at(&top, offset, &data).map_err(qcow2)).await
         }
     }
 }
@@ -69,10 +68,10 @@ impl DiskIo for QemuEnvironment {
         let top = settled_top(&self.shared, &mut st, machine, disk).await?;
         let (env, m, d) = (self.shared.name.clone(), machine.to_string(), disk.to_string());
         blocking(move || {
-            let size = typed::info(&top).map_err(qcow2)?.virtual_size;
+            let size = stagecore_qcow2::info(&top).map_err(qcow2)?.virtual_size;
             check_range(&env, &m, &d, size, offset, length)?;
             let mut buf = vec![0u8; length as usize];
-            typed::read_at(&top, offset, &mut buf).map_err(qcow2)?;
+            stagecore_qcow2::read_at(&top, offset, &mut buf).map_err(qcow2)?;
             Ok(buf)
         })
         .await
@@ -86,6 +85,6 @@ impl DiskIo for QemuEnvironment {
     async fn digest(&self, machine: &str, disk: &str) -> Result<[u8; 32]> {
         let mut st = self.shared.state.lock().await;
         let top = settled_top(&self.shared, &mut st, machine, disk).await?;
-        blocking(move || typed::digest(&top).map_err(qcow2)).await
+        blocking(move || stagecore_qcow2::digest(&top).map_err(qcow2)).await
     }
 }

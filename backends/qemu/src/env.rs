@@ -371,7 +371,7 @@ async fn disk_changes(shared: &EnvShared, st: &mut EnvState, baseline: &Baseline
 fn read_disk(j: DiskJob, id: &str) -> DiskChanges {
     let label = format!("{}/{}", j.machine, j.disk);
     let (virtual_size, granularity, changes) = match &j.origin {
-        None => match stagecore_qcow2::typed::info(&j.top) {
+        None => match stagecore_qcow2::info(&j.top) {
             Ok(info) => (
                 info.virtual_size,
                 info.cluster_size.unwrap_or(1),
@@ -379,7 +379,7 @@ fn read_disk(j: DiskJob, id: &str) -> DiskChanges {
             ),
             Err(e) => (j.size_hint, 1, ChangeMap::NotChecked { reason: format!("{label}: {e}") }),
         },
-        Some(origin) => match stagecore_qcow2::typed::info_and_changed_since(&j.top, origin) {
+        Some(origin) => match stagecore_qcow2::info_and_changed_since(&j.top, origin) {
             Err(e) => (j.size_hint, 1, ChangeMap::NotChecked { reason: format!("{label}: {e}") }),
             Ok((info, changes)) => {
                 let changes = match changes {

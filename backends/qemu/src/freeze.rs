@@ -349,7 +349,7 @@ async fn create_overlays(shared: &EnvShared, st: &mut EnvState) -> Result<Vec<Pl
     let jobs: Vec<(PathBuf, PathBuf)> = plans.iter().map(|p| (p.new.clone(), p.old.clone())).collect();
     blocking(move || {
         for (i, (new, old)) in jobs.iter().enumerate() {
-            if let Err(e) = stagecore_qcow2::typed::create_overlay(new, old, ImageFormat::Qcow2, None) {
+            if let Err(e) = stagecore_qcow2::create_overlay(new, old, ImageFormat::Qcow2, None) {
                 for (made, _) in &jobs[..i] {
                     let _ = std::fs::remove_file(made);
                 }

@@ -34,9 +34,7 @@ pub(crate) fn roots(rec: &EnvRecord) -> Vec<PathBuf> {
 pub(crate) fn chain_files(roots: &[PathBuf]) -> Result<HashSet<PathBuf>> {
     let mut out = HashSet::new();
     for root in roots {
-        out.extend(
-            stagecore_qcow2::typed::chain(root).map_err(crate::error::qcow2)?.iter().map(|i| canonical(&i.path)),
-        );
+        out.extend(stagecore_qcow2::chain(root).map_err(crate::error::qcow2)?.iter().map(|i| canonical(&i.path)));
     }
     Ok(out)
 }

@@ -3,12 +3,12 @@
 //!
 //! Contract: relative sources live under `root/images/` and may not climb out of it (`..`); an
 //! existing source must be a readable qcow2 chain, else `InvalidSpec` at the spec field naming
-//! the file; empty images are made in-process by `stagecore_qcow2::typed::create_empty`.
+//! the file; empty images are made in-process by `stagecore_qcow2::create_empty`.
 
 use std::path::{Component, Path, PathBuf};
 
 use stagecore::{Error, Result};
-use stagecore_qcow2::{Error as Q, typed};
+use stagecore_qcow2::Error as Q;
 
 use crate::error::{self, qcow2};
 use crate::shared::blocking;
@@ -30,7 +30,7 @@ pub(crate) async fn check_existing(field: &str, file: &Path) -> Result<u64> {
     let f = file.to_path_buf();
     let field = field.to_string();
     blocking(move || {
-        let checked = typed::info(&f).and_then(|info| typed::chain(&f).map(|_| info.virtual_size));
+        let checked = stagecore_qcow2::info(&f).and_then(|info| stagecore_qcow2::chain(&f).map(|_| info.virtual_size));
         // A file that is not a usable qcow2 chain is a bad spec field; the message names the file.
         checked.map_err(|e| match e {
             Q::NotQcow2 { .. }
@@ -51,7 +51,7 @@ pub(crate) async fn create_empty(path: &Path, size: u64) -> Result<()> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| error::io("creating", dir, &e))?;
         }
-        typed::create_empty(&path, stagecore_qcow2::ImageFormat::Qcow2, size).map_err(qcow2)
+        stagecore_qcow2::create_empty(&path, stagecore_qcow2::ImageFormat::Qcow2, size).map_err(qcow2)
     })
     .await
 }

@@ -235,7 +235,7 @@ async fn newer_overlay_of_ours(shared: &EnvShared, running: &Path, top: &Path) -
         return false;
     }
     let r = running.clone();
-    let chain = crate::shared::blocking(move || stagecore_qcow2::typed::chain(&r).map_err(error::qcow2)).await;
+    let chain = crate::shared::blocking(move || stagecore_qcow2::chain(&r).map_err(error::qcow2)).await;
     matches!(chain, Ok(c) if c.iter().skip(1).any(|i| crate::gc::canonical(&i.path) == top))
 }
 

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 use stagecore::{Consistency, Result, Snapshot, SnapshotInfo};
-use stagecore_qcow2::{ImageFormat, typed};
+use stagecore_qcow2::ImageFormat;
 use time::OffsetDateTime;
 use tracing::Instrument;
 
@@ -36,7 +36,7 @@ async fn revert(shared: &EnvShared, st: &mut EnvState, name: &str) -> Result<()>
     let work = jobs.clone();
     blocking(move || {
         for (i, (_, layer, new)) in work.iter().enumerate() {
-            if let Err(e) = typed::create_overlay(new, layer, ImageFormat::Qcow2, None) {
+            if let Err(e) = stagecore_qcow2::create_overlay(new, layer, ImageFormat::Qcow2, None) {
                 for (_, _, made) in &work[..i] {
                     let _ = std::fs::remove_file(made);
                 }

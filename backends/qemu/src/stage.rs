@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use stagecore::toolbox::{DurableBatch, StagePlan};
 use stagecore::{Baseline, CloneKind, Error, Result, StageOptions};
-use stagecore_qcow2::{CopyJob, ImageFormat, typed};
+use stagecore_qcow2::{CopyJob, ImageFormat};
 
 use crate::error::qcow2;
 use crate::shared::{Ctx, EnvShared, NewEnv, blocking};
@@ -65,7 +65,7 @@ fn clone_disks(jobs: &[Job], dirs: &[PathBuf]) -> Result<()> {
         .filter_map(|j| j.copy.as_ref().map(|c| CopyJob { src_top: j.layer.clone(), stop_at: None, dest: c.clone() }))
         .collect();
     let mut first_err = None;
-    for (c, r) in copies.iter().zip(typed::copy_allocated_many(&copies, COPY_PARALLELISM)) {
+    for (c, r) in copies.iter().zip(stagecore_qcow2::copy_allocated_many(&copies, COPY_PARALLELISM)) {
         match r {
             Ok(stats) => tracing::debug!(dest = %c.dest.display(), bytes = stats.data_bytes, "full copy"),
             Err(e) => {
@@ -82,7 +82,7 @@ fn clone_disks(jobs: &[Job], dirs: &[PathBuf]) -> Result<()> {
     }
     for j in jobs {
         let base = j.copy.as_deref().unwrap_or(&j.layer);
-        typed::create_overlay_unsynced(&j.top, base, ImageFormat::Qcow2, None).map_err(qcow2)?;
+        stagecore_qcow2::create_overlay_unsynced(&j.top, base, ImageFormat::Qcow2, None).map_err(qcow2)?;
         batch.file(&j.top);
     }
     batch.sync()

@@ -126,7 +126,7 @@ fn plan_moves(root: &Path, (p, s): (&EnvPaths, &EnvPaths), np: &EnvRecord, ns: &
     }
     let mut links = Vec::new();
     for r in rp.iter().chain(&rs) {
-        let chain = stagecore_qcow2::typed::chain(r).map_err(error::qcow2)?;
+        let chain = stagecore_qcow2::chain(r).map_err(error::qcow2)?;
         for pair in chain.windows(2) {
             links.push((canonical(&pair[0].path), canonical(&pair[1].path)));
         }
@@ -283,7 +283,7 @@ async fn rebase(r: &Rebase, forward: bool) -> Result<()> {
     let image = if r.image.exists() { r.image.clone() } else { r.alt.clone() };
     let target = if forward { &r.new } else { &r.old };
     let probe = image.clone();
-    let current = blocking(move || stagecore_qcow2::typed::info(&probe).map_err(error::qcow2)).await?.backing_file;
+    let current = blocking(move || stagecore_qcow2::info(&probe).map_err(error::qcow2)).await?.backing_file;
     if current.as_deref().map(canonical) == Some(canonical(target)) {
         return Ok(());
     }

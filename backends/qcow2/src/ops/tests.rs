@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use crate::alloc;
 use crate::error::Error;
 use crate::source::{ReadAt, Resolver};
-use crate::typed;
 use crate::types::{Extent, ImageFormat};
 
 /// Images held in memory by path, counting the bytes read (a stand-in for a remote host).
@@ -79,36 +78,36 @@ fn a_resolver_reads_maps_and_writes_like_local_files() {
     let base = dir.path().join("base.raw");
     std::fs::write(&base, vec![7u8; 64 << 20]).unwrap();
     let mid = dir.path().join("mid.qcow2");
-    typed::create_overlay(&mid, &base, ImageFormat::Raw, None).unwrap();
-    typed::write_at(&mid, 1 << 20, b"middle").unwrap();
+    crate::create_overlay(&mid, &base, ImageFormat::Raw, None).unwrap();
+    crate::write_at(&mid, 1 << 20, b"middle").unwrap();
     let top = dir.path().join("top.qcow2");
-    typed::create_overlay(&top, &mid, ImageFormat::Qcow2, None).unwrap();
-    typed::write_at(&top, 40 << 20, b"top").unwrap();
+    crate::create_overlay(&top, &mid, ImageFormat::Qcow2, None).unwrap();
+    crate::write_at(&top, 40 << 20, b"top").unwrap();
     let mem = Memory::default();
     for p in [&base, &mid, &top] {
         mem.load(p);
     }
-    assert_eq!(typed::info_in(&mem, &top).unwrap(), typed::info(&top).unwrap());
-    assert_eq!(typed::chain_in(&mem, &top).unwrap().len(), 3);
+    assert_eq!(crate::info_in(&mem, &top).unwrap(), crate::info(&top).unwrap());
+    assert_eq!(crate::chain_in(&mem, &top).unwrap().len(), 3);
     mem.read.store(0, Ordering::Relaxed);
-    let changed = typed::changed_since_in(&mem, &top, &mid).unwrap();
-    assert_eq!(changed, typed::changed_since(&top, &mid).unwrap());
+    let changed = crate::changed_since_in(&mem, &top, &mid).unwrap();
+    assert_eq!(changed, crate::changed_since(&top, &mid).unwrap());
     let metadata = mem.read.load(Ordering::Relaxed);
     assert!(metadata < 1 << 20, "the map reads metadata only, not the 64 MiB disk: {metadata} bytes");
-    assert_eq!(typed::changed_since_in(&mem, &top, &base).unwrap(), typed::changed_since(&top, &base).unwrap());
-    assert!(matches!(typed::changed_since_in(&mem, &top, Path::new("/elsewhere")), Err(Error::BaseNotInChain { .. })));
+    assert_eq!(crate::changed_since_in(&mem, &top, &base).unwrap(), crate::changed_since(&top, &base).unwrap());
+    assert!(matches!(crate::changed_since_in(&mem, &top, Path::new("/elsewhere")), Err(Error::BaseNotInChain { .. })));
     let mut a = vec![0u8; 8192];
     let mut b = vec![0u8; 8192];
-    typed::read_at_in(&mem, &top, (1 << 20) - 4096, &mut a).unwrap();
-    typed::read_at(&top, (1 << 20) - 4096, &mut b).unwrap();
+    crate::read_at_in(&mem, &top, (1 << 20) - 4096, &mut a).unwrap();
+    crate::read_at(&top, (1 << 20) - 4096, &mut b).unwrap();
     assert_eq!(a, b);
-    assert_eq!(typed::digest_in(&mem, &top).unwrap(), typed::digest(&top).unwrap());
-    typed::write_at_in(&mem, &top, 50 << 20, b"remote write").unwrap();
-    typed::write_at(&top, 50 << 20, b"remote write").unwrap();
+    assert_eq!(crate::digest_in(&mem, &top).unwrap(), crate::digest(&top).unwrap());
+    crate::write_at_in(&mem, &top, 50 << 20, b"remote write").unwrap();
+    crate::write_at(&top, 50 << 20, b"remote write").unwrap();
     assert_eq!(mem.bytes(&top), std::fs::read(&top).unwrap(), "byte-identical to a local write");
     assert_eq!(mem.bytes(&mid), std::fs::read(&mid).unwrap(), "backing files are never written");
     let missing = Path::new("/nope.qcow2");
-    assert!(matches!(typed::info_in(&mem, missing), Err(Error::NotFound { .. })));
+    assert!(matches!(crate::info_in(&mem, missing), Err(Error::NotFound { .. })));
 }
 
 #[test]
@@ -119,29 +118,29 @@ fn a_backing_layer_map_is_cached_and_a_write_to_it_misses() {
     let mid = dir.path().join("mid.qcow2");
     let top = dir.path().join("top.qcow2");
     File::create(&base).unwrap().set_len(64 << 20).unwrap();
-    typed::create_overlay(&mid, &base, ImageFormat::Raw, None).unwrap();
-    typed::write_at(&mid, 1 << 20, b"mid").unwrap();
-    typed::create_overlay(&top, &mid, ImageFormat::Qcow2, None).unwrap();
-    typed::write_at(&top, 8 << 20, b"top").unwrap();
+    crate::create_overlay(&mid, &base, ImageFormat::Raw, None).unwrap();
+    crate::write_at(&mid, 1 << 20, b"mid").unwrap();
+    crate::create_overlay(&top, &mid, ImageFormat::Qcow2, None).unwrap();
+    crate::write_at(&top, 8 << 20, b"top").unwrap();
     let cs = 64 << 10;
     let want = vec![Extent { offset: 1 << 20, length: cs }, Extent { offset: 8 << 20, length: cs }];
 
     let before = alloc::stats();
-    assert_eq!(typed::changed_since(&top, &base).unwrap(), want);
+    assert_eq!(crate::changed_since(&top, &base).unwrap(), want);
     let first = alloc::stats();
     assert_eq!((first.hits - before.hits, first.misses - before.misses), (0, 1), "mid read once");
-    assert_eq!(typed::changed_since(&top, &base).unwrap(), want);
+    assert_eq!(crate::changed_since(&top, &base).unwrap(), want);
     let second = alloc::stats();
     assert_eq!((second.hits - first.hits, second.misses - first.misses), (1, 0), "mid from the cache");
 
     // The top is never cached: a new write there shows at once.
-    typed::write_at(&top, 16 << 20, b"more").unwrap();
-    let got = typed::changed_since(&top, &base).unwrap();
+    crate::write_at(&top, 16 << 20, b"more").unwrap();
+    let got = crate::changed_since(&top, &base).unwrap();
     assert_eq!(got.len(), 3, "{got:?}");
 
     // A layer written behind the contract's back grows: the cache misses and sees the write.
-    typed::write_at(&mid, 32 << 20, b"late").unwrap();
-    let got = typed::changed_since(&top, &base).unwrap();
+    crate::write_at(&mid, 32 << 20, b"late").unwrap();
+    let got = crate::changed_since(&top, &base).unwrap();
     assert!(got.contains(&Extent { offset: 32 << 20, length: cs }), "{got:?}");
     assert_eq!(alloc::stats().misses - second.misses, 1);
 }
@@ -153,14 +152,14 @@ fn nothing_below_the_base_is_opened() {
     let base = dir.path().join("base.qcow2");
     let top = dir.path().join("top.qcow2");
     File::create(&bottom).unwrap().set_len(64 << 20).unwrap();
-    typed::create_overlay(&base, &bottom, ImageFormat::Raw, None).unwrap();
-    typed::create_overlay(&top, &base, ImageFormat::Qcow2, None).unwrap();
-    typed::write_at(&top, 0, b"x").unwrap();
+    crate::create_overlay(&base, &bottom, ImageFormat::Raw, None).unwrap();
+    crate::create_overlay(&top, &base, ImageFormat::Qcow2, None).unwrap();
+    crate::write_at(&top, 0, b"x").unwrap();
     let elsewhere = dir.path().join("elsewhere");
     std::fs::write(&elsewhere, b"x").unwrap();
-    assert!(matches!(typed::changed_since(&top, &elsewhere), Err(Error::BaseNotInChain { .. })));
+    assert!(matches!(crate::changed_since(&top, &elsewhere), Err(Error::BaseNotInChain { .. })));
     std::fs::remove_file(&bottom).unwrap();
-    assert_eq!(typed::changed_since(&top, &base).unwrap().len(), 1);
-    assert!(matches!(typed::chain(&top), Err(Error::NotFound { .. })), "the whole chain does need it");
-    assert!(matches!(typed::changed_since(&top, &elsewhere), Err(Error::NotFound { .. })), "a broken chain");
+    assert_eq!(crate::changed_since(&top, &base).unwrap().len(), 1);
+    assert!(matches!(crate::chain(&top), Err(Error::NotFound { .. })), "the whole chain does need it");
+    assert!(matches!(crate::changed_since(&top, &elsewhere), Err(Error::NotFound { .. })), "a broken chain");
 }

@@ -1,6 +1,7 @@
-//! The crate's functions with its own typed [`Error`](crate::Error): match on the variants
-//! (`BaseNotInChain`, `UnsupportedFeature`, `LayerChanged`, …) here. The functions at the
-//! crate root are the same calls with the error already mapped into [`stagecore::Error`].
+//! The crate's operations (re-exported at the crate root), each returning the crate's own
+//! [`Error`](crate::Error): match on its variants (`BaseNotInChain`, `UnsupportedFeature`,
+//! `LayerChanged`, …), and map it into [`stagecore::Error`] with
+//! [`Error::into_core`](crate::Error::into_core) and the caller's backend name.
 
 use std::path::Path;
 
