@@ -10,18 +10,7 @@ use stagecore::{
     Selector, StageOptions, memory::sample_spec,
 };
 
-use common::{Guard, virsh};
-
-fn small(spec: EnvironmentSpec) -> EnvironmentSpec {
-    let mut spec = spec;
-    for m in &mut spec.machines {
-        m.memory_mib = 64;
-        for d in &mut m.disks {
-            d.size_bytes = Some(8 << 20);
-        }
-    }
-    spec
-}
+use common::{Guard, small, virsh};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn baseline_stage_snapshot_revert_drift() {

@@ -15,22 +15,11 @@ use std::sync::Arc;
 
 use stagecore::promotion::{Outcome, PreconditionPolicy, Promotion, PromotionEngine, PromotionRequest, Strategy};
 use stagecore::{
-    Backend, BackendExt, Baseline, Change, ChangeMap, ChangeSet, DynEnvironment, EnvironmentExt, EnvironmentSpec,
-    Error, StageOptions, memory::sample_spec,
+    Backend, BackendExt, Baseline, Change, ChangeMap, ChangeSet, DynEnvironment, EnvironmentExt, Error, StageOptions,
+    memory::sample_spec,
 };
 
-use common::{Guard, virsh};
-
-fn small(spec: EnvironmentSpec) -> EnvironmentSpec {
-    let mut spec = spec;
-    for m in &mut spec.machines {
-        m.memory_mib = 64;
-        for d in &mut m.disks {
-            d.size_bytes = Some(8 << 20);
-        }
-    }
-    spec
-}
+use common::{Guard, small, virsh};
 
 fn tool(t: &str, args: &[&str]) {
     let out = Command::new(t).args(args).output().unwrap_or_else(|e| panic!("{t} is required: {e}"));

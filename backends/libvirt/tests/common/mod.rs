@@ -8,6 +8,18 @@ use std::process::Command;
 
 use stagecore_libvirt::LibvirtBackend;
 
+/// `spec` with 64 MiB machines and 8 MiB disks: cheap environments for tests without a guest OS.
+pub(crate) fn small(spec: stagecore::EnvironmentSpec) -> stagecore::EnvironmentSpec {
+    let mut spec = spec;
+    for m in &mut spec.machines {
+        m.memory_mib = 64;
+        for d in &mut m.disks {
+            d.size_bytes = Some(8 << 20);
+        }
+    }
+    spec
+}
+
 /// The live daemon's URI.
 pub(crate) const URI: &str = "qemu:///system";
 
