@@ -336,16 +336,17 @@ impl Backend for LibvirtBackend {
         self.shared
             .conn
             .run(move |c, uri| {
-                for (n, flags) in &names {
-                    let dom = lv(uri, "domain", n, c.lookup_domain_by_name(n))?;
+                let flags: BTreeMap<&str, u32> = names.iter().map(|(n, f)| (n.as_str(), *f)).collect();
+                let domains: Vec<String> = names.iter().map(|(n, _)| n.clone()).collect();
+                crate::conn::each_domain(c, uri, &domains, |n, dom| {
                     if dom.is_active().unwrap_or(false) {
-                        lv(uri, "domain", n, dom.destroy())?;
+                        dom.destroy()?;
                     }
-                    if let Err(e) = dom.undefine_flags(*flags) {
+                    dom.undefine_flags(flags[n]).map(drop).or_else(|e| {
                         tracing::warn!(domain = %n, error = %e, "undefine with flags failed; plain undefine");
-                        lv(uri, "domain", n, dom.undefine())?;
-                    }
-                }
+                        dom.undefine()
+                    })
+                })?;
                 for n in &networks {
                     if let Ok(net) = c.lookup_network_by_name(n) {
                         let _ = net.destroy();

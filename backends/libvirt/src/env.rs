@@ -63,7 +63,7 @@ impl Environment for LibvirtEnvironment {
 
     #[tracing::instrument(skip(self), fields(environment = %self.name))]
     async fn stop(&self) -> Result<()> {
-        self.each(|m| m.active(), "stop").await
+        self.stop_domains(crate::handle::running(self.machines().await?, None)).await
     }
 
     #[tracing::instrument(skip(self), fields(environment = %self.name, ?machines))]
@@ -76,21 +76,7 @@ impl Environment for LibvirtEnvironment {
         let ms = self.machines().await?;
         let spec = self.shared.spec_of(&self.name, &ms).await?;
         stagecore::toolbox::require_machines(&spec, machines)?;
-        let names: Vec<String> = ms
-            .into_iter()
-            .filter(|m| m.active() && machines.iter().any(|n| n == m.name()))
-            .map(|m| m.instance)
-            .collect();
-        self.shared
-            .conn
-            .run(move |c, uri| {
-                for n in &names {
-                    let dom = crate::conn::lv(uri, "domain", n, c.lookup_domain_by_name(n))?;
-                    crate::conn::lv(uri, "domain", n, dom.destroy())?;
-                }
-                Ok(())
-            })
-            .await
+        self.stop_domains(crate::handle::running(ms, Some(machines))).await
     }
 
     #[tracing::instrument(skip(self), fields(environment = %self.name))]

@@ -17,6 +17,14 @@ pub struct LibvirtEnvironment {
     pub(crate) shared: Arc<Shared>,
 }
 
+/// The domain names of the running machines in `ms`, only those named in `only` if given.
+pub(crate) fn running(ms: Vec<Machine>, only: Option<&[String]>) -> Vec<String> {
+    ms.into_iter()
+        .filter(|m| m.active() && only.is_none_or(|o| o.iter().any(|n| n == m.name())))
+        .map(|m| m.instance)
+        .collect()
+}
+
 impl LibvirtEnvironment {
     pub(crate) async fn machines(&self) -> Result<Vec<Machine>> {
         self.shared.machines(&self.name).await
@@ -42,34 +50,14 @@ impl LibvirtEnvironment {
         self.shared.conn.call("domain", instance, move |c| c.lookup_domain_by_name(&name)?.resume().map(drop)).await
     }
 
-    /// Starts the named domains.
+    /// Starts the named domains (in parallel, see [`crate::conn::each_domain`]).
     pub(crate) async fn start_domains(&self, names: Vec<String>) -> Result<()> {
-        self.shared
-            .conn
-            .run(move |c, uri| {
-                for n in &names {
-                    let dom = crate::conn::lv(uri, "domain", n, c.lookup_domain_by_name(n))?;
-                    crate::conn::lv(uri, "domain", n, dom.create().map(drop))?;
-                }
-                Ok(())
-            })
-            .await
+        self.shared.conn.run(move |c, uri| crate::conn::each_domain(c, uri, &names, |_, d| d.create().map(drop))).await
     }
 
-    /// Runs a per-domain libvirt call on every machine selected by `pick`.
-    pub(crate) async fn each(&self, pick: fn(&Machine) -> bool, op: &'static str) -> Result<()> {
-        let names: Vec<String> = self.machines().await?.into_iter().filter(pick).map(|m| m.instance).collect();
-        self.shared
-            .conn
-            .run(move |c, uri| {
-                for n in &names {
-                    let dom = crate::conn::lv(uri, "domain", n, c.lookup_domain_by_name(n))?;
-                    let r = if op == "start" { dom.create().map(drop) } else { dom.destroy() };
-                    crate::conn::lv(uri, "domain", n, r)?;
-                }
-                Ok(())
-            })
-            .await
+    /// Hard-stops (destroys) the named domains, in parallel.
+    pub(crate) async fn stop_domains(&self, names: Vec<String>) -> Result<()> {
+        self.shared.conn.run(move |c, uri| crate::conn::each_domain(c, uri, &names, |_, d| d.destroy())).await
     }
 
     /// The top image of `machine`/`disk` (a local file, or a volume path on the remote host) and

@@ -13,7 +13,6 @@ use async_trait::async_trait;
 use stagecore::{Consistency, Error, Result, Snapshot, SnapshotInfo};
 use time::OffsetDateTime;
 
-use crate::conn::lv;
 use crate::freeze::freeze;
 use crate::handle::LibvirtEnvironment;
 use crate::machines::Store;
@@ -91,20 +90,19 @@ impl Snapshot for LibvirtEnvironment {
         self.shared
             .conn
             .run(move |c, uri| {
-                for (n, active, xml) in &plans {
-                    let dom = lv(uri, "domain", n, c.lookup_domain_by_name(n))?;
-                    if *active {
-                        lv(uri, "domain", n, dom.destroy())?;
+                let plan: std::collections::BTreeMap<&str, (bool, &str)> =
+                    plans.iter().map(|(n, active, xml)| (n.as_str(), (*active, xml.as_str()))).collect();
+                let names: Vec<String> = plans.iter().map(|(n, ..)| n.clone()).collect();
+                crate::conn::each_domain(c, uri, &names, |n, dom| {
+                    let (active, xml) = plan[n];
+                    if active {
+                        dom.destroy()?;
                     }
-                    lv(uri, "domain", n, c.define_domain_xml(xml))?;
-                }
-                for (n, active, _) in &plans {
-                    if *active {
-                        let dom = lv(uri, "domain", n, c.lookup_domain_by_name(n))?;
-                        lv(uri, "domain", n, dom.create())?;
-                    }
-                }
-                Ok(())
+                    c.define_domain_xml(xml).map(drop)
+                })?;
+                let running: Vec<String> =
+                    plans.iter().filter(|(_, active, _)| *active).map(|(n, ..)| n.clone()).collect();
+                crate::conn::each_domain(c, uri, &running, |_, dom| dom.create().map(drop))
             })
             .await
     }
