@@ -188,6 +188,8 @@ pub fn seal(path: &Path) -> Result<LayerSeal> {
 /// [`Error::LayerChanged`](crate::Error::LayerChanged) naming the first difference (size,
 /// header, L1, L2, refcount table, modification time). A layer that
 /// was rewritten behind our back (an internal-snapshot revert, a plain write) fails here.
+/// Repeated checks of a file whose inode did not change since a full check (same size, mtime
+/// and ctime) cost one `stat` (see the `seal` module docs).
 #[tracing::instrument(level = "debug", skip_all, fields(path = %path.display()))]
 pub fn verify(path: &Path, seal: &LayerSeal) -> Result<()> {
     seal_mod::verify(path, seal)

@@ -10,6 +10,12 @@
 //! only the modification time (which the seal records, so it is caught too unless someone
 //! resets the mtime on purpose). [`verify`](crate::verify) names the first difference in
 //! [`Error::LayerChanged`](crate::error::Error::LayerChanged).
+//!
+//! A process remembers which files it verified in full ([`VerifiedCache`]): a later check of the
+//! same file against the same seal, while the file's device, inode, size, mtime and ctime are
+//! all as they were, is answered by one `stat`. Nothing can write a file or change its times
+//! without setting its ctime to the current time, so a changed layer always misses the cache; a
+//! file changed less than two seconds before a full check is not cached (coarse timestamps).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -131,8 +137,92 @@ pub(crate) fn seal(path: &Path) -> Result<LayerSeal> {
     })
 }
 
-/// See [`crate::verify`].
+/// See [`crate::verify`]: answered from [`VERIFIED`] when the file's inode is exactly as it was
+/// at an earlier full check against the same seal, else checked in full.
 pub(crate) fn verify(path: &Path, want: &LayerSeal) -> Result<()> {
+    verify_with(&VERIFIED, path, want).map(drop)
+}
+
+/// [`verify`] against `cache`; returns whether the answer came from the cache.
+pub(crate) fn verify_with(cache: &VerifiedCache, path: &Path, want: &LayerSeal) -> Result<bool> {
+    let started = std::time::SystemTime::now();
+    let meta = std::fs::metadata(path).map_err(ctx("stat", path))?;
+    let stamp = Stamp::of(&meta);
+    if cache.hit(path, &stamp, want) {
+        return Ok(true);
+    }
+    verify_full(path, want)?;
+    cache.record(path, stamp, want, started);
+    Ok(false)
+}
+
+/// What identifies one state of a file: if none of it changed, the file was not written (a write
+/// or a metadata change sets the ctime to the current time, and nothing but the clock sets it back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime_ns: mtime_ns(m),
+            ctime_ns: m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec()),
+        }
+    }
+}
+
+/// A file whose ctime is closer than this to the start of a full check is not cached: file
+/// times tick coarsely (a jiffy), so a write in the same tick as the check could leave the
+/// stamp unchanged (git's "racy" index entries, the same rule).
+const RACY_NS: i64 = 2_000_000_000;
+
+/// At most this many files are remembered; past it the cache starts over.
+const CACHE_FILES: usize = 65_536;
+
+/// Files verified in full, with the [`Stamp`] they had then and the seal they matched. Seal
+/// checks run before every drift report, stage and promotion and read every L2 table; with this
+/// cache a layer nobody touched costs one `stat`.
+#[derive(Debug, Default)]
+pub(crate) struct VerifiedCache {
+    files: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, (Stamp, LayerSeal)>>,
+}
+
+impl VerifiedCache {
+    fn hit(&self, path: &Path, stamp: &Stamp, want: &LayerSeal) -> bool {
+        let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        files.get(path).is_some_and(|(s, seal)| s == stamp && seal == want)
+    }
+
+    fn record(&self, path: &Path, stamp: Stamp, want: &LayerSeal, started: std::time::SystemTime) {
+        let started_ns = started
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        if started_ns.saturating_sub(stamp.ctime_ns) < RACY_NS {
+            files.remove(path);
+            return;
+        }
+        if files.len() >= CACHE_FILES {
+            files.clear();
+        }
+        files.insert(path.to_path_buf(), (stamp, want.clone()));
+    }
+}
+
+/// The process's cache behind [`verify`].
+static VERIFIED: std::sync::LazyLock<VerifiedCache> = std::sync::LazyLock::new(VerifiedCache::default);
+
+/// Checks `path` against `want` by reading its metadata again.
+fn verify_full(path: &Path, want: &LayerSeal) -> Result<()> {
     let now = seal(path)?;
     let changed = |what: String| Err(Error::LayerChanged { path: path.to_path_buf(), what });
     if now.format != want.format {
@@ -161,4 +251,60 @@ pub(crate) fn verify(path: &Path, want: &LayerSeal) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Seek, SeekFrom, Write};
+
+    use super::*;
+
+    /// A qcow2 with one allocated cluster, sealed, and old enough to be cached.
+    fn sealed(d: &tempfile::TempDir) -> (std::path::PathBuf, LayerSeal) {
+        let p = d.path().join("l.qcow2");
+        crate::create_empty(&p, ImageFormat::Qcow2, 1 << 20).unwrap();
+        let s = seal(&p).unwrap();
+        (p, s)
+    }
+
+    /// ctime cannot be set back: wait until a file written now is past the racy window.
+    fn wait_past_racy_window() {
+        std::thread::sleep(std::time::Duration::from_nanos(RACY_NS as u64 + 100_000_000));
+    }
+
+    #[test]
+    fn a_fresh_file_is_checked_in_full_every_time() {
+        let d = tempfile::tempdir().unwrap();
+        let (p, s) = sealed(&d);
+        let cache = VerifiedCache::default();
+        assert!(!verify_with(&cache, &p, &s).unwrap(), "first check is full");
+        assert!(!verify_with(&cache, &p, &s).unwrap(), "a file changed within the racy window is not cached");
+    }
+
+    #[test]
+    fn an_untouched_file_is_answered_from_the_cache_and_a_rewrite_with_its_mtime_put_back_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        let (p, s) = sealed(&d);
+        wait_past_racy_window();
+        let cache = VerifiedCache::default();
+        assert!(!verify_with(&cache, &p, &s).unwrap());
+        assert!(verify_with(&cache, &p, &s).unwrap(), "unchanged stamp: from the cache");
+        // Another seal of the same file is not the one checked: full check (and then cached).
+        let other = s.clone().without_mtime();
+        assert!(!verify_with(&cache, &p, &other).unwrap());
+        assert!(!verify_with(&cache, &p, &s).unwrap());
+        assert!(verify_with(&cache, &p, &s).unwrap());
+        // Rewrite the header's backing-name area behind our back, then put the mtime back: only
+        // the ctime tells, and it misses the cache.
+        let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.seek(SeekFrom::Start(512)).unwrap();
+        f.write_all(b"rewritten").unwrap();
+        f.set_times(std::fs::FileTimes::new().set_modified(mtime)).unwrap();
+        drop(f);
+        match verify_with(&cache, &p, &s) {
+            Err(Error::LayerChanged { what, .. }) => assert!(what.contains("header"), "{what}"),
+            other => panic!("a rewritten layer passed: {other:?}"),
+        }
+    }
 }
