@@ -153,6 +153,15 @@ pub(crate) async fn collapse(shared: &EnvShared, st: &mut EnvState, retire: bool
     let rec = st.rec(&shared.name)?.clone();
     let (root, dir, r) = (shared.ctx.root.clone(), shared.paths.disks(), rec.clone());
     let (merges, mut disks) = blocking(move || plan(&root, &dir, &r, retire)).await?;
+    // The merges rewrite their upper layers. A process killed between a merge and the record
+    // update below would leave an upper's old seal in the record, and every later check of it
+    // would fail although what it reads never changed. So the seals of the uppers leave the
+    // record (durably) first: killed midway, those layers are merely unsealed, not stale.
+    let uppers: Vec<PathBuf> = merges.iter().map(|m| m.upper.clone()).collect();
+    let resealing = crate::seals::take_for_rewrite(&mut st.rec_mut(&shared.name)?.backend.seals, &uppers);
+    if !resealing.is_empty() {
+        st.rec(&shared.name)?.save(&shared.paths)?;
+    }
     let mut merged: HashSet<PathBuf> = HashSet::new();
     let mut result = Ok(());
     for m in &merges {
@@ -168,11 +177,11 @@ pub(crate) async fn collapse(shared: &EnvShared, st: &mut EnvState, retire: bool
             }
         }
     }
+    shared.ctx.hooks.crash("collapse:merged")?;
     // Every merged-into layer was rewritten by us (also when its merge failed midway: what it
-    // reads is unchanged): sealed ones are sealed again in this same record update.
-    let uppers = merges.iter().map(|m| m.upper.clone()).collect();
+    // reads is unchanged): those that were sealed are sealed again in this same record update.
     let seals = st.rec(&shared.name)?.backend.seals.clone();
-    let seals = crate::seals::after_merge(seals, uppers, merged.clone()).await?;
+    let seals = crate::seals::after_merge(seals, resealing, merged.clone()).await?;
     let rec = st.rec_mut(&shared.name)?;
     rec.backend.seals = seals;
     let gone = |p: &Path| merged.contains(&canonical(p));

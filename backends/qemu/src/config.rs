@@ -24,8 +24,9 @@ pub struct FaultHooks {
     /// rebased, production's record not yet saved), `swap:decided` (production's record
     /// saved, the stage's not), `freeze:frozen` (a baseline/snapshot froze the guests'
     /// filesystems, nothing paused yet), `freeze:paused` (guests frozen and paused, no
-    /// disk switched) and `stage:synced` (a stage's disks written and durable, its record not
-    /// yet saved); returning `true` stops the operation right there with an error,
+    /// disk switched), `stage:synced` (a stage's disks written and durable, its record not
+    /// yet saved) and `collapse:merged` (a collapse's merges done, the record not yet
+    /// updated); returning `true` stops the operation right there with an error,
     /// leaving everything as a process that died at that point would (guests stay frozen or
     /// paused until the environment is opened again). A hook may also end the process.
     pub crash_at: Option<PointHook>,
@@ -36,6 +37,20 @@ pub type PointHook = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 /// A callback that may inject a failure (`Some(message)`).
 pub type FailHook = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+impl FaultHooks {
+    /// An injected crash at `point` when [`FaultHooks::crash_at`] asks for one: the error the
+    /// operation returns there.
+    pub(crate) fn crash(&self, point: &str) -> stagecore::Result<()> {
+        match &self.crash_at {
+            Some(hook) if hook(point) => Err(crate::error::msg(format!("{CRASH} {point}"))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How an injected crash's error message starts.
+pub(crate) const CRASH: &str = "crash injected at";
 
 impl std::fmt::Debug for FaultHooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -67,14 +67,6 @@ pub(crate) struct Frozen {
     pub(crate) consistency: BTreeMap<String, MachineConsistency>,
 }
 
-/// A test's injected crash at `point` (see `FaultHooks::crash_at`).
-fn crash_point(shared: &EnvShared, point: &str) -> Result<()> {
-    match &shared.ctx.hooks.crash_at {
-        Some(hook) if hook(point) => Err(crate::error::msg(format!("crash injected at {point}"))),
-        _ => Ok(()),
-    }
-}
-
 /// Settles what a process that died inside a freeze window left (once per loaded state, and
 /// again after a thaw failed): resumes machines it paused, thaws guests it froze, removes the
 /// markers. Problems are logged, never fatal — a later call tries again.
@@ -147,9 +139,8 @@ pub(crate) async fn recover(shared: &EnvShared, st: &mut EnvState) {
     }
     // Overlays a dead process created but never switched to nor recorded: removed (every file
     // some chain of some environment needs is kept; see `crate::gc`).
-    if let Ok(rec) = st.rec(&shared.name) {
-        let rec = rec.clone();
-        match crate::gc::collect(shared, &rec).await {
+    if let Ok(rec) = st.rec_mut(&shared.name) {
+        match crate::gc::collect(shared, rec).await {
             Ok(0) => {}
             Ok(n) => tracing::warn!(env = %shared.name, removed = n, "removed layer files no record knows"),
             Err(e) => tracing::warn!(env = %shared.name, %e, "layer collection on open failed"),
@@ -207,7 +198,7 @@ pub(crate) async fn freeze_all(shared: &EnvShared, st: &mut EnvState) -> Result<
     if result.is_ok() {
         let started = Instant::now();
         let quiesced = quiesce(shared, st, &running, &mut consistency).await;
-        crash_point(shared, "freeze:frozen")?;
+        shared.ctx.hooks.crash("freeze:frozen")?;
         let (done, r) = switch_running(shared, &live, &running, &plans).await?;
         applied = done;
         result = r;
@@ -397,7 +388,7 @@ async fn switch_running(
             }
         }
     }
-    crash_point(shared, "freeze:paused")?;
+    shared.ctx.hooks.crash("freeze:paused")?;
     if let Some(hook) = &shared.ctx.hooks.after_pause {
         hook();
     }

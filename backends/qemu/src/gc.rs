@@ -83,12 +83,14 @@ pub(crate) fn layer_files(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// Removes unreachable layer files of `rec`'s environment; returns how many were removed.
-pub(crate) async fn collect(shared: &EnvShared, rec: &EnvRecord) -> Result<usize> {
+/// Removes unreachable layer files of `rec`'s environment; returns how many were removed. Seals
+/// of removed files leave the record too (saved when there were any), so a record's seals are of
+/// files that exist.
+pub(crate) async fn collect(shared: &EnvShared, rec: &mut EnvRecord) -> Result<usize> {
     let own = roots(rec);
     let dir = shared.paths.disks();
     let (env, root) = (shared.name.clone(), shared.ctx.root.clone());
-    blocking(move || {
+    let removed: Vec<PathBuf> = blocking(move || {
         let keep = chain_files(&own).and_then(|mut keep| {
             keep.extend(needed_by_others(&root, &[&env])?);
             Ok(keep)
@@ -97,19 +99,27 @@ pub(crate) async fn collect(shared: &EnvShared, rec: &EnvRecord) -> Result<usize
             Ok(keep) => keep,
             Err(e) => {
                 tracing::warn!(%env, %e, "layer collection skipped");
-                return Ok(0);
+                return Ok(Vec::new());
             }
         };
-        let mut removed = 0;
+        let mut removed = Vec::new();
         for path in layer_files(&dir)? {
-            if !keep.contains(&canonical(&path)) && std::fs::remove_file(&path).is_ok() {
-                removed += 1;
+            let c = canonical(&path);
+            if !keep.contains(&c) && std::fs::remove_file(&path).is_ok() {
+                removed.push(c);
             }
         }
-        tracing::debug!(%env, removed, "unreachable layers removed");
+        tracing::debug!(%env, removed = removed.len(), "unreachable layers removed");
         Ok(removed)
     })
-    .await
+    .await?;
+    let (sealed, gone): (usize, HashSet<&Path>) =
+        (rec.backend.seals.len(), removed.iter().map(|p| p.as_path()).collect());
+    rec.backend.seals.retain(|p, _| !gone.contains(p));
+    if rec.backend.seals.len() != sealed {
+        rec.save(&shared.paths)?;
+    }
+    Ok(removed.len())
 }
 
 /// The first other environment under `root` whose chains go through one of `files`, with that

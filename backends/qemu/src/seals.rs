@@ -13,7 +13,9 @@
 //! `Error::Precondition("<file>: layer changed since it was sealed: <what>")`. Promotion
 //! computes a drift report first, so it refuses before touching production. Layers this backend
 //! rewrites itself (collapse merging into a kept layer, swap rewriting a backing-file name) are
-//! resealed or their seal dropped in the same record update.
+//! resealed or their seal dropped in the same record update; a collapse drops its merge uppers'
+//! seals from the record *before* merging, so a process killed midway leaves them unsealed,
+//! never with a stale seal that would fail every later check.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -81,16 +83,23 @@ pub(crate) async fn seal_copies(seals: &mut Seals, copies: Vec<PathBuf>) -> Resu
     Ok(())
 }
 
-/// `seals` after a collapse merged runs of layers into `uppers` (re-pointed, data absorbed,
-/// what they read unchanged): sealed uppers are sealed again, merged-away files (`gone`,
-/// canonical) lose their seals. An upper that cannot be sealed again loses its seal (a stale
-/// one would fail every later check), with a warning.
-pub(crate) async fn after_merge(mut seals: Seals, uppers: Vec<PathBuf>, gone: HashSet<PathBuf>) -> Result<Seals> {
+/// Removes the seals of the `layers` about to be rewritten by this backend (a collapse's merge
+/// uppers) from `seals`, returning those that were sealed: they get new seals from
+/// [`after_merge`] once rewritten, and until then are unsealed rather than stale.
+pub(crate) fn take_for_rewrite(seals: &mut Seals, layers: &[PathBuf]) -> Vec<PathBuf> {
+    layers.iter().filter(|l| seals.remove(l).is_some()).cloned().collect()
+}
+
+/// `seals` after a collapse merged runs of layers into their uppers (re-pointed, data absorbed,
+/// what they read unchanged): the uppers that were sealed (`resealing`, from
+/// [`take_for_rewrite`]) are sealed anew, merged-away files (`gone`, canonical) lose their
+/// seals. An upper that cannot be sealed stays unsealed, with a warning.
+pub(crate) async fn after_merge(mut seals: Seals, resealing: Vec<PathBuf>, gone: HashSet<PathBuf>) -> Result<Seals> {
     blocking(move || {
         seals.retain(|p, _| !gone.contains(p));
-        for u in &uppers {
-            if let Err(e) = seals.reseal(u, BACKEND) {
-                tracing::warn!(layer = %u.display(), %e, "a merged layer could not be sealed again; its seal is dropped");
+        for u in &resealing {
+            if let Err(e) = seals.seal_all([u], BACKEND) {
+                tracing::warn!(layer = %u.display(), %e, "a merged layer could not be sealed again; it stays unsealed");
             }
         }
         Ok(seals)

@@ -118,11 +118,9 @@ pub(crate) async fn stage(ctx: &Arc<Ctx>, baseline: &Baseline, options: &StageOp
     let copies: Vec<PathBuf> = jobs.iter().filter_map(|j| j.copy.clone()).collect();
     blocking(move || clone_disks(&jobs, &dirs)).await?;
     crate::seals::seal_copies(&mut seals, copies).await?;
-    if let Some(hook) = &ctx.hooks.crash_at
-        && hook("stage:synced")
-    {
+    if let Err(e) = ctx.hooks.crash("stage:synced") {
         new.abandon();
-        return Err(crate::error::msg("crash injected at stage:synced"));
+        return Err(e);
     }
     let extra = QemuExtra { next_layer: n, seals, ..QemuExtra::default() };
     new.commit(ctx, EnvRecord::stage(&plan, disks, origin, extra))

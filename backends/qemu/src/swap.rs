@@ -158,7 +158,7 @@ pub(crate) async fn swap(ctx: &Arc<Ctx>, production: &str, stage: &str) -> Resul
     stop_all(&s, &mut sst).await?;
     let result = exchange(ctx, (&p, &mut pst), (&s, &mut sst), &baseline_id).await;
     if let Err(e) = &result
-        && e.to_string().contains(CRASH)
+        && e.to_string().contains(crate::config::CRASH)
     {
         return result;
     }
@@ -242,28 +242,18 @@ async fn exchange(ctx: &Ctx, p: Side<'_, '_>, s: Side<'_, '_>, baseline_id: &str
         for r in &intent.rebases {
             rebase(r, true).await?;
         }
-        crash_point(ctx, "swap:linked")?;
+        ctx.hooks.crash("swap:linked")?;
         np.save(&ps.paths)?;
-        crash_point(ctx, "swap:decided")
+        ctx.hooks.crash("swap:decided")
     }
     .await;
     if let Err(e) = &decided
-        && e.to_string().contains(CRASH)
+        && e.to_string().contains(crate::config::CRASH)
     {
         return decided;
     }
     let settled = resolve((ps, pst), (ss, sst), &file, &intent).await;
     decided.and(settled)
-}
-
-const CRASH: &str = "crash injected at";
-
-/// A test's injected crash at `point` (see `FaultHooks::crash_at`).
-fn crash_point(ctx: &Ctx, point: &str) -> Result<()> {
-    match &ctx.hooks.crash_at {
-        Some(hook) if hook(point) => Err(error::msg(format!("{CRASH} {point}"))),
-        _ => Ok(()),
-    }
 }
 
 /// Hard-links `old` to `new` unless `new` exists.

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use stagecore::drift::{Drift, DriftEngine};
 use stagecore::promotion::{Outcome, PreconditionPolicy, Promotion, PromotionEngine, PromotionRequest, Strategy};
 use stagecore::{Backend, Baseline, Change, ChangeMap, ChangeSet, DynEnvironment, EnvironmentExt, Error, StageOptions};
+use stagecore_qemu::{Accel, QemuBackend, QemuConfig};
 use stagecore_testkit::{Kit, unique};
 use support::{Fixture, files_under, run};
 
@@ -265,4 +266,53 @@ async fn the_normal_flow_keeps_seals_valid() {
     drop(stage);
     f.backend.destroy(&sname).await.unwrap();
     f.backend.destroy(&pname).await.unwrap();
+}
+
+/// A collapse killed after its merges rewrote a sealed layer but before the record was updated
+/// (`collapse:merged`) must not leave that layer's old seal behind: it would fail every later
+/// drift report and stage of the baseline, although what the layer reads never changed.
+#[tokio::test]
+async fn a_collapse_killed_after_merging_leaves_no_stale_seal() {
+    let f = Fixture::with(|mut c| {
+        c.hooks = stagecore_qemu::FaultHooks {
+            crash_at: Some(std::sync::Arc::new(|p: &str| p == "collapse:merged")),
+            ..Default::default()
+        };
+        c
+    });
+    let kit = Kit::new(f.backend.clone());
+    let (pname, sname) = (unique("sealcrash-p"), unique("sealcrash-s"));
+    let prod = kit.production(&pname).await.unwrap();
+    // (The first frozen layer is the bottom, never merged: s0 gets the second.)
+    prod.create_snapshot("sa").await.unwrap();
+    prod.create_snapshot("s0").await.unwrap();
+    let b1 = prod.take_baseline().await.unwrap();
+    let b1_layer = std::fs::canonicalize(layer_of(&b1, "web")).unwrap();
+    let before = std::fs::metadata(&b1_layer).unwrap().modified().unwrap();
+    assert!(sealed(f.root(), &pname).contains(&b1_layer));
+    // Deleting s0 merges its layer into b1's (qemu-img rebase: production is stopped), then the
+    // collapse dies before its record update (delete_snapshot's merge is best effort: the
+    // snapshot is gone either way).
+    prod.delete_snapshot("s0").await.unwrap();
+    assert_ne!(std::fs::metadata(&b1_layer).unwrap().modified().unwrap(), before, "the merge rewrote b1's layer");
+    drop(prod);
+
+    let again = std::sync::Arc::new(QemuBackend::new(QemuConfig::new(f.root()).with_accel(Accel::Tcg)));
+    let prod = again.open(&pname).await.unwrap();
+    prod.disk_changes(&b1).await.expect("no stale seal of the merged-into layer");
+    let stage = again.stage(&b1, &StageOptions::linked(&sname)).await.expect("the baseline still stages");
+    let fresh = stage.disk_changes(&b1).await.unwrap();
+    assert!(
+        fresh.iter().all(|d| matches!(&d.changes, ChangeMap::Checked { extents } if extents.is_empty())),
+        "a fresh stage reads b1: {fresh:?}"
+    );
+    // A later collapse of the same environment seals the layer again.
+    again.open_qemu(&pname).await.unwrap().collapse_layers().await.unwrap();
+    let rec = record(f.root(), &pname);
+    let seals: stagecore_qcow2::Seals = serde_json::from_value(rec["seals"].clone()).unwrap();
+    for (file, seal) in seals.iter() {
+        stagecore_qcow2::verify(file, seal).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    }
+    again.destroy(&sname).await.unwrap();
+    again.destroy(&pname).await.unwrap();
 }
