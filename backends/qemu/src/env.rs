@@ -105,9 +105,9 @@ pub(crate) async fn start_some(shared: &EnvShared, st: &mut EnvState, only: Opti
     let waves = spec.start_waves()?;
     for (i, wave) in waves.iter().enumerate() {
         let wanted: Vec<String> = wave.iter().filter(|m| only.is_none_or(|o| o.contains(m))).cloned().collect();
-        let mut launch = Vec::new();
+        let (mut launch, scan) = (Vec::new(), crate::process::ProcScan::new());
         for m in wanted {
-            if machines::live_or_down(shared, st, &m).await?.is_none() {
+            if machines::live_or_down_in(shared, st, &m, &scan).await?.is_none() {
                 launch.push(m);
             }
         }
@@ -226,9 +226,9 @@ impl Environment for QemuEnvironment {
         let shared = &self.shared;
         let mut st = shared.state.lock().await;
         let names: Vec<String> = st.rec(&shared.name)?.spec.machines.iter().map(|m| m.name.clone()).collect();
-        let mut out = Vec::new();
+        let (mut out, scan) = (Vec::new(), crate::process::ProcScan::new());
         for machine in names {
-            let (power, detail) = match machines::liveness(shared, &mut st, &machine).await? {
+            let (power, detail) = match machines::liveness(shared, &mut st, &machine, &scan).await? {
                 Liveness::Live(q) => match q.query_status().await {
                     Ok(s) if s.running => (PowerState::Running, None),
                     Ok(s) => (PowerState::Paused, Some(format!("run state {:?}", s.status))),
@@ -345,9 +345,9 @@ struct DiskJob {
 async fn disk_changes(shared: &EnvShared, st: &mut EnvState, baseline: &Baseline) -> Result<Vec<DiskChanges>> {
     crate::seals::verify_origins(st.rec(&shared.name)?, &baseline.id).await?;
     let machines_list = st.rec(&shared.name)?.spec.machines.clone();
-    let mut jobs = Vec::new();
+    let (mut jobs, scan) = (Vec::new(), crate::process::ProcScan::new());
     for m in &machines_list {
-        if let Some(q) = machines::live_or_down(shared, st, &m.name).await? {
+        if let Some(q) = machines::live_or_down_in(shared, st, &m.name, &scan).await? {
             machines::flush_all(&q).await?;
         }
         let rec = st.rec(&shared.name)?;

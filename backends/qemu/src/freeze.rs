@@ -77,18 +77,19 @@ pub(crate) async fn recover(shared: &EnvShared, st: &mut EnvState) {
     st.recovered = true;
     let Ok(rec) = st.rec(&shared.name) else { return };
     let names: Vec<String> = rec.spec.machines.iter().map(|m| m.name.clone()).collect();
+    let scan = crate::process::ProcScan::new();
     for m in names {
         let (fm, pm) = (freeze_marker(shared, &m), pause_marker(shared, &m));
         if !fm.exists() && !pm.exists() {
             // Reconcile what runs with the record (adopts the overlay of a freeze that died before
             // saving it, stops a QEMU that runs what it must not; see `machines::liveness`).
-            if let Err(e) = machines::liveness(shared, st, &m).await {
+            if let Err(e) = machines::liveness(shared, st, &m, &scan).await {
                 tracing::warn!(env = %shared.name, machine = %m, %e, "cannot inspect a machine on open");
                 st.recovered = false;
             }
             continue;
         }
-        let q = match machines::liveness(shared, st, &m).await {
+        let q = match machines::liveness(shared, st, &m, &scan).await {
             Ok(Liveness::Live(q)) => q,
             Ok(Liveness::Down(_)) => {
                 clear_markers(shared, &m);
@@ -161,9 +162,9 @@ pub(crate) async fn freeze_all(shared: &EnvShared, st: &mut EnvState) -> Result<
     recover(shared, st).await;
     let mut live: Vec<(String, QmpClient)> = Vec::new();
     let mut consistency = BTreeMap::new();
-    let machines: Vec<_> = st.rec(&shared.name)?.spec.machines.clone();
+    let (machines, scan): (Vec<_>, _) = (st.rec(&shared.name)?.spec.machines.clone(), crate::process::ProcScan::new());
     for m in &machines {
-        match machines::liveness(shared, st, &m.name).await? {
+        match machines::liveness(shared, st, &m.name, &scan).await? {
             Liveness::Live(q) => live.push((m.name.clone(), q)),
             Liveness::Down(_) => {
                 consistency.insert(m.name.clone(), MachineConsistency::new(ConsistencyLevel::Stopped));

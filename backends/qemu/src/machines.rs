@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::cmdline::{DiskConfig, KernelBoot, MachineConfig, NicConfig};
 use crate::error;
-use crate::process::{ProcessState, QemuPaths, QemuProcess, inspect};
+use crate::process::{ProcScan, ProcessState, QemuPaths, QemuProcess, inspect};
 use crate::qmp::QmpClient;
 use crate::shared::{EnvShared, EnvState};
 use crate::store::{EnvRecord, QemuRecord};
@@ -67,8 +67,14 @@ pub(crate) fn console_log(shared: &EnvShared, machine: &str) -> PathBuf {
 /// is a newer overlay of ours over the record's top — a freeze whose process died before it
 /// saved the record — is adopted into the record; any other mismatch (a stage's disks or config
 /// under this machine's socket) is stopped. The caller holds the environment's lock, so no live
-/// process of ours can be starting these QEMUs.
-pub(crate) async fn liveness(shared: &EnvShared, st: &mut EnvState, machine: &str) -> Result<Liveness> {
+/// process of ours can be starting these QEMUs. Processes are looked for in `scan` (one scan for
+/// all machines of an operation).
+pub(crate) async fn liveness(
+    shared: &EnvShared,
+    st: &mut EnvState,
+    machine: &str,
+    scan: &ProcScan,
+) -> Result<Liveness> {
     if let Some(q) = st.qmp.get(machine) {
         if !q.is_closed() {
             return Ok(Liveness::Live(q.clone()));
@@ -123,7 +129,7 @@ pub(crate) async fn liveness(shared: &EnvShared, st: &mut EnvState, machine: &st
     };
     // Nothing of ours per the pid file: a QEMU that names this machine's socket anyway is one a
     // dead process was starting.
-    if !QemuProcess::by_cmdline(&paths).is_empty() {
+    if !QemuProcess::by_cmdline_in(&paths, scan).is_empty() {
         return stop_stray(shared, st, machine, "a qemu no pid file names (its starter died)").await;
     }
     Ok(Liveness::Down(detail))
@@ -264,7 +270,17 @@ fn normalise(argv: &[std::ffi::OsString]) -> Vec<std::ffi::OsString> {
 
 /// `Live` → the session; `Down` → `None`; `Unknown` → `Precondition` (never touch its images).
 pub(crate) async fn live_or_down(shared: &EnvShared, st: &mut EnvState, machine: &str) -> Result<Option<QmpClient>> {
-    match liveness(shared, st, machine).await? {
+    live_or_down_in(shared, st, machine, &ProcScan::new()).await
+}
+
+/// [`live_or_down`], looking for processes in `scan`.
+pub(crate) async fn live_or_down_in(
+    shared: &EnvShared,
+    st: &mut EnvState,
+    machine: &str,
+    scan: &ProcScan,
+) -> Result<Option<QmpClient>> {
+    match liveness(shared, st, machine, scan).await? {
         Liveness::Live(q) => Ok(Some(q)),
         Liveness::Down(_) => Ok(None),
         Liveness::Unknown(why) => {

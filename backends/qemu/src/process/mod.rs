@@ -26,7 +26,7 @@ use tracing::Instrument;
 use crate::cmdline::MachineConfig;
 use crate::error;
 use crate::qmp::QmpClient;
-pub use state::{ProcessState, inspect};
+pub use state::{ProcScan, ProcessState, inspect};
 use state::{remove_state_files, start_time};
 
 /// The files QEMU keeps for one machine.
@@ -252,7 +252,12 @@ impl QemuProcess {
     /// (it names the machine's QMP socket), whether or not a pid file names it — e.g. one that a
     /// killed process was starting and that has not written its pid file yet.
     pub fn by_cmdline(paths: &QemuPaths) -> Vec<QemuProcess> {
-        state::pids_naming(&paths.qmp_socket)
+        Self::by_cmdline_in(paths, &ProcScan::new())
+    }
+
+    /// [`QemuProcess::by_cmdline`] from the processes of `scan`.
+    pub fn by_cmdline_in(paths: &QemuPaths, scan: &ProcScan) -> Vec<QemuProcess> {
+        scan.pids_naming(&paths.qmp_socket)
             .into_iter()
             .filter_map(|pid| {
                 let start = start_time(pid)?;

@@ -84,17 +84,51 @@ pub(crate) fn liveness(pid: u32, socket: &Path) -> Liveness {
     if ours { Liveness::Ours } else { Liveness::Foreign }
 }
 
-/// The pids of live processes whose command line names `socket` (our QEMUs of one machine),
-/// found by scanning /proc.
-pub(crate) fn pids_naming(socket: &Path) -> Vec<u32> {
-    let me = std::process::id();
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != me && liveness(pid, socket) == Liveness::Ours)
-        .collect()
+/// The command lines of the processes in /proc, read once on first use and then shared by every
+/// lookup made with it: an operation over many machines (status, drift, start waves) asks "does
+/// any process name this machine's socket?" once per machine, and reading every process's
+/// cmdline each time cost ~2 ms per machine. Make one per operation, never keep one: a process
+/// that starts after the scan is not in it.
+#[derive(Debug, Default)]
+pub struct ProcScan {
+    cmdlines: std::sync::OnceLock<Vec<(u32, Vec<u8>)>>,
+}
+
+impl ProcScan {
+    /// A scan that reads /proc when first asked.
+    pub fn new() -> ProcScan {
+        ProcScan::default()
+    }
+
+    fn cmdlines(&self) -> &[(u32, Vec<u8>)] {
+        self.cmdlines.get_or_init(|| {
+            let me = std::process::id();
+            std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|&pid| pid != me)
+                .filter_map(|pid| Some((pid, std::fs::read(format!("/proc/{pid}/cmdline")).ok()?)))
+                .filter(|(_, c)| !c.is_empty())
+                .collect()
+        })
+    }
+
+    /// The pids of live processes whose command line names `socket` (our QEMUs of one machine).
+    pub(crate) fn pids_naming(&self, socket: &Path) -> Vec<u32> {
+        let needle = escape_opt(socket.as_os_str());
+        let needle = std::os::unix::ffi::OsStrExt::as_bytes(needle.as_os_str());
+        if needle.is_empty() {
+            return Vec::new();
+        }
+        self.cmdlines()
+            .iter()
+            .filter(|(_, c)| c.split(|&b| b == 0).any(|arg| arg.windows(needle.len()).any(|w| w == needle)))
+            .map(|(pid, _)| *pid)
+            .filter(|&pid| liveness(pid, socket) == Liveness::Ours)
+            .collect()
+    }
 }
 
 /// Reads the pid file: `Ok(None)` when absent, `Err(content)` when it holds no pid.
