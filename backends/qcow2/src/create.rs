@@ -94,7 +94,10 @@ fn write_qcow2(path: &Path, size: u64, backing: Option<(&[u8], ImageFormat)>, sy
     });
     let l1_clusters = (l1_size * 8).div_ceil(cs);
     let used = 3 + l1_clusters;
-    let staged = Staged::create(path)?;
+    let staged = match sync {
+        Sync::Durable => Staged::create(path)?,
+        Sync::Deferred => Staged::in_place(path)?,
+    };
     let f = &staged.file;
     let tmp = staged.tmp_path().to_path_buf();
     let refblock: Vec<u8> = (0..used).flat_map(|_| 1u16.to_be_bytes()).collect();

@@ -34,11 +34,14 @@ pub fn create_overlay(
     create::create_overlay(path, backing, backing_format, virtual_size, create::Sync::Durable)
 }
 
-/// [`create_overlay`] without its two syncs: the complete file is linked into place (still
-/// never over an existing file, and a failure still leaves nothing behind), but it is durable
-/// only once the caller has `fdatasync`ed it and `fsync`ed its directory — for callers that
-/// create many overlays and make them durable together (`stagecore::toolbox::DurableBatch`)
-/// before publishing the record that names them.
+/// [`create_overlay`] without its two syncs and without the temporary name: the file is written
+/// at `path` itself (never over an existing file: `AlreadyExists`; a failure removes it again),
+/// and it is durable only once the caller has `fdatasync`ed it and `fsync`ed its directory — for
+/// callers that create many overlays in a directory of their own and publish them together by
+/// their own commit point (a record written after `stagecore::toolbox::DurableBatch` made them
+/// durable). A process killed while writing leaves a partial file at `path`: such callers
+/// remove files no record names (the link and unlink of a temporary name cost more than the
+/// overlay itself).
 #[tracing::instrument(level = "debug", skip_all, fields(path = %path.display(), backing = %backing.display()))]
 pub fn create_overlay_unsynced(
     path: &Path,

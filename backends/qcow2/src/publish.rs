@@ -50,6 +50,20 @@ impl Staged {
         Ok(Staged { file, tmp, dest: dest.to_path_buf(), published: false })
     }
 
+    /// Creates `dest` itself (never over an existing file: `AlreadyExists`), for a file that is
+    /// published by the caller's own commit rather than by a rename: on failure the partial file
+    /// is removed, but a process killed while writing leaves it at `dest` (see
+    /// [`crate::create_overlay_unsynced`]).
+    pub(crate) fn in_place(dest: &Path) -> Result<Staged> {
+        let file =
+            OpenOptions::new().read(true).write(true).create_new(true).open(dest).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => Error::AlreadyExists { path: dest.to_path_buf() },
+                std::io::ErrorKind::NotFound => Error::NotFound { kind: "directory", path: dir_of(dest).to_path_buf() },
+                _ => crate::error::io("create", dest, e),
+            })?;
+        Ok(Staged { file, tmp: dest.to_path_buf(), dest: dest.to_path_buf(), published: false })
+    }
+
     /// The temporary path (for error messages).
     pub(crate) fn tmp_path(&self) -> &Path {
         &self.tmp
@@ -70,6 +84,10 @@ impl Staged {
     }
 
     fn link(&mut self) -> Result<()> {
+        if self.tmp == self.dest {
+            self.published = true;
+            return Ok(());
+        }
         std::fs::hard_link(&self.tmp, &self.dest).map_err(ctx("link", &self.dest))?;
         self.published = true;
         std::fs::remove_file(&self.tmp).map_err(ctx("remove", &self.tmp))
