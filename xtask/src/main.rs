@@ -2,11 +2,12 @@
 //! (the alias lives in `.cargo/config.toml`).
 //!
 //! - `setup` — install QEMU and libvirt if missing (root on Debian) and start the daemons.
-//! - `test` — setup, the guest image, then fmt, clippy, nextest, doctests, the quickstart (debug) and docs:
-//!   what CI runs.
+//! - `test` — setup, the guest image, removal of what earlier test runs left (`sweep`), then fmt,
+//!   clippy, nextest, doctests, the quickstart (debug) and docs: what CI runs.
 //! - `demo [ARGS]` — setup, then the `quickstart` example with `ARGS`.
 //! - `hosts [start|stop|status]` — the two extra libvirtd hosts of the remote tests (namespaces).
 //! - `guest-image` — build (or find cached) the test guest image and print its directory.
+//! - `sweep` — remove what killed test runs left (libvirt test domains, test QEMUs; see `sweep`).
 //! - `bench [ARGS]` — `cargo bench -p stagekit ARGS`.
 //!
 //! Exits non-zero with a message naming the failed step.
@@ -16,6 +17,7 @@ mod guest;
 mod hosts;
 mod run;
 mod setup;
+mod sweep;
 mod tasks;
 
 use std::process::ExitCode;
@@ -25,10 +27,11 @@ usage: cargo xtask <command> [args]
 
 commands:
   setup          install QEMU + libvirt if missing (root on Debian) and start virtlogd/libvirtd
-  test           setup, guest image, then fmt --check, clippy -D warnings, nextest, doctests, doc -D warnings
+  test           setup, guest image, sweep of earlier test leftovers, then fmt --check, clippy -D warnings, nextest, doctests, doc -D warnings
   demo [ARGS]    setup, guest image, then `cargo run --release -p stagekit --example quickstart -- ARGS`
   hosts [SUB]    start (default; reuses running hosts), stop or status the libvirtd test hosts A and B
   guest-image    build (or find cached) the test guest image; prints its directory
+  sweep          remove test domains/directories and kill test QEMUs that earlier runs left
   bench [ARGS]   `cargo bench -p stagekit ARGS`
   help           show this text
 ";
@@ -43,7 +46,11 @@ fn main() -> ExitCode {
         "setup" if rest.is_empty() => setup::setup(),
         "test" if rest.is_empty() => tasks::test(),
         "guest-image" if rest.is_empty() => guest::command(),
-        "setup" | "test" | "guest-image" => {
+        "sweep" if rest.is_empty() => {
+            sweep::sweep();
+            Ok(())
+        }
+        "setup" | "test" | "guest-image" | "sweep" => {
             eprintln!("xtask: `{command}` takes no arguments\n\n{USAGE}");
             return ExitCode::from(2);
         }

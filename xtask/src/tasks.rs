@@ -71,6 +71,7 @@ pub(crate) fn test() -> Result<()> {
     setup()?;
     let hosts = crate::hosts::ensure()?;
     let image = guest::for_tasks()?;
+    crate::sweep::sweep();
     let nextest = nextest_available();
     if !nextest {
         println!("xtask: cargo-nextest not found, falling back to `cargo test`");
