@@ -130,14 +130,21 @@ pub(crate) fn load(conn: &Connect, uri: &str, env: &str, entries: Option<&[Entry
     Ok(out)
 }
 
-/// Writes a metadata record back into a domain's definition (config, and live when running).
-pub(crate) fn save_metadata(conn: &Connect, uri: &str, m: &Machine) -> Result<()> {
-    let dom = lv(uri, "domain", &m.instance, conn.lookup_domain_by_name(&m.instance))?;
-    let xml = meta::fragment(&m.labels, &m.record)?.render();
-    let mut flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
-    if m.active() {
-        flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
-    }
+/// Writes the metadata records of `ms` back into their domains' definitions (config, and live when
+/// running), on several domains at once ([`crate::conn::each_domain`]).
+pub(crate) fn save_metadata(conn: &Connect, uri: &str, ms: &[Machine]) -> Result<()> {
     let kind = sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
-    lv(uri, "domain", &m.instance, dom.set_metadata(kind, Some(&xml), Some(meta::PREFIX), Some(meta::NS), flags))
+    let mut jobs = std::collections::BTreeMap::new();
+    for m in ms {
+        let mut flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
+        if m.active() {
+            flags |= sys::VIR_DOMAIN_AFFECT_LIVE;
+        }
+        jobs.insert(m.instance.as_str(), (meta::fragment(&m.labels, &m.record)?.render(), flags));
+    }
+    let names: Vec<String> = ms.iter().map(|m| m.instance.clone()).collect();
+    crate::conn::each_domain(conn, uri, &names, |n, dom| {
+        let (xml, flags) = &jobs[n];
+        dom.set_metadata(kind, Some(xml), Some(meta::PREFIX), Some(meta::NS), *flags).map(drop)
+    })
 }

@@ -62,14 +62,7 @@ impl Shared {
     pub(crate) async fn save(&self, env: &str, ms: &[Machine]) -> Result<()> {
         let meta: Vec<Machine> = ms.iter().filter(|m| m.store == Store::Metadata).cloned().collect();
         if !meta.is_empty() {
-            self.conn
-                .run(move |c, uri| {
-                    for m in &meta {
-                        machines::save_metadata(c, uri, m)?;
-                    }
-                    Ok(())
-                })
-                .await?;
+            self.conn.run(move |c, uri| machines::save_metadata(c, uri, &meta)).await?;
         }
         let reg: Vec<registry::Entry> = ms
             .iter()
