@@ -229,6 +229,24 @@ pub fn changed_since_in(resolver: &dyn Resolver, top: &Path, base: &Path) -> Res
     alloc::changed_since(Some(resolver), top, base)
 }
 
+/// [`seal`] of a layer opened through `resolver` (qcow2 or raw): the same hashes of header, L1,
+/// L2 and refcount tables and the size, but no modification time (`mtime_ns: None`): a
+/// metadata-only seal. Every change that allocates, frees, snapshots, reverts, rebases, resizes
+/// or rewrites a header is caught; an in-place overwrite of an already allocated data cluster is
+/// not (over a resolver nothing records that a file was written).
+#[tracing::instrument(level = "debug", skip_all, fields(path = %path.display()))]
+pub fn seal_in(resolver: &dyn Resolver, path: &Path) -> Result<LayerSeal> {
+    seal_mod::seal_in(resolver, path)
+}
+
+/// [`verify`] of a layer opened through `resolver`: reads its metadata again every time (no
+/// cache) and compares it with `seal` — size and hashes; a modification time in `seal` (a seal
+/// taken of a local file) is not checked, a resolver has none.
+#[tracing::instrument(level = "debug", skip_all, fields(path = %path.display()))]
+pub fn verify_in(resolver: &dyn Resolver, path: &Path, seal: &LayerSeal) -> Result<()> {
+    seal_mod::verify_in(resolver, path, seal)
+}
+
 /// [`read_at`] through `resolver`.
 #[tracing::instrument(level = "trace", skip_all, fields(top = %top.display(), offset, len = buf.len()))]
 pub fn read_at_in(resolver: &dyn Resolver, top: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {

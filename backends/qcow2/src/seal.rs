@@ -11,6 +11,12 @@
 //! resets the mtime on purpose). [`verify`](crate::verify) names the first difference in
 //! [`Error::LayerChanged`](crate::error::Error::LayerChanged).
 //!
+//! Over a [`Resolver`] ([`seal_in`](crate::seal_in), [`verify_in`](crate::verify_in): a remote
+//! storage volume read over a stream) the same hashes are computed by the same code, but a source
+//! has no modification time, device or inode: such a seal has `mtime_ns: None` and is a
+//! metadata-only seal — an in-place overwrite of an already allocated data cluster (which
+//! changes no table) is not seen — and every check reads the metadata again (no cache).
+//!
 //! A process remembers which files it verified in full ([`VerifiedCache`]): a later check of the
 //! same file against the same seal, while the file's device, inode, size, mtime and ctime are
 //! all as they were, is answered by one `stat`. Nothing can write a file or change its times
@@ -25,8 +31,8 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result, ctx};
 use crate::header::{OFFSET_MASK, is_qcow2};
-use crate::layer::{Qcow2Layer, open_file};
-use crate::source::ReadAt;
+use crate::layer::{Qcow2Layer, open_file, open_source};
+use crate::source::{ReadAt, Resolver, Source};
 use crate::types::ImageFormat;
 
 /// What a read-only layer looked like when it was sealed. Serialise it next to the baseline
@@ -88,7 +94,19 @@ fn mtime_ns(m: &std::fs::Metadata) -> i64 {
 pub(crate) fn seal(path: &Path) -> Result<LayerSeal> {
     let file = open_file(path, false)?;
     let meta = file.metadata().map_err(ctx("stat", path))?;
-    let (size, mtime) = (meta.len(), Some(mtime_ns(&meta)));
+    seal_source(path, Source::File(file), meta.len(), Some(mtime_ns(&meta)))
+}
+
+/// See [`crate::seal_in`]: the same hashes over a source `resolver` opens; no modification time.
+pub(crate) fn seal_in(resolver: &dyn Resolver, path: &Path) -> Result<LayerSeal> {
+    let file = open_source(Some(resolver), path, false)?;
+    let size = file.size().map_err(ctx("stat", path))?;
+    seal_source(path, file, size, None)
+}
+
+/// The seal of the opened layer `file` of `size` bytes (`mtime`: its modification time when
+/// the source has one): the one hashing of [`seal`] and [`seal_in`].
+fn seal_source(path: &Path, file: Source, size: u64, mtime: Option<i64>) -> Result<LayerSeal> {
     if !is_qcow2(&file) {
         return Ok(LayerSeal {
             format: ImageFormat::Raw,
@@ -100,7 +118,7 @@ pub(crate) fn seal(path: &Path) -> Result<LayerSeal> {
             refcount_table_sha256: None,
         });
     }
-    let q = Qcow2Layer::from_file(path, file)?;
+    let q = Qcow2Layer::from_source(path, file)?;
     let h = &q.header;
     let cs = h.cluster_size();
     let mut header = Sha256::new();
@@ -223,7 +241,18 @@ static VERIFIED: std::sync::LazyLock<VerifiedCache> = std::sync::LazyLock::new(V
 
 /// Checks `path` against `want` by reading its metadata again.
 fn verify_full(path: &Path, want: &LayerSeal) -> Result<()> {
-    let now = seal(path)?;
+    compare(path, want, &seal(path)?)
+}
+
+/// See [`crate::verify_in`]: a full check over a source `resolver` opens (no cache: a remote
+/// source has no inode whose ctime would tell that it was written).
+pub(crate) fn verify_in(resolver: &dyn Resolver, path: &Path, want: &LayerSeal) -> Result<()> {
+    compare(path, want, &seal_in(resolver, path)?)
+}
+
+/// `Ok` when `now` (a fresh seal of `path`) matches `want`, else `LayerChanged` naming the first
+/// difference. A modification time is compared only when both seals have one.
+fn compare(path: &Path, want: &LayerSeal, now: &LayerSeal) -> Result<()> {
     let changed = |what: String| Err(Error::LayerChanged { path: path.to_path_buf(), what });
     if now.format != want.format {
         return changed(format!("format {} is now {}", want.format, now.format));
@@ -241,14 +270,10 @@ fn verify_full(path: &Path, want: &LayerSeal) -> Result<()> {
             return changed(format!("{name} differs from the seal"));
         }
     }
-    if let Some(t) = want.mtime_ns
-        && now.mtime_ns != Some(t)
+    if let (Some(t), Some(n)) = (want.mtime_ns, now.mtime_ns)
+        && n != t
     {
-        return changed(format!(
-            "modification time {} is now {} (ns since epoch): the file was written",
-            t,
-            now.mtime_ns.unwrap_or_default()
-        ));
+        return changed(format!("modification time {t} is now {n} (ns since epoch): the file was written"));
     }
     Ok(())
 }

@@ -3,12 +3,15 @@
 //! promotion).
 //!
 //! Contract: one seal per file, keyed by the file's canonical path (a path that does not resolve
-//! is kept as given). [`Seals::seal_chains`] seals a layer and every file below it (what a clone
+//! is kept as given; layers read through a [`Resolver`] — the `*_in` methods — are keyed by the
+//! path as given). [`Seals::seal_chains`] seals a layer and every file below it (what a clone
 //! of the layer reads; a raw layer is a chain of itself); [`Seals::verify_chains`] checks every *sealed* file of those chains and
 //! fails on the first that no longer matches with `stagecore::Error::Precondition("<file>: layer
 //! changed since it was sealed: <what>")` — a file without a seal (a record written before seals
 //! existed) is not checked. A backend that rewrites a sealed layer itself (merging a chain,
 //! rewriting a backing-file name) calls [`Seals::reseal`] or [`Seals::remove`] in the same step.
+//! The `*_in` methods do the same over a [`Resolver`] (a remote host's storage volumes): seals
+//! without a modification time ([`crate::seal_in`]), checked in full every time.
 //! All calls are blocking file I/O on metadata (header, L1/L2 and refcount tables), never data.
 
 use std::collections::BTreeMap;
@@ -17,7 +20,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::chain::Chain;
 use crate::seal::{self as seal_mod, LayerSeal};
+use crate::source::Resolver;
 
 /// The seals of a set of layer files (see the module docs). Serialises as a JSON object
 /// `{ "<file>": LayerSeal, ... }`.
@@ -25,17 +30,38 @@ use crate::seal::{self as seal_mod, LayerSeal};
 #[serde(transparent)]
 pub struct Seals(BTreeMap<PathBuf, LayerSeal>);
 
-/// The key of `path`: canonical when it resolves.
-fn key(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+/// The key of `path`: canonical when it resolves on the local filesystem; as given when read
+/// through a resolver (`at`).
+fn key(at: At<'_>, path: &Path) -> PathBuf {
+    match at {
+        None => std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+        Some(_) => path.to_path_buf(),
+    }
 }
 
+/// How layers are opened: local files (`None`) or through a resolver.
+type At<'a> = Option<&'a dyn Resolver>;
+
 /// Every file of the chain of `layer` (the layer first); a raw layer is a chain of itself.
-fn chain_files(layer: &Path) -> crate::Result<Vec<PathBuf>> {
-    match crate::chain(layer) {
+fn chain_files(at: At<'_>, layer: &Path) -> crate::Result<Vec<PathBuf>> {
+    match Chain::open_in(at, layer, false).and_then(|c| c.infos()) {
         Ok(chain) => Ok(chain.into_iter().map(|i| i.path).collect()),
         Err(Error::NotQcow2 { path, .. }) if path == layer => Ok(vec![layer.to_path_buf()]),
         Err(e) => Err(e),
+    }
+}
+
+fn seal_one(at: At<'_>, path: &Path) -> crate::Result<LayerSeal> {
+    match at {
+        None => seal_mod::seal(path),
+        Some(r) => seal_mod::seal_in(r, path),
+    }
+}
+
+fn verify_one(at: At<'_>, path: &Path, seal: &LayerSeal) -> crate::Result<()> {
+    match at {
+        None => seal_mod::verify(path, seal),
+        Some(r) => seal_mod::verify_in(r, path, seal),
     }
 }
 
@@ -57,7 +83,7 @@ impl Seals {
 
     /// The seal of `path`, if it is sealed.
     pub fn get(&self, path: &Path) -> Option<&LayerSeal> {
-        self.0.get(&key(path)).or_else(|| self.0.get(path))
+        self.0.get(&key(None, path)).or_else(|| self.0.get(path))
     }
 
     /// Whether `path` is sealed.
@@ -72,12 +98,12 @@ impl Seals {
 
     /// Records `seal` for `path` (replacing an earlier one).
     pub fn insert(&mut self, path: &Path, seal: LayerSeal) {
-        self.0.insert(key(path), seal);
+        self.0.insert(key(None, path), seal);
     }
 
     /// Forgets the seal of `path`, returning it.
     pub fn remove(&mut self, path: &Path) -> Option<LayerSeal> {
-        self.0.remove(&key(path)).or_else(|| self.0.remove(path))
+        self.0.remove(&key(None, path)).or_else(|| self.0.remove(path))
     }
 
     /// Keeps only the seals for which `keep(file, seal)` holds.
@@ -103,10 +129,30 @@ impl Seals {
         paths: impl IntoIterator<Item = P>,
         backend: &'static str,
     ) -> stagecore::Result<()> {
+        self.seal_all_at(None, paths, backend)
+    }
+
+    /// [`Seals::seal_all`] of layers opened through `resolver` ([`crate::seal_in`]: no
+    /// modification time); each is keyed by its path as given.
+    pub fn seal_all_in<P: AsRef<Path>>(
+        &mut self,
+        resolver: &dyn Resolver,
+        paths: impl IntoIterator<Item = P>,
+        backend: &'static str,
+    ) -> stagecore::Result<()> {
+        self.seal_all_at(Some(resolver), paths, backend)
+    }
+
+    fn seal_all_at<P: AsRef<Path>>(
+        &mut self,
+        at: At<'_>,
+        paths: impl IntoIterator<Item = P>,
+        backend: &'static str,
+    ) -> stagecore::Result<()> {
         for p in paths {
             let p = p.as_ref();
-            let s = seal_mod::seal(p).map_err(|e| e.into_core(backend))?;
-            self.insert(p, s);
+            let s = seal_one(at, p).map_err(|e| e.into_core(backend))?;
+            self.0.insert(key(at, p), s);
         }
         Ok(())
     }
@@ -117,9 +163,28 @@ impl Seals {
         layers: impl IntoIterator<Item = P>,
         backend: &'static str,
     ) -> stagecore::Result<()> {
+        self.seal_chains_at(None, layers, backend)
+    }
+
+    /// [`Seals::seal_chains`] with every file of the chains opened through `resolver`.
+    pub fn seal_chains_in<P: AsRef<Path>>(
+        &mut self,
+        resolver: &dyn Resolver,
+        layers: impl IntoIterator<Item = P>,
+        backend: &'static str,
+    ) -> stagecore::Result<()> {
+        self.seal_chains_at(Some(resolver), layers, backend)
+    }
+
+    fn seal_chains_at<P: AsRef<Path>>(
+        &mut self,
+        at: At<'_>,
+        layers: impl IntoIterator<Item = P>,
+        backend: &'static str,
+    ) -> stagecore::Result<()> {
         for l in layers {
-            let files = chain_files(l.as_ref()).map_err(|e| e.into_core(backend))?;
-            self.seal_all(files, backend)?;
+            let files = chain_files(at, l.as_ref()).map_err(|e| e.into_core(backend))?;
+            self.seal_all_at(at, files, backend)?;
         }
         Ok(())
     }
@@ -131,11 +196,30 @@ impl Seals {
         layers: impl IntoIterator<Item = P>,
         backend: &'static str,
     ) -> stagecore::Result<Seals> {
+        self.of_chains_at(None, layers, backend)
+    }
+
+    /// [`Seals::of_chains`] with the chains read through `resolver`.
+    pub fn of_chains_in<P: AsRef<Path>>(
+        &self,
+        resolver: &dyn Resolver,
+        layers: impl IntoIterator<Item = P>,
+        backend: &'static str,
+    ) -> stagecore::Result<Seals> {
+        self.of_chains_at(Some(resolver), layers, backend)
+    }
+
+    fn of_chains_at<P: AsRef<Path>>(
+        &self,
+        at: At<'_>,
+        layers: impl IntoIterator<Item = P>,
+        backend: &'static str,
+    ) -> stagecore::Result<Seals> {
         let mut out = Seals::new();
         for l in layers {
-            for f in chain_files(l.as_ref()).map_err(|e| e.into_core(backend))? {
+            for f in chain_files(at, l.as_ref()).map_err(|e| e.into_core(backend))? {
                 if let Some(s) = self.get(&f) {
-                    out.insert(&f, s.clone());
+                    out.0.insert(key(at, &f), s.clone());
                 }
             }
         }
@@ -149,10 +233,30 @@ impl Seals {
         paths: impl IntoIterator<Item = P>,
         backend: &'static str,
     ) -> stagecore::Result<()> {
+        self.verify_all_at(None, paths, backend)
+    }
+
+    /// [`Seals::verify_all`] with each file opened through `resolver` ([`crate::verify_in`]:
+    /// metadata read again every time).
+    pub fn verify_all_in<P: AsRef<Path>>(
+        &self,
+        resolver: &dyn Resolver,
+        paths: impl IntoIterator<Item = P>,
+        backend: &'static str,
+    ) -> stagecore::Result<()> {
+        self.verify_all_at(Some(resolver), paths, backend)
+    }
+
+    fn verify_all_at<P: AsRef<Path>>(
+        &self,
+        at: At<'_>,
+        paths: impl IntoIterator<Item = P>,
+        backend: &'static str,
+    ) -> stagecore::Result<()> {
         for p in paths {
             let p = p.as_ref();
             if let Some(s) = self.get(p) {
-                seal_mod::verify(p, s).map_err(|e| e.into_core(backend))?;
+                verify_one(at, p, s).map_err(|e| e.into_core(backend))?;
             }
         }
         Ok(())
@@ -166,11 +270,30 @@ impl Seals {
         layers: impl IntoIterator<Item = P>,
         backend: &'static str,
     ) -> stagecore::Result<()> {
+        self.verify_chains_at(None, layers, backend)
+    }
+
+    /// [`Seals::verify_chains`] with every file of the chains opened through `resolver`.
+    pub fn verify_chains_in<P: AsRef<Path>>(
+        &self,
+        resolver: &dyn Resolver,
+        layers: impl IntoIterator<Item = P>,
+        backend: &'static str,
+    ) -> stagecore::Result<()> {
+        self.verify_chains_at(Some(resolver), layers, backend)
+    }
+
+    fn verify_chains_at<P: AsRef<Path>>(
+        &self,
+        at: At<'_>,
+        layers: impl IntoIterator<Item = P>,
+        backend: &'static str,
+    ) -> stagecore::Result<()> {
         for l in layers {
             let l = l.as_ref();
-            self.verify_all([l], backend)?;
-            let files = chain_files(l).map_err(|e| e.into_core(backend))?;
-            self.verify_all(files.iter().skip(1), backend)?;
+            self.verify_all_at(at, [l], backend)?;
+            let files = chain_files(at, l).map_err(|e| e.into_core(backend))?;
+            self.verify_all_at(at, files.iter().skip(1), backend)?;
         }
         Ok(())
     }

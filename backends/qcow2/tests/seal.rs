@@ -201,3 +201,87 @@ fn seals_of_chains_verify_and_name_the_rewritten_file() {
     let e = seals.verify_chains([&mid], "test").unwrap_err();
     assert!(matches!(e, stagecore::Error::NotFound { .. }), "{e}");
 }
+
+/// A "remote host": opens `/<path>` as `<root>/<path>`, so the paths it serves exist nowhere on
+/// the local filesystem (a local open of one fails) — like a remote host's storage volumes.
+struct Host {
+    root: PathBuf,
+}
+
+impl stagecore_qcow2::Resolver for Host {
+    fn open(&self, path: &Path, write: bool) -> std::io::Result<Box<dyn stagecore_qcow2::ReadAt>> {
+        let local = self.root.join(path.strip_prefix("/").map_err(|_| std::io::ErrorKind::NotFound)?);
+        Ok(Box::new(std::fs::OpenOptions::new().read(true).write(write).open(local)?))
+    }
+}
+
+#[test]
+fn seals_over_a_resolver_are_the_same_hashes_without_mtime_and_catch_a_rewrite() {
+    use stagecore_qcow2::{Seals, seal_in, verify_in};
+    let d = tmp();
+    let host = Host { root: d.path().to_path_buf() };
+    std::fs::create_dir(d.path().join("vol")).unwrap();
+    let (local_base, local_mid) = (p(&d, "vol/base.qcow2"), p(&d, "vol/mid.qcow2"));
+    create_qcow2(&local_base, "64M");
+    qemu_io("qcow2", &local_base, &["write -P 0x11 0 4M", "write -P 0x12 10M 64k"]);
+    // The overlay names its backing file by the host's path (`-u`: not opened here).
+    let mid_s = local_mid.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "/vol/base.qcow2", "-F", "qcow2", mid_s, "64M"]);
+    let (base, mid) = (Path::new("/vol/base.qcow2"), Path::new("/vol/mid.qcow2"));
+    assert!(!base.exists(), "the host's paths are not local files");
+
+    // The same hashing as a local seal, without the modification time.
+    let s = seal_in(&host, base).unwrap();
+    assert_eq!(s.mtime_ns, None, "a resolver has no mtime: metadata-only seal");
+    assert_eq!(s, seal(&local_base).unwrap().without_mtime(), "same hashes as the local seal");
+    assert!(s.header_sha256.is_some() && s.l2_sha256.is_some() && s.refcount_table_sha256.is_some());
+    verify_in(&host, base, &s).unwrap();
+    assert!(!serde_json::to_string(&s).unwrap().contains("mtime"), "no mtime in the record");
+
+    // Seals of a chain through the resolver, keyed by the paths as given.
+    let mut seals = Seals::new();
+    seals.seal_chains_in(&host, [mid], "test").unwrap();
+    let keys: Vec<&Path> = seals.iter().map(|(p, _)| p).collect();
+    assert_eq!(keys, [base, mid], "both files, keyed by the host's paths");
+    seals.verify_chains_in(&host, [mid], "test").unwrap();
+    assert_eq!(seals.of_chains_in(&host, [mid], "test").unwrap(), seals);
+    assert!(seals.seal_chains([mid], "test").is_err(), "the local variant does not see the host's files");
+
+    // A rewrite on the host (an internal snapshot taken behind our back): named, Precondition.
+    snapshot(&["-c", "x"], &local_base);
+    match verify_in(&host, base, &s) {
+        Err(Error::LayerChanged { path, what }) => {
+            assert_eq!(path, base);
+            assert!(what.contains("header") || what.contains("size") || what.contains("refcount"), "{what}");
+        }
+        other => panic!("a rewritten layer passed over the resolver: {other:?}"),
+    }
+    match seals.verify_chains_in(&host, [mid], "test") {
+        Err(stagecore::Error::Precondition(m)) => {
+            assert!(m.contains("/vol/base.qcow2") && m.contains("layer changed since it was sealed"), "{m}")
+        }
+        other => panic!("expected Precondition naming /vol/base.qcow2, got {other:?}"),
+    }
+
+    // An allocating write is caught; an in-place overwrite of an allocated cluster is not (no
+    // mtime over a resolver: the documented limit of a metadata-only seal).
+    let s = seal_in(&host, base).unwrap();
+    qemu_io("qcow2", &local_base, &["write -P 0x33 20M 64k"]);
+    assert!(matches!(verify_in(&host, base, &s), Err(Error::LayerChanged { .. })));
+    let s = seal_in(&host, base).unwrap();
+    qemu_io("qcow2", &local_base, &["write -P 0x44 20M 4k"]); // in place: refcount 1, no COW
+    verify_in(&host, base, &s).unwrap();
+
+    // A raw layer over the resolver: size only.
+    std::fs::write(d.path().join("vol/disk.raw"), vec![7u8; 65536]).unwrap();
+    let raw = Path::new("/vol/disk.raw");
+    let rs = seal_in(&host, raw).unwrap();
+    assert_eq!((rs.format, rs.size, rs.mtime_ns, rs.l1_sha256.clone()), (ImageFormat::Raw, 65536, None, None));
+    let mut rseals = Seals::new();
+    rseals.seal_chains_in(&host, [raw], "test").unwrap();
+    rseals.verify_chains_in(&host, [raw], "test").unwrap();
+    std::fs::write(d.path().join("vol/disk.raw"), vec![7u8; 65536 + 512]).unwrap();
+    assert!(matches!(rseals.verify_chains_in(&host, [raw], "test"), Err(stagecore::Error::Precondition(_))));
+    // A missing volume: NotFound naming it.
+    assert!(matches!(verify_in(&host, Path::new("/vol/gone.qcow2"), &s), Err(Error::NotFound { .. })));
+}
