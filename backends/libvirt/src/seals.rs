@@ -12,9 +12,17 @@
 //! they measure against / clone from first: a file that no longer matches is
 //! `Error::Precondition("<file>: layer changed since it was sealed: <what>")`. A seal covers
 //! content only (size, modification time, qcow2 metadata hashes): libvirt's DAC/SELinux relabeling
-//! on domain start (chown, xattrs) changes the inode's ctime, not what the seal checks. Layers
-//! on remote storage (a remote URI's pools) are read over streams and are not sealed. This
-//! backend never rewrites a sealed layer (snapshot delete only forgets, swap only redefines).
+//! on domain start (chown, xattrs) changes the inode's ctime, not what the seal checks.
+//!
+//! Layers on remote storage (a remote URI's pools) are sealed and checked the same way, read
+//! over libvirt streams ([`crate::storage::VolResolver`], the `*_in` methods of
+//! [`stagecore_qcow2::Seals`]; the seals files stay in the client's state directory, keyed by the
+//! volume paths on the host). A volume has no modification time the client can trust, so a
+//! remote seal is metadata-only (size and the qcow2 table hashes, `mtime_ns` absent): every
+//! rewrite that allocates, frees, snapshots, reverts, rebases or rewrites a header is caught; an
+//! in-place overwrite of an already allocated data cluster is not. Every remote check reads the
+//! metadata again over the wire (no cache). This backend never rewrites a sealed layer (snapshot
+//! delete only forgets, swap only redefines).
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +33,7 @@ use stagecore_qcow2::Seals;
 use crate::error::{self, NAME};
 use crate::machines::Machine;
 use crate::shared::Shared;
+use crate::storage::VolResolver;
 
 const FILE: &str = "seals.json";
 
@@ -49,19 +58,60 @@ fn store(path: &Path, seals: &Seals) -> Result<()> {
     stagecore::toolbox::write_atomic(path, &bytes)
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    stagecore::toolbox::blocking(NAME, f).await
+/// Where the layers of one backend are read: local files, or the remote host's storage volumes.
+enum Layers<'a> {
+    Local,
+    Remote(&'a VolResolver),
 }
 
-/// Seals the chains of a new baseline's frozen `layers` of production `env` (local storage).
-pub(crate) async fn seal_baseline(shared: &Shared, env: &str, id: &str, layers: Vec<String>) -> Result<()> {
-    if shared.storage.is_remote() {
-        return Ok(());
+impl Layers<'_> {
+    fn seal_chains(&self, seals: &mut Seals, layers: &[String]) -> Result<()> {
+        match self {
+            Layers::Local => seals.seal_chains(layers, NAME),
+            Layers::Remote(r) => seals.seal_chains_in(*r, layers, NAME),
+        }
     }
+
+    fn seal_all(&self, seals: &mut Seals, files: &[&String]) -> Result<()> {
+        match self {
+            Layers::Local => seals.seal_all(files, NAME),
+            Layers::Remote(r) => seals.seal_all_in(*r, files, NAME),
+        }
+    }
+
+    fn verify_chains(&self, seals: &Seals, layers: &[String]) -> Result<()> {
+        match self {
+            Layers::Local => seals.verify_chains(layers, NAME),
+            Layers::Remote(r) => seals.verify_chains_in(*r, layers, NAME),
+        }
+    }
+
+    fn of_chains(&self, seals: &Seals, layers: &[String]) -> Result<Seals> {
+        match self {
+            Layers::Local => seals.of_chains(layers, NAME),
+            Layers::Remote(r) => seals.of_chains_in(*r, layers, NAME),
+        }
+    }
+}
+
+/// Runs `f` on a blocking thread with the [`Layers`] of `shared`'s storage.
+async fn with_layers<T: Send + 'static>(
+    shared: &Shared,
+    f: impl FnOnce(Layers<'_>) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let storage = shared.storage.clone();
+    shared
+        .conn
+        .run(move |c, _| if storage.is_remote() { f(Layers::Remote(&storage.resolver(c))) } else { f(Layers::Local) })
+        .await
+}
+
+/// Seals the chains of a new baseline's frozen `layers` of production `env` (local files or remote volumes).
+pub(crate) async fn seal_baseline(shared: &Shared, env: &str, id: &str, layers: Vec<String>) -> Result<()> {
     let file = baseline_file(shared, env, id);
-    blocking(move || {
+    with_layers(shared, move |at| {
         let mut seals = Seals::new();
-        seals.seal_chains(&layers, NAME)?;
+        at.seal_chains(&mut seals, &layers)?;
         store(&file, &seals)
     })
     .await
@@ -86,17 +136,14 @@ pub(crate) fn bases(ms: &[Machine], baseline: &Baseline) -> Vec<String> {
 /// Checks the seals of the chains of `bases` (see [`bases`]) of environment `env`: its own
 /// stage seals and those the baseline's production keeps.
 pub(crate) async fn verify(shared: &Shared, env: &str, baseline: &Baseline, bases: Vec<String>) -> Result<()> {
-    if shared.storage.is_remote() {
-        return Ok(());
-    }
     let (own, prod) = (stage_file(shared, env), baseline_file(shared, &baseline.environment, &baseline.id));
-    blocking(move || {
+    with_layers(shared, move |at| {
         let mut seals = load(&prod)?;
         seals.extend(load(&own)?);
         if seals.is_empty() {
             return Ok(());
         }
-        seals.verify_chains(&bases, NAME)
+        at.verify_chains(&seals, &bases)
     })
     .await
 }
@@ -105,37 +152,30 @@ pub(crate) async fn verify(shared: &Shared, env: &str, baseline: &Baseline, base
 /// (`source`) keeps for the baseline, and returns the seals of the chains its linked disks will
 /// stand on.
 pub(crate) async fn for_stage(source: &Shared, plan: &StagePlan) -> Result<Seals> {
-    if source.storage.is_remote() {
-        return Ok(Seals::new());
-    }
     let b = plan.baseline();
     let file = baseline_file(source, &b.environment, &b.id);
     let all: Vec<String> = plan.disks.iter().map(|d| d.layer.clone()).collect();
     let linked: Vec<String> =
         plan.disks.iter().filter(|d| d.clone == CloneKind::Linked).map(|d| d.layer.clone()).collect();
-    blocking(move || {
+    with_layers(source, move |at| {
         let seals = load(&file)?;
         if seals.is_empty() {
             return Ok(seals);
         }
-        seals.verify_chains(&all, NAME)?;
-        seals.of_chains(&linked, NAME)
+        at.verify_chains(&seals, &all)?;
+        at.of_chains(&seals, &linked)
     })
     .await
 }
 
 /// Writes the stage's seals: `copied` (from [`for_stage`]) plus fresh seals of the `origins` it
-/// made itself (full copies, replicas); origins already covered are left as copied. Local
-/// storage only.
+/// made itself (full copies, replicas); origins already covered are left as copied.
 pub(crate) async fn record_stage(shared: &Shared, env: &str, copied: Seals, origins: Vec<String>) -> Result<()> {
-    if shared.storage.is_remote() {
-        return Ok(());
-    }
     let file = stage_file(shared, env);
-    blocking(move || {
+    with_layers(shared, move |at| {
         let mut seals = copied;
         let fresh: Vec<&String> = origins.iter().filter(|o| !seals.contains(Path::new(o))).collect();
-        seals.seal_all(fresh, NAME)?;
+        at.seal_all(&mut seals, &fresh)?;
         store(&file, &seals)
     })
     .await

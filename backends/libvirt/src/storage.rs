@@ -261,7 +261,8 @@ impl Storage {
         }
     }
 
-    fn resolver(&self, c: &Connect) -> VolResolver {
+    /// Opens this storage's volumes by path over `c` (remote storage).
+    pub(crate) fn resolver(&self, c: &Connect) -> VolResolver {
         let moved = match self {
             Storage::Remote { moved, .. } => moved.clone(),
             Storage::Local { .. } => Arc::new(AtomicU64::new(0)),
