@@ -19,7 +19,7 @@ use stagecore::{
     memory::sample_spec,
 };
 
-use common::{Guard, small, virsh};
+use common::{Guard, assert_changed, small, virsh};
 
 fn tool(t: &str, args: &[&str]) {
     let out = Command::new(t).args(args).output().unwrap_or_else(|e| panic!("{t} is required: {e}"));
@@ -50,17 +50,6 @@ fn definitions(g: &Guard) -> BTreeMap<String, String> {
 
 fn layer_of(b: &Baseline, machine: &str) -> String {
     b.layers.iter().find(|l| l.machine == machine).expect("machine in baseline").layer.clone()
-}
-
-#[track_caller]
-fn assert_changed<T: std::fmt::Debug>(r: stagecore::Result<T>, file: &str, what: &str) {
-    let name = Path::new(file).file_name().unwrap().to_str().unwrap();
-    match r {
-        Err(Error::Precondition(m)) => {
-            assert!(m.contains(name) && m.contains("layer changed since it was sealed"), "{what}: {m}")
-        }
-        other => panic!("{what}: expected Precondition naming {file}, got {other:?}"),
-    }
 }
 
 async fn check(env: &DynEnvironment, b: &Baseline, what: &str) {

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use stagecore::{Backend, Baseline, ChangeMap, DynEnvironment, Error, StageOptions, memory::sample_spec};
 
-use common::{RemoteGuard, small};
+use common::{RemoteGuard, assert_changed, small};
 
 /// The pid of the libvirtd whose mount namespace holds `path` (the host that made the volume;
 /// the path is under the guard's unique root, which no other daemon and not the client has).
@@ -40,17 +40,6 @@ fn on_host(pid: u32, args: &[&str]) {
         .output()
         .unwrap_or_else(|e| panic!("nsenter is required: {e}"));
     assert!(out.status.success(), "on the host: {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-#[track_caller]
-fn assert_changed<T: std::fmt::Debug>(r: stagecore::Result<T>, file: &str, what: &str) {
-    let name = Path::new(file).file_name().unwrap().to_str().unwrap();
-    match r {
-        Err(Error::Precondition(m)) => {
-            assert!(m.contains(name) && m.contains("layer changed since it was sealed"), "{what}: {m}")
-        }
-        other => panic!("{what}: expected Precondition naming {file}, got {other:?}"),
-    }
 }
 
 async fn check(env: &DynEnvironment, b: &Baseline, what: &str) {

@@ -20,6 +20,19 @@ pub(crate) fn small(spec: stagecore::EnvironmentSpec) -> stagecore::EnvironmentS
     spec
 }
 
+/// `r` must be `Error::Precondition` saying that the layer `file` (named by its file name)
+/// changed since it was sealed; `what` names the call in the message.
+#[track_caller]
+pub(crate) fn assert_changed<T: std::fmt::Debug>(r: stagecore::Result<T>, file: &str, what: &str) {
+    let name = std::path::Path::new(file).file_name().unwrap().to_str().unwrap();
+    match r {
+        Err(stagecore::Error::Precondition(m)) => {
+            assert!(m.contains(name) && m.contains("layer changed since it was sealed"), "{what}: {m}")
+        }
+        other => panic!("{what}: expected Precondition naming {file}, got {other:?}"),
+    }
+}
+
 /// The live daemon's URI.
 pub(crate) const URI: &str = "qemu:///system";
 
