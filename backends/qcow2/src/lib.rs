@@ -27,9 +27,11 @@
 //!
 //! * [`seal`] records a read-only layer's metadata (header, L1, L2 and refcount tables, size,
 //!   mtime) in a [`LayerSeal`]; [`verify`] proves it unchanged or names what changed.
+//!   Over a [`Resolver`] (a remote host's volumes), [`seal_in`] and [`verify_in`] compute the same
+//!   hashes without a modification time (metadata-only seals).
 //!   [`Seals`] keeps the seals of an environment's baseline layers (one per file): backends
 //!   [`Seals::seal_chains`] when a baseline freezes layers and [`Seals::verify_chains`] before
-//!   drift, staging and promotion trust them again.
+//!   drift, staging and promotion trust them again (`*_in` methods: over a [`Resolver`]).
 //!
 //! # What is read
 //!

@@ -45,7 +45,8 @@ pub struct LayerSeal {
     /// File length in bytes.
     pub size: u64,
     /// Modification time, nanoseconds since the Unix epoch. `None`: not checked by [`verify`](crate::verify)
-    /// (e.g. for a layer copied without keeping times).
+    /// (e.g. for a layer copied without keeping times, or sealed over a resolver by
+    /// [`seal_in`](crate::seal_in), which has no times).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtime_ns: Option<i64>,
     /// SHA-256 (hex) of cluster 0: header, header extensions, backing file name.
