@@ -58,7 +58,7 @@ fn is_test_qemu(cmdline: &[u8]) -> bool {
 /// Removes what earlier runs left (see the module docs) and says what it removed. Best effort:
 /// what cannot be removed is reported, never fatal.
 pub(crate) fn sweep() {
-    let mut domains = 0;
+    let (mut domains, mut left) = (0, Vec::new());
     for d in virsh(&["list", "--all", "--name"]) {
         let xml = virsh(&["dumpxml", "--inactive", &d]).join("\n");
         if !is_test_domain(&xml) {
@@ -72,10 +72,13 @@ pub(crate) fn sweep() {
             }
         }
         virsh_ok(&["destroy", &d]);
-        if !virsh_ok(&["undefine", &d, "--snapshots-metadata", "--nvram"]) {
-            virsh_ok(&["undefine", &d, "--snapshots-metadata", "--keep-nvram"]);
+        if virsh_ok(&["undefine", &d, "--snapshots-metadata", "--nvram"])
+            || virsh_ok(&["undefine", &d, "--snapshots-metadata", "--keep-nvram"])
+        {
+            domains += 1;
+        } else {
+            left.push(d);
         }
-        domains += 1;
     }
     let mut dirs = 0;
     for e in std::fs::read_dir(TEST_DIRS).into_iter().flatten().flatten() {
@@ -93,10 +96,6 @@ pub(crate) fn sweep() {
             killed += 1;
         }
     }
-    let left: Vec<String> = virsh(&["list", "--all", "--name"])
-        .into_iter()
-        .filter(|d| is_test_domain(&virsh(&["dumpxml", "--inactive", d]).join("\n")))
-        .collect();
     println!(
         "sweep: removed {domains} test domains and {dirs} test directories left by earlier runs, killed {killed} test QEMUs{}",
         if left.is_empty() { String::new() } else { format!("; could not remove {left:?}") }

@@ -104,10 +104,6 @@ where
     };
     let mut results = Vec::with_capacity(names.len());
     for chunk in names.chunks(PARALLEL_DOMAINS) {
-        if chunk.len() == 1 {
-            results.push(one(&chunk[0]));
-            continue;
-        }
         std::thread::scope(|s| {
             let handles: Vec<_> = chunk.iter().map(|n| s.spawn(|| one(n))).collect();
             results.extend(handles.into_iter().map(|h| {

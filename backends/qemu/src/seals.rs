@@ -21,12 +21,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 
 use stagecore::toolbox::StagePlan;
-use stagecore::{CloneKind, Error, Result};
+use stagecore::{CloneKind, Result};
 use stagecore_qcow2::Seals;
 
 use crate::error::BACKEND;
-use crate::shared::{Ctx, blocking};
-use crate::store::{EnvPaths, EnvRecord, QemuRecord};
+use crate::shared::blocking;
+use crate::store::EnvRecord;
 
 /// The seals of every file of the chain of each frozen layer (added to the record with the
 /// baseline).
@@ -51,16 +51,13 @@ pub(crate) async fn verify_origins(rec: &EnvRecord, id: &str) -> Result<()> {
     blocking(move || seals.verify_chains(&layers, BACKEND)).await
 }
 
-/// Checks the layers of `plan` against the seals in the record of the baseline's production
-/// (when it lives under this root) and returns the seals of the files its linked disks will
+/// Checks the layers of `plan` against `seals`, those of the baseline's production (empty when
+/// it does not live under this root), and returns the seals of the files its linked disks will
 /// stand on, for the stage's record. Runs before the stage makes anything.
-pub(crate) async fn for_stage(ctx: &Ctx, plan: &StagePlan) -> Result<Seals> {
-    let prod = &plan.baseline().environment;
-    let seals = match EnvRecord::load(&EnvPaths::new(&ctx.root, prod), prod) {
-        Ok(rec) => rec.backend.seals,
-        Err(Error::NotFound { .. }) => return Ok(Seals::new()),
-        Err(e) => return Err(e),
-    };
+pub(crate) async fn for_stage(seals: Seals, plan: &StagePlan) -> Result<Seals> {
+    if seals.is_empty() {
+        return Ok(seals);
+    }
     let all: Vec<PathBuf> = plan.disks.iter().map(|d| PathBuf::from(&d.layer)).collect();
     let linked: Vec<PathBuf> =
         plan.disks.iter().filter(|d| d.clone == CloneKind::Linked).map(|d| PathBuf::from(&d.layer)).collect();

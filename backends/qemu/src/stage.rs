@@ -20,20 +20,21 @@ use std::sync::Arc;
 
 use stagecore::toolbox::{DurableBatch, StagePlan};
 use stagecore::{Baseline, CloneKind, Error, Result, StageOptions};
-use stagecore_qcow2::{CopyJob, ImageFormat};
+use stagecore_qcow2::{CopyJob, ImageFormat, Seals};
 
 use crate::error::qcow2;
 use crate::shared::{Ctx, EnvShared, NewEnv, blocking};
 use crate::store::{EnvPaths, EnvRecord, QemuExtra, QemuRecord};
 
 /// Checks `plan` against this root: the name is free, the baseline's production (when it lives
-/// here) knows the baseline, every layer file exists.
-fn check_plan(ctx: &Ctx, plan: &StagePlan) -> Result<()> {
+/// here) knows the baseline, every layer file exists. Returns the production's seals (none when
+/// it does not live here), from the same read of its record.
+fn check_plan(ctx: &Ctx, plan: &StagePlan) -> Result<Seals> {
     plan.require_name_free(EnvPaths::new(&ctx.root, &plan.name).record().exists())?;
     let prod = &plan.baseline().environment;
-    let baselines = match EnvRecord::load(&EnvPaths::new(&ctx.root, prod), prod) {
-        Ok(rec) => Some(rec.baselines),
-        Err(Error::NotFound { .. }) => None,
+    let (baselines, seals) = match EnvRecord::load(&EnvPaths::new(&ctx.root, prod), prod) {
+        Ok(rec) => (Some(rec.baselines), rec.backend.seals),
+        Err(Error::NotFound { .. }) => (None, Seals::new()),
         Err(e) => return Err(e),
     };
     plan.require_known_baseline(baselines.as_deref())?;
@@ -42,7 +43,7 @@ fn check_plan(ctx: &Ctx, plan: &StagePlan) -> Result<()> {
             return Err(Error::not_found("baseline layer", d.layer.clone()));
         }
     }
-    Ok(())
+    Ok(seals)
 }
 
 /// One disk to clone: baseline layer → (optional full copy) → top.
@@ -91,8 +92,8 @@ fn clone_disks(jobs: &[Job], dirs: &[PathBuf]) -> Result<()> {
 /// Creates the stage of `baseline` (not started) and returns its open shared state.
 pub(crate) async fn stage(ctx: &Arc<Ctx>, baseline: &Baseline, options: &StageOptions) -> Result<Arc<EnvShared>> {
     let mut plan = StagePlan::new(baseline, options)?;
-    check_plan(ctx, &plan)?;
-    let mut seals = crate::seals::for_stage(ctx, &plan).await?;
+    let prod_seals = check_plan(ctx, &plan)?;
+    let mut seals = crate::seals::for_stage(prod_seals, &plan).await?;
     let new = NewEnv::begin(&ctx.root, &plan.name)?;
     let disks_dir = new.paths.disks();
     let name = plan.name.clone();
